@@ -1,0 +1,149 @@
+"""FlexPool op cost against global average pooling, on the same tensor.
+
+    .venv/bin/python benchmarks/overhead.py            # full run (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/overhead.py --quick    # short run, noisier
+
+For each shape and memory layout (NCHW, channels_last) it times, interleaved in one
+run, ``x.mean((2, 3))`` and ``FlexPool`` (eval mode under no_grad, so the normalised
+weights come from the cache; weights perturbed away from the uniform init), eager and
+``torch.compile`` (both sides compiled), and eager forward+backward in train mode
+(gradients for the input, and for FlexPool also its weight). Each measurement is the
+median over rounds of a block of calls; the printed Markdown table gives the medians
+and the ratio flexpool / mean. Float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from flexsurgeon.layers import FlexPool  # noqa: E402
+
+SHAPES = [(8, 2048, 7, 7), (8, 512, 14, 14), (32, 1280, 7, 7), (64, 64, 8, 8)]
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one entry per round; the fns take turns within every round."""
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        fn()
+        calls[name] = max(3, int(block_s / max(time.perf_counter() - t, 1e-7)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = calls[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t) / n)
+    return times
+
+
+def _summary(times: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    """Median time of each fn, and the median over rounds of the flex / mean ratio.
+
+    A ratio taken within one round compares calls made moments apart, so it is less
+    disturbed by other load on the machine than a ratio of two medians.
+    """
+    out = {prefix + k: statistics.median(v) for k, v in times.items()}
+    for f, m, r in (("flex", "mean", "ratio"), ("flex_c", "mean_c", "ratio_c")):
+        if f in times:
+            out[prefix + r] = statistics.median(a / b for a, b in zip(times[f], times[m], strict=True))
+    return out
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean((2, 3))
+
+
+def _case(shape: tuple[int, int, int, int], channels_last: bool, args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    batch, channels, h, w = shape
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pool = FlexPool(channels, (h, w)).eval()
+    with torch.no_grad():
+        pool.weight.normal_(0.0, 0.5)  # a trained-looking, non-uniform weight
+
+    fns: dict[str, Callable[[], object]] = {"mean": lambda: _mean(x), "flex": lambda: pool(x)}
+    if args.compile:
+        mean_c = torch.compile(_mean, dynamic=False)
+        pool_c = torch.compile(pool, dynamic=False)
+        with torch.no_grad():
+            torch.testing.assert_close(pool_c(x), pool(x), rtol=1e-5, atol=1e-6)
+        fns["mean_c"] = lambda: mean_c(x)
+        fns["flex_c"] = lambda: pool_c(x)
+    with torch.no_grad():
+        res = _summary(_time_interleaved(fns, args.rounds, args.block_ms / 1e3))
+
+    # Train mode, forward + backward: what fine-tuning pays.
+    pool.train()
+    xg = x.detach().requires_grad_(True)
+    g = torch.randn(batch, channels)
+
+    def mean_fb() -> object:
+        return torch.autograd.grad(_mean(xg), (xg,), g)
+
+    def flex_fb() -> object:
+        return torch.autograd.grad(pool(xg), (xg, pool.weight), g)
+
+    fb = _time_interleaved({"mean": mean_fb, "flex": flex_fb}, args.rounds, args.block_ms / 1e3)
+    res.update(_summary(fb, prefix="fb_"))
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (noisier)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile columns")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per case (default 25, quick 7)")
+    parser.add_argument("--block-ms", type=float, default=None, help="ms per timed block (default 20, quick 5)")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (7 if args.quick else 25)
+    args.block_ms = args.block_ms or (5.0 if args.quick else 20.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        dyn = torch._dynamo.config
+        if hasattr(dyn, "recompile_limit"):
+            dyn.recompile_limit = 64
+        else:
+            dyn.cache_size_limit = 64
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, float32, rounds={args.rounds}, block={args.block_ms} ms\n")
+    head = "| shape | layout | mean (us) | FlexPool (us) | eager ratio |"
+    sep = "|---|---|---|---|---|"
+    if args.compile:
+        head += " compiled mean (us) | compiled FlexPool (us) | compiled ratio |"
+        sep += "---|---|---|"
+    head += " train fwd+bwd mean (us) | train fwd+bwd FlexPool (us) | train ratio |"
+    sep += "---|---|---|"
+    print(head)
+    print(sep, flush=True)
+    for shape in SHAPES:
+        for channels_last in (False, True):
+            r = _case(shape, channels_last, args)
+            row = (f"| {tuple(shape)} | {'channels_last' if channels_last else 'NCHW'} | {r['mean'] * 1e6:.1f} | "
+                   f"{r['flex'] * 1e6:.1f} | {r['ratio']:.2f} |")
+            if args.compile:
+                row += f" {r['mean_c'] * 1e6:.1f} | {r['flex_c'] * 1e6:.1f} | {r['ratio_c']:.2f} |"
+            row += f" {r['fb_mean'] * 1e6:.0f} | {r['fb_flex'] * 1e6:.0f} | {r['fb_ratio']:.2f} |"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Find a traced model's global pools and stage boundaries; change nothing.
+
+Analysis runs the eval-mode graph once on a sample input (like torch.fx's ``ShapeProp``,
+writing only ``node.meta``) and decides from shapes, values and graph position, not from
+module types or names:
+
+- a *global pool* is a node that turns a ``(B, C, H, W)`` map (``H*W > 1``) into
+  ``(B, C)`` or ``(B, C, 1, 1)``; it is an *average* pool when its value equals the mean
+  over positions, whatever API computed it (``nn.AdaptiveAvgPool2d``, ``F.avg_pool2d``,
+  ``x.mean((2, 3))``, ``x.flatten(2).mean(-1)``, ...);
+- a pool is a *gating* pool (squeeze-excite and kin) when something computed from it
+  is broadcast back onto a feature map, otherwise a *head* pool;
+- a *stage boundary* is the last node at a spatial resolution, before the resolution
+  changes, that every path from the input to the output passes through.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import AnalysisError
+from .trace import TracedGraph, node_shape, trace_model
+
+_FLATTEN_TARGETS = ("flatten", torch.flatten)
+
+
+@dataclass(frozen=True)
+class PoolSite:
+    """A global spatial reduction found in the graph."""
+
+    node: str  # the node whose output is the pooled tensor
+    input: str  # the node holding the (B, C, H, W) map being pooled
+    module: str  # module path the node came from
+    kind: str  # "avg" (replaceable) or "other" (max, sum, ...: left alone)
+    role: str  # "head" or "gating"
+    channels: int
+    size: tuple[int, int]
+    keepdim: bool  # output is (B, C, 1, 1) rather than (B, C)
+
+
+@dataclass(frozen=True)
+class StageSite:
+    """The last node at one spatial resolution that every input-output path crosses."""
+
+    node: str
+    module: str
+    channels: int
+    size: tuple[int, int]
+    reduction: int
+
+
+@dataclass
+class Analysis:
+    img_size: tuple[int, int]
+    in_chans: int
+    pools: list[PoolSite]
+    stages: list[StageSite]
+    traced: TracedGraph = field(repr=False)
+
+    @property
+    def head_pools(self) -> list[PoolSite]:
+        return [p for p in self.pools if p.role == "head" and p.kind == "avg"]
+
+    def to_dict(self) -> dict:
+        return {
+            "img_size": list(self.img_size),
+            "in_chans": self.in_chans,
+            "pools": [asdict(p) for p in self.pools],
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+class _PoolFinder(ShapeProp):
+    """Shape propagation that also checks each candidate reduction against the mean."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.candidates: dict[str, tuple[str, str, bool]] = {}  # node -> (input node, kind, keepdim)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor) and n.op != "placeholder":
+            found = self._check_pool(n, result)
+            if found is not None:
+                self.candidates[n.name] = found
+        return result
+
+    def _check_pool(self, n: fx.Node, out: torch.Tensor):
+        if not n.args or not isinstance(n.args[0], fx.Node) or out.dim() not in (2, 4):
+            return None
+        if n.op == "call_module" and any(True for _ in self.module.get_submodule(n.target).parameters()):
+            return None  # a learned layer (conv, linear), not a pool
+        source = n.args[0]
+        value = self.env.get(source)
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() == 3 and _is_flatten(source):  # x.flatten(2).mean(-1)
+            source = source.args[0]
+            value = self.env.get(source)
+            if not isinstance(value, torch.Tensor):
+                return None
+        if value.dim() != 4 or value.shape[2] * value.shape[3] <= 1:
+            return None
+        b, c = value.shape[:2]
+        if tuple(out.shape) not in ((b, c), (b, c, 1, 1)):
+            return None
+        pooled = out.detach().float().reshape(b, c)
+        mean = value.detach().float().mean((2, 3))
+        kind = "avg" if torch.allclose(pooled, mean, rtol=1e-4, atol=1e-5) else "other"
+        return source.name, kind, out.dim() == 4
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return node.target in _FLATTEN_TARGETS and start == 2
+
+
+def _is_map(h: int, w: int, img_size) -> bool:
+    """True when (h, w) can be the spatial size of a map of an ``img_size`` input.
+
+    Both sides must be reduced by the same factor; this tells the (H, W) of an NCHW
+    tensor from the (W, C) of a channels-last one that a block permuted to.
+    """
+    return h * w > 1 and abs(h * img_size[1] - w * img_size[0]) <= max(img_size)
+
+
+def _spatial(shape, img_size) -> tuple[int, int] | None:
+    """(H, W) of an NCHW feature map, or None when ``shape`` is not one."""
+    if shape is None or len(shape) != 4:
+        return None
+    h, w = int(shape[2]), int(shape[3])
+    return (h, w) if h * w == 1 or _is_map(h, w, img_size) else None
+
+
+def _broadcasts_back(node: fx.Node, img_size) -> bool:
+    """True when a value computed from ``node`` lands on a feature map (NCHW or NHWC)."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        shape = node_shape(user)
+        if shape is not None and len(shape) == 4 and (
+                _is_map(int(shape[2]), int(shape[3]), img_size) or _is_map(int(shape[1]), int(shape[2]), img_size)):
+            return True
+        todo.extend(user.users)
+    return False
+
+
+def cut_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """Tensor nodes that every path from the input to the output passes through.
+
+    In a topological order a node is on every path exactly when no data edge jumps over
+    it, which one sweep over the edges decides.
+    """
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if not placeholders or not outputs:
+        return []
+
+    def data_users(n):
+        return [u for u in n.users if u.op == "output" or node_shape(u) is not None]
+
+    forward = set()
+    todo = [placeholders[0]]
+    while todo:
+        n = todo.pop()
+        if n not in forward:
+            forward.add(n)
+            todo.extend(data_users(n))
+    backward = set()
+    todo = list(outputs)
+    while todo:
+        n = todo.pop()
+        if n not in backward:
+            backward.add(n)
+            todo.extend(a for a in n.all_input_nodes if a in forward)
+    live = [n for n in nodes if n in forward and n in backward]
+    position = {n: i for i, n in enumerate(live)}
+    reach = [0] * len(live)  # reach[i]: furthest target of an edge leaving a node at or before i
+    furthest = 0
+    for i, n in enumerate(live):
+        for u in data_users(n):
+            if u in position:
+                furthest = max(furthest, position[u])
+        reach[i] = furthest
+    return [n for i, n in enumerate(live) if i == 0 or reach[i - 1] <= i]
+
+
+def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | None) -> list[StageSite]:
+    groups: list[list[fx.Node]] = []
+    for n in cuts:
+        if n.op == "placeholder":
+            continue
+        size = _spatial(node_shape(n), img_size)
+        if size is None:
+            continue
+        if groups and _spatial(node_shape(groups[-1][-1]), img_size) == size:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        if n.name == stop:
+            break
+    stages = []
+    for group, following in zip(groups, groups[1:] + [None]):
+        # The block that changes the resolution may start at the old one (an expansion
+        # conv before a strided depthwise conv): the stage ends before that block.
+        if following is not None:
+            block = qualnames.get(following[0].name, "").rpartition(".")[0]
+            if block:
+                kept = [n for n in group if not qualnames.get(n.name, "").startswith(block + ".")]
+                group = kept or group
+        last = group[-1]
+        shape = node_shape(last)
+        size = _spatial(shape, img_size)
+        if size[0] * size[1] <= 1:
+            continue
+        stages.append(StageSite(
+            node=last.name,
+            module=qualnames.get(last.name, ""),
+            channels=int(shape[1]),
+            size=size,
+            reduction=max(1, round(img_size[0] / size[0])),
+        ))
+    return stages
+
+
+def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
+            traced: TracedGraph | None = None) -> Analysis:
+    """Trace ``model`` in eval mode and find its pools and stages at ``img_size``.
+
+    The model's parameters, buffers and train/eval mode are left as they were.
+    """
+    traced = traced or trace_model(model, training=False)
+    gm = fx.GraphModule(model, traced.graph)
+    finder = _PoolFinder(gm)
+    was_training = model.training
+    model.eval()
+    sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            finder.propagate(sample)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AnalysisError(
+            f"the model fails on a {in_chans}x{img_size[0]}x{img_size[1]} input ({message}); "
+            "the input size may be too small for this network: try a larger --img-size"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+    nodes = {n.name: n for n in traced.graph.nodes}
+    pools = []
+    for name, (source, kind, keepdim) in finder.candidates.items():
+        shape = node_shape(nodes[source])
+        pools.append(PoolSite(
+            node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
+            role="gating" if _broadcasts_back(nodes[name], img_size) else "head",
+            channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim,
+        ))
+    head = [p for p in pools if p.role == "head"]
+    stop = head[-1].input if head else None
+    stages = _find_stages(cut_nodes(traced.graph), traced.qualnames, img_size, stop)
+    return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced)
+
+
+def find_tap(analysis: Analysis, name: str) -> StageSite:
+    """Resolve a user-given tap (a node name or a module path) to a site on the graph."""
+    graph = analysis.traced.graph
+    qualnames = analysis.traced.qualnames
+    nodes = [n for n in graph.nodes if node_shape(n) is not None]
+    match = next((n for n in nodes if n.name == name), None)
+    if match is None:  # a module path: its last node
+        inside = [n for n in nodes if qualnames.get(n.name, "") == name
+                  or qualnames.get(n.name, "").startswith(name + ".")]
+        match = inside[-1] if inside else None
+    if match is None:
+        import difflib
+        choices = sorted({n.name for n in nodes} | {qualnames.get(n.name, "") for n in nodes} - {""})
+        close = difflib.get_close_matches(name, choices, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; run `flexsurgeon inspect` to list stages"
+        raise AnalysisError(f"no node or module named '{name}' in the traced model{hint}")
+    shape = node_shape(match)
+    size = _spatial(shape, analysis.img_size)
+    if size is None or size[0] * size[1] <= 1:
+        raise AnalysisError(f"'{name}' is not a spatial feature map (its shape is {list(shape)}); "
+                            "a SAC head needs a (B, C, H, W) tap with H*W > 1")
+    return StageSite(node=match.name, module=qualnames.get(match.name, ""), channels=int(shape[1]),
+                     size=size, reduction=max(1, round(analysis.img_size[0] / size[0])))

@@ -1,0 +1,191 @@
+"""The ``flexsurgeon`` command line: parse, call the library, print.
+
+Heavy imports happen inside commands so ``--help`` answers at once. Every
+``FlexSurgeonError`` becomes one line on stderr and exit code 1 (``--debug`` shows the
+traceback instead).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import FlexSurgeonError
+
+
+def _friendly_errors(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except FlexSurgeonError as exc:
+            if debug:
+                raise
+            raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # an unexpected failure still gets one line, not a traceback
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
+                                       "(rerun with --debug for the traceback)") from None
+    return run
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a size: use N or HxW, e.g. 224 or 256x192") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise click.BadParameter(f"'{value}' is not a size: use N or HxW with positive numbers")
+    return tuple(parts)
+
+
+def _stages(ctx, param, value):
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", ""):
+        return []
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers") from None
+
+
+def _surgery_options(command):
+    options = [
+        click.option("--img-size", callback=_size, metavar="N|HxW",
+                     help="Input size FlexPool is built for [default: the model's pretrained input size]."),
+        click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Input channels (timm models)."),
+        click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new classifier."),
+        click.option("--pool", type=click.Choice(["softmax", "linear"]), default="softmax", show_default=True,
+                     help="FlexPool parametrisation (linear adds a sum-to-one regulariser)."),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="Dropout on the pooled vector (the paper uses 0.25)."),
+        click.option("--sac-stages", callback=_stages, metavar="LIST",
+                     help="SAC taps: stage indices, node names or module paths, comma-separated; "
+                          "'none' for no heads [default: the two stages before the last]."),
+        click.option("--sac-weights", callback=_weights, metavar="LIST",
+                     help="Loss weights, heads then main, increasing [default: 0.1,0.2,0.7 for two heads]."),
+        click.option("--replace-gating", is_flag=True, help="Also replace squeeze-excite (gating) pools."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _surgery_kwargs(params: dict) -> dict:
+    return {
+        "img_size": params["img_size"], "in_chans": params["in_chans"], "num_classes": params["num_classes"],
+        "pool": params["pool"], "dropout": params["dropout"], "sac_stages": params["sac_stages"],
+        "sac_weights": params["sac_weights"], "replace_gating": params["replace_gating"],
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.version_option(package_name="flexsurgeon")
+def main(debug: bool) -> None:
+    """Replace a CNN's global average pooling with FlexPool and attach SAC heads."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write config.json and model.safetensors to.")
+@_surgery_options
+@click.option("--pretrained", "weights", flag_value="pretrained", default=True,
+              help="Start from the library's pretrained weights (needs network) [default].")
+@click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
+              help="Start from a local state dict (.safetensors, or .pth/.bin read with weights_only=True).")
+@click.option("--random-init", "weights", flag_value="random", help="Start from random weights.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_friendly_errors
+def convert(model, output, weights, weights_file, force, **params):
+    """Convert MODEL (a timm name, or tv:NAME for torchvision) and save it to OUTPUT."""
+    from pathlib import Path
+
+    from .errors import CheckpointError
+    from .io import save
+    from .surgery import convert as convert_model
+
+    if Path(output).exists() and not force:  # refuse before spending time on the model
+        raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
+    source = weights_file if weights_file else weights
+    converted = convert_model(model, weights=source, **_surgery_kwargs(params))
+    path = save(converted, output, force=force)
+    plan = converted.flexsurgeon_plan
+    pools = ", ".join(f"{p.node} ({p.channels}x{p.size[0]}x{p.size[1]})" for p in plan.pools)
+    heads = ", ".join(t.module or t.node for t in plan.sac) or "none"
+    click.echo(f"converted {plan.source.label}: FlexPool[{plan.pool_mode}] at {pools}; SAC heads: {heads}")
+    click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
+               "pretrained=True) after import flexsurgeon)")
+
+
+@main.command()
+@click.argument("model")
+@_surgery_options
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@_friendly_errors
+def inspect(model, as_json, **params):
+    """Show MODEL's global pools and stages, and what convert would do."""
+    from .surgery import inspect as inspect_model
+
+    found = inspect_model(model, weights="random", **_surgery_kwargs(params))
+    if as_json:
+        click.echo(json.dumps(found.to_dict(), indent=2))
+    else:
+        click.echo(_report(model, found))
+    if found.plan is None:
+        sys.exit(1)
+
+
+def _report(model: str, found) -> str:
+    a = found.analysis
+    lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]
+    rows = [("node", "module", "kind", "role", "input CxHxW")]
+    rows += [(p.node, p.module, p.kind, p.role, f"{p.channels}x{p.size[0]}x{p.size[1]}") for p in a.pools]
+    lines += _table(rows) if a.pools else ["  none"]
+    lines += ["", "stages:"]
+    rows = [("#", "node", "module", "channels", "HxW", "reduction")]
+    rows += [(str(i), s.node, s.module, str(s.channels), f"{s.size[0]}x{s.size[1]}", str(s.reduction))
+             for i, s in enumerate(a.stages)]
+    lines += _table(rows) if a.stages else ["  none"]
+    lines += ["", "convert would:"]
+    if found.plan is None:
+        lines.append(f"  refuse: {found.problem}")
+    else:
+        plan = found.plan
+        for p in plan.pools:
+            lines.append(f"  replace {p.node} with FlexPool[{plan.pool_mode}] {p.channels}x{p.size[0]}x{p.size[1]}"
+                         + (f", dropout {plan.dropout}" if plan.dropout else ""))
+        for t, w in zip(plan.sac, plan.sac_weights):
+            lines.append(f"  attach a SAC head at {t.node} ({t.module}), {t.channels}x{t.size[0]}x{t.size[1]}, "
+                         f"loss weight {w}")
+        lines.append(f"  main classifier loss weight {plan.sac_weights[-1]}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+if __name__ == "__main__":
+    main()

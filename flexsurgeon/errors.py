@@ -1,0 +1,34 @@
+"""The one error family flexsurgeon raises on bad input.
+
+Every error a user can cause is a ``FlexSurgeonError``; the CLI turns it into one line
+and a non-zero exit. Each pipeline stage has its own subclass so callers can tell where
+things went wrong without parsing messages.
+"""
+
+
+class FlexSurgeonError(Exception):
+    """Base class: a problem with the user's model, options or files."""
+
+
+class ModelNotFoundError(FlexSurgeonError):
+    """The model name is not a known timm or torchvision model."""
+
+
+class WeightsError(FlexSurgeonError):
+    """Weights could not be obtained or do not fit the model."""
+
+
+class TraceError(FlexSurgeonError):
+    """torch.fx could not trace the model."""
+
+
+class AnalysisError(FlexSurgeonError):
+    """The traced model has nothing flexsurgeon can convert, or the input size does not fit."""
+
+
+class PlanError(FlexSurgeonError):
+    """A surgery plan is invalid or does not match the model it is applied to."""
+
+
+class CheckpointError(FlexSurgeonError):
+    """A checkpoint folder is missing, incomplete or inconsistent."""

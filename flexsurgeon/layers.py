@@ -1,0 +1,289 @@
+"""FlexPool and SAC heads: the layers flexsurgeon installs.
+
+FlexPool is a learned global weighted average pool, one weight per channel and
+position; SACHead is FlexPool followed by a single linear classifier (a "simple
+auxiliary classifier"). Both come from Ali, Alsuwaidi and Khan, "FlexPooling with
+Simple Auxiliary Classifiers in Deep Networks", VISAPP 2023 (reference code:
+github.com/aliman80/FlexPoolU). See shared/METHOD.md for the method in our words.
+
+Public names: ``flex_pool2d`` (functional form), ``FlexPool``, ``SACHead``,
+``POOL_MODES``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["POOL_MODES", "FlexPool", "SACHead", "flex_pool2d"]
+
+POOL_MODES = ("softmax", "linear")
+
+
+def _pair(size: tuple[int, int] | int, name: str = "size") -> tuple[int, int]:
+    """Return ``size`` as a pair of positive ints, or raise ValueError naming it."""
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in POOL_MODES:
+        raise ValueError(f"unknown FlexPool mode {mode!r}; choose one of {', '.join(map(repr, POOL_MODES))}")
+    return mode
+
+
+def _normalized_weight(
+    weight: torch.Tensor,
+    mode: str,
+    native: tuple[int, int],
+    size: tuple[int, int],
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Pooling weights ``A`` at ``size``, in ``dtype``, laid out for ``_weighted_sum``.
+
+    Returns (1, C, H*W) for an NCHW input and (1, H*W, C) (contiguous) for a
+    channels_last one. ``native`` is ``weight``'s own (H, W), passed in so that this
+    also runs on FX proxies.
+
+    softmax: the logits are resampled bilinearly (only when ``size`` differs from the
+    native size), then normalised per channel in float32. linear: the weights are
+    resampled bilinearly and each channel rescaled so its sum is unchanged.
+    """
+    w = weight.unsqueeze(0)
+    if mode == "softmax":
+        w = w.float()
+        if size != native:
+            w = F.interpolate(w, size=size, mode="bilinear", align_corners=False)
+        a = w.flatten(2).softmax(-1)
+    else:
+        a = w.flatten(2)
+        if size != native:
+            resampled = F.interpolate(w.float(), size=size, mode="bilinear", align_corners=False).flatten(2)
+            old_sum = a.float().sum(-1, keepdim=True)
+            new_sum = resampled.sum(-1, keepdim=True)
+            # Preserve each channel's sum; where the resampled sum is ~0 the ratio is
+            # meaningless, so fall back to the area ratio (exact for constant weights).
+            area = (native[0] * native[1]) / (size[0] * size[1])
+            ok = new_sum.abs() > torch.finfo(torch.float32).tiny
+            scale = torch.where(ok, old_sum / torch.where(ok, new_sum, 1.0), area)
+            a = resampled * scale
+    a = a.to(dtype)
+    if channels_last:
+        a = a.transpose(1, 2).contiguous()
+    return a
+
+
+def _weighted_sum(x: torch.Tensor, a: torch.Tensor, channels_last: bool, flatten: bool) -> torch.Tensor:
+    """``y[b, c] = sum_{h,w} A[c,h,w] * x[b,c,h,w]``: one multiply, one reduction.
+
+    The reduction runs over a 3-D view that matches ``x``'s memory layout, with ``a``
+    from ``_normalized_weight`` laid out the same way: (B, C, H*W) rows for NCHW,
+    (B, H*W, C) for channels_last. Both the product and the reduction then stream
+    through memory in order, and so do the backward's broadcasts (the 4-D form
+    ``(x * a).sum((2, 3))`` is as fast forward but 3-7x slower backward, because
+    autograd then broadcasts over a W-long inner axis). einsum / bmm forms go through
+    batched matmul and are slower still. Timings: benchmarks/RESULTS.md.
+    """
+    if channels_last:
+        y = (x.permute(0, 2, 3, 1).flatten(1, 2) * a).sum(1)
+    else:
+        y = (x.flatten(2) * a).sum(-1)
+    return y if flatten else y[:, :, None, None]
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"FlexPool expects a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"FlexPool weight must be 3-D (C, H, W), got shape {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[0]:
+        raise ValueError(f"input has {x.shape[1]} channels but the FlexPool weight has {weight.shape[0]}")
+
+
+def flex_pool2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mode: str = "softmax",
+    flatten: bool = True,
+) -> torch.Tensor:
+    """Learned global weighted average pool: ``y[b, c] = sum_{h,w} A[c,h,w] x[b,c,h,w]``.
+
+    Args:
+        x: input (B, C, H', W'), NCHW or channels_last, float32/bfloat16/float16.
+        weight: (C, H, W) logits (softmax mode) or weights (linear mode).
+        mode: "softmax" (``A[c] = softmax(weight[c].flatten())``) or "linear" (``A = weight``).
+        flatten: return (B, C) when True, (B, C, 1, 1) when False.
+
+    If (H', W') != (H, W) the weights are resampled, see ``FlexPool``. The output has
+    the dtype of ``x``.
+    """
+    _check_mode(mode)
+    _check_input(x, weight)
+    size, channels_last = tuple(x.shape[-2:]), _is_channels_last(x)
+    a = _normalized_weight(weight, mode, tuple(weight.shape[-2:]), size, x.dtype, channels_last)
+    return _weighted_sum(x, a, channels_last, flatten)
+
+
+_st = torch.fx._symbolic_trace
+# True inside torch.fx.symbolic_trace (and not, unlike is_fx_tracing, under export).
+_fx_symbolic_tracing = getattr(_st, "is_fx_symbolic_tracing", _st.is_fx_tracing)
+
+
+def _compiling() -> bool:
+    """True under torch.compile, torch.export (strict or not) or torch.jit.trace."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+class FlexPool(nn.Module):
+    """FlexPool: global pooling with a learned weight per channel and position.
+
+    ``y[b, c] = sum_{h,w} A[c, h, w] * x[b, c, h, w]`` where, for the parameter
+    ``weight`` of shape (C, H, W):
+
+    - mode "softmax" (default, the reference code's form): ``A[c] = softmax(weight[c].flatten())``;
+    - mode "linear" (the paper's text): ``A = weight``; add ``regularizer()`` (times a
+      coefficient) to the loss to keep each channel's weights summing to one.
+
+    ``weight`` starts at the constant ``1 / (H * W)``, so at initialisation FlexPool is
+    exactly global average pooling (equal to ``x.mean((2, 3))`` up to float rounding):
+    converting a pretrained model preserves its function.
+
+    Input size: ``weight`` is bound to the feature-map size ``size``. At that size the
+    weights are used as they are. At any other size they are resampled bilinearly
+    (``align_corners=False``): softmax mode resamples the logits and then normalises,
+    so constant logits stay uniform (still average pooling at init); linear mode
+    resamples the weights and rescales each channel so its sum is unchanged. A 1x1
+    feature map makes FlexPool a no-op; this warns once per module.
+
+    Dropout (``drop``, identity for p=0) is applied to the pooled vector in train mode.
+
+    Speed: the weighted sum is one multiply and one reduction, with the weights laid
+    out to match the input's memory format (NCHW or channels_last). When no gradient
+    for ``weight`` is recorded (eval / no_grad / inference_mode) the normalised
+    weights are cached, keyed on the weight's version, device, dtype, size and layout,
+    so an in-place update (optimizer step, ``load_state_dict``) invalidates the cache.
+    The cache is bypassed while tracing, compiling or exporting, and is not part of
+    ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        size: tuple[int, int] | int,
+        mode: str = "softmax",
+        dropout: float = 0.0,
+        flatten: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.size = _pair(size)
+        self.mode = _check_mode(mode)
+        self.flatten = flatten
+        self.weight = nn.Parameter(torch.empty(channels, *self.size))
+        self.drop = nn.Dropout(dropout)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._warned_1x1 = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set the weights to the constant ``1 / (H * W)``: exact average pooling."""
+        with torch.no_grad():
+            self.weight.fill_(1.0 / (self.size[0] * self.size[1]))
+
+    def regularizer(self) -> torch.Tensor:
+        """``sum_c (sum_{h,w} W[c,h,w] - 1)^2`` in linear mode; a zero tensor in softmax mode."""
+        if self.mode != "linear":
+            return self.weight.new_zeros(())
+        return (self.weight.sum((1, 2)) - 1.0).square().sum()
+
+    def _weights_for(self, x: torch.Tensor, channels_last: bool, compiling: bool) -> torch.Tensor:
+        """Normalised weights for ``x``; cached unless a graph is being recorded."""
+        w, size = self.weight, (x.shape[-2], x.shape[-1])
+        if (
+            compiling
+            or (torch.is_grad_enabled() and w.requires_grad)
+            or w.is_inference()
+            or torch._C._functorch.is_functorch_wrapped_tensor(w)
+        ):
+            return _normalized_weight(w, self.mode, self.size, size, x.dtype, channels_last)
+        key = (id(w), w.data_ptr(), w._version, w.device, x.dtype, size, channels_last)
+        cache = self._cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                a = _normalized_weight(w, self.mode, self.size, size, x.dtype, channels_last)
+            self._cache = cache = (key, a)
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx_symbolic_tracing():
+            # FX proxies carry no shapes: record the native-size NCHW form.
+            a = _normalized_weight(self.weight, self.mode, self.size, self.size, x.dtype, False)
+            y = _weighted_sum(x, a, False, self.flatten)
+            return self.drop(y) if self.training and self.drop.p > 0 else y
+        compiling = _compiling()
+        _check_input(x, self.weight)
+        if x.shape[-2] == 1 and x.shape[-1] == 1 and not self._warned_1x1 and not compiling:
+            self._warned_1x1 = True
+            warnings.warn(
+                f"FlexPool got a 1x1 feature map (input {tuple(x.shape)}): it is a no-op at this "
+                f"input size (its weights are {self.size[0]}x{self.size[1]}); use a larger input",
+                UserWarning,
+                stacklevel=2,
+            )
+        channels_last = _is_channels_last(x)
+        y = _weighted_sum(x, self._weights_for(x, channels_last, compiling), channels_last, self.flatten)
+        return self.drop(y) if self.training and self.drop.p > 0 else y
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        self._cache = None  # .to() / .half() etc.: drop weights cached for the old tensor
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_cache"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        s = f"channels={self.channels}, size={self.size}, mode={self.mode!r}, dropout={self.drop.p}"
+        if not self.flatten:
+            s += ", flatten=False"
+        return s
+
+
+class SACHead(nn.Module):
+    """Simple auxiliary classifier: ``FlexPool`` (``pool``) then one ``nn.Linear`` (``fc``).
+
+    No convolutions, no hidden layers (the paper's SAC). Used during training only;
+    ``regularizer()`` returns the pool's regulariser (zero in softmax mode).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        size: tuple[int, int] | int,
+        num_classes: int,
+        mode: str = "softmax",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.pool = FlexPool(channels, size, mode=mode, dropout=dropout, flatten=True)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def regularizer(self) -> torch.Tensor:
+        return self.pool.regularizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x))

@@ -1,0 +1,165 @@
+"""Build the unconverted source model: a timm name or a torchvision builder, and its weights.
+
+Names: a timm model name (``resnet50``), or ``tv:NAME`` / ``torchvision:NAME`` for a
+torchvision classification builder. Weights: ``"random"``, ``"pretrained"`` (the
+library's own download), or a file (``.safetensors``; ``.pth``/``.pt``/``.bin`` are read
+with ``torch.load(weights_only=True)``, so a file cannot run code).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelNotFoundError, WeightsError
+from .plan import SourceSpec
+
+_TV_PREFIXES = ("tv:", "torchvision:")
+# Builders whose defaults add training-only auxiliary outputs; surgery works on the plain classifier.
+_TV_DEFAULT_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
+def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -> SourceSpec:
+    """Turn a user's model name into a SourceSpec, or raise with the closest known names."""
+    for prefix in _TV_PREFIXES:
+        if name.startswith(prefix):
+            builder = name[len(prefix):]
+            known = _torchvision_models()
+            if builder not in known:
+                raise ModelNotFoundError(f"unknown torchvision model '{builder}'{_did_you_mean(builder, known, 'tv:')}")
+            if in_chans != 3:
+                raise ModelNotFoundError("torchvision models take 3 input channels; --in-chans applies to timm models")
+            kwargs = dict(_TV_DEFAULT_KWARGS.get(builder, {}))
+            if num_classes is not None:
+                kwargs["num_classes"] = num_classes
+            return SourceSpec("torchvision", builder, kwargs)
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelNotFoundError(f"unknown model '{name}'{_did_you_mean(name, timm.list_models(), '')} "
+                                 "(torchvision models are named tv:NAME)")
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans != 3:
+        kwargs["in_chans"] = in_chans
+    return SourceSpec("timm", name, kwargs)
+
+
+def _did_you_mean(name: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
+    """Instantiate ``spec`` with random, pretrained or file weights."""
+    if spec.library == "timm":
+        import timm
+
+        if not timm.is_model(spec.name):
+            raise ModelNotFoundError(f"unknown timm model '{spec.name}'")
+        if weights == "pretrained":
+            try:
+                return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+            except Exception as exc:  # hub, URL and file errors all mean "no weights here"
+                raise _download_error(spec, exc) from exc
+        model = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+    elif spec.library == "torchvision":
+        import torchvision
+
+        if spec.name not in _torchvision_models():
+            raise ModelNotFoundError(f"unknown torchvision model '{spec.name}'")
+        if weights == "pretrained":
+            kwargs = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+            try:
+                model = torchvision.models.get_model(spec.name, weights="DEFAULT", **kwargs)
+            except Exception as exc:
+                raise _download_error(spec, exc) from exc
+            num_classes = spec.kwargs.get("num_classes")
+            if num_classes is not None:
+                _reset_last_classifier(model, num_classes)
+            return model
+        model = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+    else:
+        raise ModelNotFoundError(f"unknown model library '{spec.library}'")
+    if weights not in ("random", "pretrained"):
+        load_weights_file(model, Path(weights))
+    return model
+
+
+def _download_error(spec: SourceSpec, exc: Exception) -> WeightsError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WeightsError(f"could not get pretrained weights for {spec.label} ({reason[:160]}); without network "
+                        "access pass --weights FILE (a local state dict) or --random-init")
+
+
+def _reset_last_classifier(model: nn.Module, num_classes: int) -> None:
+    """Give a torchvision model a fresh last layer with ``num_classes`` outputs."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = (name, module)
+    if last is None:
+        raise WeightsError("cannot find the classifier layer to resize for --num-classes")
+    name, old = last
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without running code: safetensors, or a weights-only torch file."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot read weights from {path}: {reason[:200]} "
+                           "(only safetensors and weights-only torch files are accepted)") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a source-model state dict; the classifier may differ in size (a new --num-classes)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in resized}
+    missing = [k for k in own if k not in state and k not in resized]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise WeightsError(f"{path} does not fit {type(model).__name__}: {detail} "
+                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    model.load_state_dict(state, strict=False)
+    if resized:
+        import warnings
+
+        warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape and were left at random init: "
+                      f"{', '.join(resized[:4])}", stacklevel=2)

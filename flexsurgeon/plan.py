@@ -1,0 +1,254 @@
+"""The surgery plan: what `convert` changes, as a small record that round-trips JSON.
+
+Analysis decides, the plan records, apply carries out. A plan names graph nodes of the
+source model traced with flexsurgeon's tracer; applying it to a fresh instance of the
+same source rebuilds the same architecture, which is how checkpoints load. Plans are
+data: loading one never imports or evaluates anything it names.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from .analysis import Analysis, StageSite, find_tap
+from .errors import AnalysisError, PlanError
+from .layers import POOL_MODES
+
+PLAN_VERSION = 1
+LIBRARIES = ("timm", "torchvision")
+PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
+_NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCALAR = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How to build the unconverted model: a timm name or a torchvision builder, and its arguments."""
+
+    library: str
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.library == "timm" else f"tv:{self.name}"
+
+
+@dataclass(frozen=True)
+class PoolEdit:
+    """Replace the pool at ``node`` (reading ``input``) with FlexPool sized ``channels x size``."""
+
+    node: str
+    input: str
+    channels: int
+    size: tuple[int, int]
+    keepdim: bool = False
+
+
+@dataclass(frozen=True)
+class SacTap:
+    """Attach a SAC head to the feature map at ``node``."""
+
+    node: str
+    channels: int
+    size: tuple[int, int]
+    module: str = ""
+
+
+@dataclass(frozen=True)
+class SurgeryPlan:
+    source: SourceSpec | None
+    num_classes: int
+    in_chans: int
+    img_size: tuple[int, int]
+    pools: tuple[PoolEdit, ...]
+    sac: tuple[SacTap, ...] = ()
+    sac_weights: tuple[float, ...] = (1.0,)  # one per SAC head, then the main classifier's
+    pool_mode: str = "softmax"
+    dropout: float = 0.0
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise PlanError naming the first bad field; a plan is checked before any model is built."""
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"plan version {self.version!r} is not supported (this flexsurgeon reads {PLAN_VERSION})")
+        if self.source is not None:
+            if self.source.library not in LIBRARIES:
+                raise PlanError(f"plan source.library {self.source.library!r} is not one of {', '.join(LIBRARIES)}")
+            if not isinstance(self.source.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.source.name):
+                raise PlanError(f"plan source.name {self.source.name!r} is not a model name")
+            if not isinstance(self.source.kwargs, dict) or not all(
+                    isinstance(k, str) and isinstance(v, _SCALAR) for k, v in self.source.kwargs.items()):
+                raise PlanError("plan source.kwargs must map names to plain values (str, int, float, bool, null)")
+        for key in ("num_classes", "in_chans"):
+            value = getattr(self, key)
+            if not _positive_int(value):
+                raise PlanError(f"plan {key} must be a positive integer, got {value!r}")
+        if not _size(self.img_size):
+            raise PlanError(f"plan img_size must be two positive integers, got {self.img_size!r}")
+        if self.pool_mode not in POOL_MODES:
+            raise PlanError(f"plan pool_mode {self.pool_mode!r} is not one of {', '.join(POOL_MODES)}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise PlanError(f"plan dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.pools:
+            raise PlanError("plan replaces no pool")
+        for site in (*self.pools, *self.sac):
+            if not isinstance(site.node, str) or not _NODE_NAME.match(site.node):
+                raise PlanError(f"plan node name {site.node!r} is not a graph node name")
+            if not _positive_int(site.channels) or not _size(site.size):
+                raise PlanError(f"plan entry for node {site.node!r} has bad channels/size")
+        for pool in self.pools:
+            if not isinstance(pool.input, str) or not _NODE_NAME.match(pool.input):
+                raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
+        names = [p.node for p in self.pools] + [t.node for t in self.sac]
+        if len(set(names)) != len(names):
+            raise PlanError("plan names the same node twice")
+        weights = self.sac_weights
+        if len(weights) != len(self.sac) + 1:
+            raise PlanError(f"plan has {len(self.sac)} SAC heads, so sac_weights needs {len(self.sac) + 1} "
+                            f"values (heads, then main); got {len(weights)}")
+        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 for w in weights):
+            raise PlanError(f"plan sac_weights must be positive numbers, got {list(weights)}")
+        if any(b <= a for a, b in zip(weights, weights[1:])):
+            raise PlanError(f"plan sac_weights {list(weights)} must increase with depth (the paper's 0.1, 0.2, 0.7)")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["img_size"] = list(self.img_size)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data) -> SurgeryPlan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        known = {"source", "num_classes", "in_chans", "img_size", "pools", "sac", "sac_weights",
+                 "pool_mode", "dropout", "version"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"plan has unknown field(s): {', '.join(unknown)}")
+        missing = sorted({"num_classes", "in_chans", "img_size", "pools", "version"} - set(data))
+        if missing:
+            raise PlanError(f"plan is missing field(s): {', '.join(missing)}")
+        try:
+            source = data.get("source")
+            if source is not None:
+                _check_keys(source, {"library", "name", "kwargs"}, "source")
+                source = SourceSpec(**source)
+            pools = tuple(PoolEdit(**_sized(_check_keys(p, {"node", "input", "channels", "size", "keepdim"}, "pools")))
+                          for p in _list(data["pools"], "pools"))
+            sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module"}, "sac")))
+                        for t in _list(data.get("sac", []), "sac"))
+            return cls(
+                source=source, num_classes=data["num_classes"], in_chans=data["in_chans"],
+                img_size=_tuple(data["img_size"]), pools=pools, sac=sac,
+                sac_weights=tuple(_list(data.get("sac_weights", [1.0]), "sac_weights")),
+                pool_mode=data.get("pool_mode", "softmax"), dropout=data.get("dropout", 0.0),
+                version=data["version"],
+            )
+        except TypeError as exc:  # a field of the wrong shape (e.g. a pool that is not an object)
+            raise PlanError(f"plan is malformed: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> SurgeryPlan:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _size(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(_positive_int(v) for v in value)
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _list(value, name):
+    if not isinstance(value, list):
+        raise PlanError(f"plan field '{name}' must be a list, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(entry, allowed: set, name: str) -> dict:
+    if not isinstance(entry, dict):
+        raise PlanError(f"plan field '{name}' must hold objects, got {type(entry).__name__}")
+    extra = sorted(set(entry) - allowed)
+    if extra:
+        raise PlanError(f"plan field '{name}' has unknown key(s): {', '.join(extra)}")
+    return entry
+
+
+def _sized(entry: dict) -> dict:
+    return {**entry, "size": _tuple(entry.get("size"))}
+
+
+def default_sac_weights(num_heads: int) -> tuple[float, ...]:
+    """The paper's weights generalised: heads share 0.3 in proportion to depth, main gets 0.7.
+
+    Two heads give exactly the paper's 0.1, 0.2, 0.7.
+    """
+    if num_heads == 0:
+        return (1.0,)
+    total = num_heads * (num_heads + 1) / 2
+    return tuple(round((1 - PAPER_MAIN_WEIGHT) * (i + 1) / total, 6) for i in range(num_heads)) + (PAPER_MAIN_WEIGHT,)
+
+
+def _resolve_taps(analysis: Analysis, sac_stages) -> list[StageSite]:
+    stages = analysis.stages
+    if sac_stages is None:  # the paper's layout: heads on the two stages before the last
+        return stages[-3:-1]
+    taps = []
+    for item in sac_stages:
+        if isinstance(item, int) or (isinstance(item, str) and re.fullmatch(r"-?\d+", item)):
+            index = int(item)
+            if not -len(stages) <= index < len(stages) - 1 and not (index < 0 and -len(stages) <= index < -1):
+                raise AnalysisError(
+                    f"--sac-stages index {index} is out of range: the model has stages 0..{len(stages) - 1} "
+                    f"and the last ({len(stages) - 1}) feeds the main classifier")
+            taps.append(stages[index])
+        else:
+            taps.append(find_tap(analysis, str(item)))
+    order = {n.name: i for i, n in enumerate(analysis.traced.graph.nodes)}
+    return sorted({t.node: t for t in taps}.values(), key=lambda t: order[t.node])
+
+
+def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *, pool_mode: str = "softmax",
+              dropout: float = 0.0, sac_stages=None, sac_weights=None, replace_gating: bool = False) -> SurgeryPlan:
+    """Decide what to change: the head average pools (and gating pools if asked) and the SAC taps.
+
+    ``sac_stages``: None for the default (the two stages before the last), an empty list
+    for no heads, or stage indices / node names / module paths.
+    """
+    pools = [p for p in analysis.pools if p.kind == "avg" and (p.role == "head" or replace_gating)]
+    if not pools:
+        others = [p for p in analysis.pools if p.role == "head"]
+        if others:
+            raise AnalysisError(
+                f"the head pool at '{others[0].module or others[0].node}' is not an average "
+                "(max or another reduction), so FlexPool cannot replace it without changing the model")
+        h, w = analysis.img_size
+        raise AnalysisError(
+            f"no global average pool over a spatial map found at input size {h}x{w}: the model pools "
+            "tokens or its last feature map is already 1x1 (try a larger --img-size)")
+    taps = _resolve_taps(analysis, sac_stages)
+    weights = tuple(sac_weights) if sac_weights is not None else default_sac_weights(len(taps))
+    return SurgeryPlan(
+        source=source, num_classes=num_classes, in_chans=analysis.in_chans, img_size=tuple(analysis.img_size),
+        pools=tuple(PoolEdit(node=p.node, input=p.input, channels=p.channels, size=tuple(p.size), keepdim=p.keepdim)
+                    for p in pools),
+        sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.module) for t in taps),
+        sac_weights=weights, pool_mode=pool_mode, dropout=float(dropout),
+    )

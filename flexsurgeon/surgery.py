@@ -1,0 +1,144 @@
+"""The conversion pipeline: source -> trace -> analyse -> plan -> apply -> check.
+
+``convert`` is the Python twin of ``flexsurgeon convert``; ``inspect`` stops after the
+plan and reports what convert would do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .analysis import Analysis, analyse
+from .errors import AnalysisError, FlexSurgeonError
+from .plan import SourceSpec, SurgeryPlan, make_plan
+
+PRESERVATION_TOLERANCE = 1e-5  # float32, the converted model's eval output against the source's
+_SOURCE_ARG_TYPES = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Inspection:
+    analysis: Analysis
+    plan: SurgeryPlan | None
+    problem: str | None  # why convert would refuse, when it would
+
+    def to_dict(self) -> dict:
+        return {**self.analysis.to_dict(), "plan": self.plan.to_dict() if self.plan else None,
+                "problem": self.problem}
+
+
+def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.Module, SourceSpec | None]:
+    from .models import build_source, parse_source
+
+    if isinstance(model_or_name, str):
+        spec = parse_source(model_or_name, num_classes=num_classes, in_chans=in_chans)
+        return build_source(spec, weights), spec
+    if not isinstance(model_or_name, nn.Module):
+        raise FlexSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_name).__name__}")
+    model = model_or_name
+    if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+        if not hasattr(model, "reset_classifier"):
+            raise FlexSurgeonError("this model has no reset_classifier(); build it with the classes you want")
+        model.reset_classifier(num_classes)
+    return model, _timm_spec_of(model)
+
+
+def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
+    """How to rebuild a timm-created instance, from the arguments timm recorded on it."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    args = getattr(model, "_model_args", None)
+    if not name or not isinstance(args, dict):
+        return None
+    kwargs = {k: v for k, v in args.items() if isinstance(v, _SOURCE_ARG_TYPES)}
+    kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
+    return SourceSpec("timm", name, kwargs)
+
+
+def _default_img_size(model: nn.Module) -> tuple[int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return (int(size[1]), int(size[2])) if size else (224, 224)
+
+
+def _as_size(img_size) -> tuple[int, int]:
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise AnalysisError(f"img_size must be a positive integer or a pair, got {img_size!r}")
+    return size
+
+
+def _num_classes(model: nn.Module, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return num_classes
+    found = getattr(model, "num_classes", None)
+    if isinstance(found, int) and found > 0:
+        return found
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if last:
+        return last[-1].out_features
+    raise AnalysisError("cannot tell how many classes the model has; pass num_classes")
+
+
+def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int | None = None,
+            pool: str = "softmax", dropout: float = 0.0, sac_stages=None, sac_weights=None,
+            replace_gating: bool = False, weights: str | Path = "random") -> Inspection:
+    """Trace and analyse a model, and plan its surgery without changing it."""
+    model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
+    size = _as_size(img_size) if img_size is not None else _default_img_size(model)
+    analysis = analyse(model, size, in_chans=in_chans)
+    try:
+        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
+                         sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
+        return Inspection(analysis, plan, None)
+    except FlexSurgeonError as exc:
+        return Inspection(analysis, None, str(exc))
+
+
+def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int | None = None,
+            pool: str = "softmax", dropout: float = 0.0, sac_stages=None, sac_weights=None,
+            replace_gating: bool = False, weights: str | Path = "random", check: bool = True) -> nn.Module:
+    """Convert a model (a timm name, ``tv:NAME``, or an instance) to FlexPool + SAC heads.
+
+    The result shares the source's parameters. With ``check`` (default) its eval output is
+    compared with the source's on a random input and a mismatch is an error.
+    """
+    from .apply import apply_plan
+    from .io import make_pretrained_cfg
+
+    model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
+    size = _as_size(img_size) if img_size is not None else _default_img_size(model)
+    analysis = analyse(model, size, in_chans=in_chans)
+    plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
+                     sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
+    converted = apply_plan(model, plan)
+    converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(getattr(model, "pretrained_cfg", None),
+                                                                           plan)
+    if check:
+        _check_preserved(model, converted, plan)
+    return converted
+
+
+def _check_preserved(source: nn.Module, converted: nn.Module, plan: SurgeryPlan) -> None:
+    was_training = source.training
+    source.eval()
+    converted.eval()
+    x = torch.randn(2, plan.in_chans, *plan.img_size, generator=torch.Generator().manual_seed(1))
+    reference = next(iter(source.parameters()), None)
+    if reference is not None:
+        x = x.to(reference.device)
+    try:
+        with torch.no_grad():
+            expected, got = source(x), converted(x)
+    finally:
+        source.train(was_training)
+        converted.train(was_training)
+    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor):
+        diff = (expected.float() - got.float()).abs().max().item()
+        scale = max(1.0, expected.float().abs().max().item())
+        if not diff <= PRESERVATION_TOLERANCE * scale:
+            raise AnalysisError(f"the converted model's output differs from the source's by {diff:.3g}; "
+                                "this model is not supported yet")

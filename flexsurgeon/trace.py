@@ -1,0 +1,86 @@
+"""Tracing with torch.fx the way timm traces its own models.
+
+The tracer is torchvision's ``NodePathTracer`` (it records for each node the qualified
+name of the module it came from, e.g. ``layer3.5.act3``) with timm's no-trace leaf
+modules and auto-wrapped functions, so a timm model traces exactly as timm's own FX
+feature extraction traces it. Models behave differently in train and eval mode (dropout
+written as ``F.dropout(x, training=self.training)``, drop-path), so callers trace each
+mode separately.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .errors import TraceError
+
+
+def _timm_notrace() -> tuple[list, list]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but tracing plain torch models needs none of it
+        return [], []
+    return list(get_notrace_modules()), list(get_notrace_functions())
+
+
+@dataclass
+class TracedGraph:
+    """A graph of one mode and, for each node name, the module path it came from."""
+
+    graph: fx.Graph
+    qualnames: dict[str, str]
+    training: bool
+
+
+def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = ()) -> TracedGraph:
+    """Trace ``model`` in the given mode; the model's own mode is restored afterwards.
+
+    Tracing may attach constant tensors to ``model`` (fx's ``_tensor_constant*``); nothing
+    else about the model changes.
+    """
+    leaves, functions = _timm_notrace()
+    tracer = NodePathTracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions)
+    was_training = model.training
+    model.train(training)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
+        where = tracer.current_module_qualname or "the top-level forward"
+        module = model.get_submodule(tracer.current_module_qualname) if tracer.current_module_qualname else model
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: in '{where}' ({type(module).__name__}): "
+            f"{first_line}. Mark {type(module).__name__} as a leaf "
+            f"(timm.layers.register_notrace_module) and try again."
+        ) from exc
+    finally:
+        model.train(was_training)
+    qualnames = {node.name: qual for node, qual in tracer.node_to_qualname.items()}
+    return TracedGraph(graph=graph, qualnames=qualnames, training=training)
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    """True when shape propagation recorded a tensor for ``node``."""
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape")
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def module_graph(model: nn.Module, traced: TracedGraph) -> fx.GraphModule:
+    """A GraphModule sharing ``model``'s submodules, to run the traced graph."""
+    return fx.GraphModule(model, traced.graph)
+
+
+__all__ = ["TracedGraph", "trace_model", "is_tensor_node", "node_shape", "module_graph"]
+
+
+def _sample_input(in_chans: int, img_size: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, in_chans, *img_size, generator=generator)
