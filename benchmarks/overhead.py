@@ -15,6 +15,7 @@ and the ratio flexpool / mean. Float32 on CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -123,8 +124,11 @@ def main() -> None:
         else:
             dyn.cache_size_limit = 64
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, float32, rounds={args.rounds}, block={args.block_ms} ms\n")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads, float32, rounds={args.rounds}, block={args.block_ms} ms, "
+          f"load average at start {os.getloadavg()[0]:.2f}\n")
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print("WARNING: the machine is busy; timings will be noisy\n")
     head = "| shape | layout | mean (us) | FlexPool (us) | eager ratio |"
     sep = "|---|---|---|---|---|"
     if args.compile:
@@ -143,6 +147,7 @@ def main() -> None:
                 row += f" {r['mean_c'] * 1e6:.1f} | {r['flex_c'] * 1e6:.1f} | {r['ratio_c']:.2f} |"
             row += f" {r['fb_mean'] * 1e6:.0f} | {r['fb_flex'] * 1e6:.0f} | {r['fb_ratio']:.2f} |"
             print(row, flush=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

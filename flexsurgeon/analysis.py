@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import AnalysisError
 from .trace import TracedGraph, node_shape, trace_model
@@ -73,8 +72,25 @@ class Analysis:
         }
 
 
-class _PoolFinder(ShapeProp):
-    """Shape propagation that also checks each candidate reduction against the mean."""
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def _tensor_meta(value):
+    """What shape propagation records: tensor metadata, or a tuple of it for tuples of tensors."""
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(value.shape, value.dtype)
+    if isinstance(value, (tuple, list)):
+        metas = tuple(_tensor_meta(v) for v in value)
+        return metas if any(m is not None for m in metas) else None
+    return None
+
+
+class _PoolFinder(fx.Interpreter):
+    """Shape propagation (``node.meta['tensor_meta']``, as torch.fx's ShapeProp writes it)
+    that also checks each candidate reduction against the mean."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
@@ -82,6 +98,9 @@ class _PoolFinder(ShapeProp):
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
+        meta = _tensor_meta(result)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
         if isinstance(result, torch.Tensor) and n.op != "placeholder":
             found = self._check_pool(n, result)
             if found is not None:
@@ -98,10 +117,9 @@ class _PoolFinder(ShapeProp):
         if not isinstance(value, torch.Tensor):
             return None
         if value.dim() == 3 and _is_flatten(source):  # x.flatten(2).mean(-1)
-            source = source.args[0]
-            value = self.env.get(source)
-            if not isinstance(value, torch.Tensor):
-                return None
+            source = source.args[0]  # its value may be freed already; its shape is in meta
+            shape = node_shape(source)
+            value = value.unflatten(2, shape[2:]) if shape is not None and len(shape) == 4 else value
         if value.dim() != 4 or value.shape[2] * value.shape[3] <= 1:
             return None
         b, c = value.shape[:2]
@@ -163,8 +181,8 @@ def cut_nodes(graph: fx.Graph) -> list[fx.Node]:
     if not placeholders or not outputs:
         return []
 
-    def data_users(n):
-        return [u for u in n.users if u.op == "output" or node_shape(u) is not None]
+    def data_users(n):  # users that carry tensors (or tuples of them, like split); not shape arithmetic
+        return [u for u in n.users if u.op == "output" or u.meta.get("tensor_meta") is not None]
 
     forward = set()
     todo = [placeholders[0]]
@@ -192,7 +210,8 @@ def cut_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for i, n in enumerate(live) if i == 0 or reach[i - 1] <= i]
 
 
-def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | None) -> list[StageSite]:
+def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | None,
+                 model: nn.Module) -> list[StageSite]:
     groups: list[list[fx.Node]] = []
     for n in cuts:
         if n.op == "placeholder":
@@ -211,10 +230,9 @@ def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | Non
         # The block that changes the resolution may start at the old one (an expansion
         # conv before a strided depthwise conv): the stage ends before that block.
         if following is not None:
-            block = qualnames.get(following[0].name, "").rpartition(".")[0]
+            block = _straddling_block(qualnames.get(following[0].name, ""), group, qualnames, model)
             if block:
-                kept = [n for n in group if not qualnames.get(n.name, "").startswith(block + ".")]
-                group = kept or group
+                group = [n for n in group if not qualnames.get(n.name, "").startswith(block + ".")] or group
         last = group[-1]
         shape = node_shape(last)
         size = _spatial(shape, img_size)
@@ -228,6 +246,26 @@ def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | Non
             reduction=max(1, round(img_size[0] / size[0])),
         ))
     return stages
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict, model: nn.Module) -> str:
+    """The innermost block (not a mere container) holding the first node at the new
+    resolution and nodes of the old one; empty when the resolution drops between blocks."""
+    parts = first_reduced.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        block = ".".join(parts[:depth])
+        try:
+            module = model.get_submodule(block)
+        except AttributeError:
+            continue
+        if type(module) in _CONTAINERS:  # subclasses (e.g. DenseNet transitions) are blocks
+            continue
+        if any(qualnames.get(n.name, "").startswith(block + ".") for n in group):
+            return block
+    return ""
 
 
 def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
@@ -244,7 +282,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            finder.propagate(sample)
+            finder.run(sample)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AnalysisError(
@@ -265,7 +303,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
         ))
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None
-    stages = _find_stages(cut_nodes(traced.graph), traced.qualnames, img_size, stop)
+    stages = _find_stages(cut_nodes(traced.graph), traced.qualnames, img_size, stop, model)
     return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced)
 
 

@@ -162,7 +162,8 @@ class FlexPool(nn.Module):
     weights are used as they are. At any other size they are resampled bilinearly
     (``align_corners=False``): softmax mode resamples the logits and then normalises,
     so constant logits stay uniform (still average pooling at init); linear mode
-    resamples the weights and rescales each channel so its sum is unchanged. A 1x1
+    resamples the weights and rescales each channel so its sum is unchanged (a channel
+    whose resampled sum is zero is scaled by the area ratio instead). A 1x1
     feature map makes FlexPool a no-op; this warns once per module.
 
     Dropout (``drop``, identity for p=0) is applied to the pooled vector in train mode.

@@ -35,6 +35,20 @@ class TracedGraph:
     training: bool
 
 
+class _Tracer(NodePathTracer):
+    """Remembers the innermost module being traced when tracing fails, for the error message."""
+
+    failed_in: str | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
 def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = ()) -> TracedGraph:
     """Trace ``model`` in the given mode; the model's own mode is restored afterwards.
 
@@ -42,14 +56,14 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     else about the model changes.
     """
     leaves, functions = _timm_notrace()
-    tracer = NodePathTracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions)
+    tracer = _Tracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions)
     was_training = model.training
     model.train(training)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
-        where = tracer.current_module_qualname or "the top-level forward"
-        module = model.get_submodule(tracer.current_module_qualname) if tracer.current_module_qualname else model
+        where = tracer.failed_in or "the top-level forward"
+        module = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: in '{where}' ({type(module).__name__}): "
