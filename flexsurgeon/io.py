@@ -159,8 +159,13 @@ def load(directory):
     plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
     model = build_from_plan(plan)
     load_weights(model, directory / WEIGHTS_NAME)
-    model.pretrained_cfg = model.default_cfg = dict(config.get("pretrained_cfg") or {})
+    model.pretrained_cfg = model.default_cfg = _as_tuples(config.get("pretrained_cfg") or {})
     return model
+
+
+def _as_tuples(cfg: dict) -> dict:
+    """JSON gives lists; timm's own configs hold tuples (input_size, mean, std)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
 def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, **kwargs):
@@ -180,7 +185,7 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, *
         if not location:
             raise CheckpointError("pretrained=True needs a checkpoint folder: use 'local-dir:DIR'")
         load_weights(model, Path(location) / WEIGHTS_NAME)
-    model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_cfg = model.default_cfg = _as_tuples(cfg)
     return model
 
 

@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from flexsurgeon.cli import main
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_help_answers_without_importing_torch_or_timm():
+    code = ("import sys; from flexsurgeon.cli import main; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'heavy import at --help'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "flexsurgeon", "--help"], capture_output=True, text=True, check=True)
+    assert "convert" in out.stdout and "inspect" in out.stdout
+
+
+def test_convert_random_init_writes_a_loadable_folder(tmp_path):
+    out = tmp_path / "m"
+    code, output = _run("convert", "resnet18", "--random-init", "--img-size", "64", "--num-classes", "5",
+                        "-o", str(out))
+    assert code == 0, output
+    assert "SAC heads: layer2.1.act2, layer3.1.act2" in output
+    import flexsurgeon
+
+    assert flexsurgeon.load(out).num_classes == 5
+
+
+def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    code, output = _run("convert", "resnet18", "--random-init", "--img-size", "64", "-o", str(out))
+    assert code == 1 and "already exists; pass --force" in output
+    code, output = _run("convert", "resnet18", "--random-init", "--img-size", "64", "-o", str(out), "--force")
+    assert code == 0 and (out / "model.safetensors").is_file()
+
+
+def test_pretrained_without_network_is_one_line_naming_the_alternatives(tmp_path):
+    out = tmp_path / "m"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"), HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-m", "flexsurgeon", "convert", "resnet18", "--img-size", "64",
+                             "-o", str(out)], capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--weights FILE" in errors[0] and "--random-init" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["convert", "resnet5O", "--random-init", "-o", "{tmp}/x"], "unknown model 'resnet5O'; did you mean resnet50"),
+    (["convert", "tv:resnt18", "--random-init", "-o", "{tmp}/x"], "did you mean tv:resnet18"),
+    (["convert", "resnet18", "--random-init", "--img-size", "0", "-o", "{tmp}/x"], "is not a size"),
+    (["convert", "resnet18", "--random-init", "--img-size", "abc", "-o", "{tmp}/x"], "is not a size"),
+    (["convert", "resnet18", "--random-init", "--img-size", "64", "--sac-weights", "0.5,0.2,0.7",
+      "-o", "{tmp}/x"], "must increase with depth"),
+    (["convert", "resnet18", "--random-init", "--img-size", "64", "--sac-stages", "layr3", "-o", "{tmp}/x"],
+     "did you mean"),
+    (["convert", "resnet18", "--random-init", "--img-size", "64", "--pool", "max", "-o", "{tmp}/x"],
+     "'max' is not one of"),
+    (["convert", "resnet18", "--random-init", "--img-size", "32", "-o", "{tmp}/x"], "already 1x1"),
+    (["convert", "inception_v3", "--random-init", "--img-size", "16", "-o", "{tmp}/x"], "too small"),
+    (["convert", "resnet18", "--weights", "{tmp}/missing.pth", "--img-size", "64", "-o", "{tmp}/x"],
+     "weights file not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, output = _run(*args)
+    assert code != 0
+    assert message in output, output
+    assert "Traceback" not in output
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_prints_pools_stages_and_the_plan():
+    code, output = _run("inspect", "efficientnet_b0", "--img-size", "64")
+    assert code == 0, output
+    assert "global_pool_pool" in output and "head" in output and "gating" in output
+    assert "attach a SAC head at add_1 (blocks.2.1.add)" in output
+
+
+def test_inspect_json_is_machine_readable():
+    code, output = _run("inspect", "resnet18", "--img-size", "64", "--json")
+    assert code == 0
+    data = json.loads(output)
+    assert [s["reduction"] for s in data["stages"]] == [2, 4, 8, 16, 32]
+    assert data["plan"]["sac_weights"] == [0.1, 0.2, 0.7]
+
+
+def test_inspect_explains_a_refusal_with_nonzero_exit():
+    code, output = _run("inspect", "vit_tiny_patch16_224")
+    assert code == 1 and "refuse: no global average pool over a spatial map" in output

@@ -1,0 +1,133 @@
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import flexsurgeon
+from flexsurgeon.errors import CheckpointError, WeightsError
+from flexsurgeon.models import build_source, parse_source, read_state_dict
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = flexsurgeon.convert("resnet18", img_size=64, num_classes=7).eval()
+    with torch.no_grad():  # trained-looking FlexPool weights, so a load that drops them would show
+        for p in model.flex_pools.parameters():
+            p.normal_()
+    directory = tmp_path_factory.mktemp("ckpt") / "resnet18-flex"
+    flexsurgeon.save(model, directory)
+    return model, directory
+
+
+def test_folder_holds_timm_style_config_and_safetensors_with_the_plan(saved):
+    model, directory = saved
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architecture"] == "flexsurgeon" and config["num_classes"] == 7
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert config["model_args"]["plan"] == model.flexsurgeon_plan.to_dict() | {"img_size": [64, 64]} or \
+        json.loads(json.dumps(model.flexsurgeon_plan.to_dict())) == config["model_args"]["plan"]
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["flexsurgeon_plan"]) == json.loads(model.flexsurgeon_plan.to_json())
+
+
+def test_load_gives_the_same_outputs(saved, x64):
+    model, directory = saved
+    loaded = flexsurgeon.load(directory).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))
+        assert [h.shape for h in loaded.forward_train(x64)[1]] == [(2, 7), (2, 7)]
+
+
+def test_timm_local_dir_loads_the_converted_model(saved, x64):
+    model, directory = saved
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    assert type(loaded).__name__ == "FlexSurgeonModel"
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))
+    assert timm.data.resolve_data_config(model=loaded)["input_size"] == (3, 64, 64)
+
+
+def test_torchvision_model_round_trips(tmp_path, x64):
+    model = flexsurgeon.convert("tv:resnet18", img_size=64, num_classes=3).eval()
+    flexsurgeon.save(model, tmp_path / "tv")
+    loaded = flexsurgeon.load(tmp_path / "tv").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))
+
+
+def test_existing_folder_is_refused_without_force(saved, tmp_path):
+    model, _ = saved
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+        flexsurgeon.save(model, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    flexsurgeon.save(model, target, force=True)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_a_failing_write_leaves_no_folder(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    import flexsurgeon.io as fio
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_model", broken)
+    with pytest.raises((CheckpointError, OSError)):
+        fio.save(model, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"architecture": "resnet50"}'), "not 'flexsurgeon'"),
+    (lambda d: (d / "model.safetensors").unlink(), "weights file not found"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "cannot load"),
+])
+def test_broken_folders_are_refused_clearly(saved, tmp_path, damage, message):
+    import shutil
+
+    _, directory = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    damage(copy)
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=message):
+        flexsurgeon.load(copy)
+
+
+def test_weights_file_loads_a_source_state_dict(tmp_path, x64):
+    source = timm.create_model("resnet18", num_classes=4).eval()
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    converted = flexsurgeon.convert("resnet18", img_size=64, num_classes=4, weights=tmp_path / "resnet18.pth").eval()
+    with torch.no_grad():
+        assert (converted(x64) - source(x64)).abs().max() <= 1e-5
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_pickle_with_a_payload_is_refused_and_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"conv1.weight": _Payload()}, handle)
+    with pytest.raises(WeightsError, match="weights-only"):
+        read_state_dict(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_source(parse_source("resnet18"), tmp_path / "w.pth")
