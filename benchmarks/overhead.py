@@ -124,9 +124,11 @@ def main() -> None:
         else:
             dyn.cache_size_limit = 64
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, float32, rounds={args.rounds}, block={args.block_ms} ms, "
-          f"load average at start {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads, float32, rounds={args.rounds}, block={args.block_ms} ms, "
+        f"load average at start {os.getloadavg()[0]:.2f}\n"
+    )
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print("WARNING: the machine is busy; timings will be noisy\n")
     head = "| shape | layout | mean (us) | FlexPool (us) | eager ratio |"
@@ -141,8 +143,10 @@ def main() -> None:
     for shape in SHAPES:
         for channels_last in (False, True):
             r = _case(shape, channels_last, args)
-            row = (f"| {tuple(shape)} | {'channels_last' if channels_last else 'NCHW'} | {r['mean'] * 1e6:.1f} | "
-                   f"{r['flex'] * 1e6:.1f} | {r['ratio']:.2f} |")
+            row = (
+                f"| {tuple(shape)} | {'channels_last' if channels_last else 'NCHW'} | {r['mean'] * 1e6:.1f} | "
+                f"{r['flex'] * 1e6:.1f} | {r['ratio']:.2f} |"
+            )
             if args.compile:
                 row += f" {r['mean_c'] * 1e6:.1f} | {r['flex_c'] * 1e6:.1f} | {r['ratio_c']:.2f} |"
             row += f" {r['fb_mean'] * 1e6:.0f} | {r['fb_flex'] * 1e6:.0f} | {r['fb_ratio']:.2f} |"

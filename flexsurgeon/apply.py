@@ -10,6 +10,7 @@ three graphs: eval, train (both return what the source returned) and train-with-
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
@@ -52,13 +53,16 @@ class FlexSurgeonModel(nn.Module):
                 setattr(self, name, copy.deepcopy(getattr(source, name)))
         self.flexsurgeon_plan = plan
         self.source_class = type(source).__name__
+        # state_dict() records the root's version in its metadata; carrying the source's lets
+        # the original-name tensors load back into the source class (torchvision's MNASNet
+        # refuses a state dict without its version).
+        self._version = getattr(source, "_version", self._version)
         # fx's tracer may store constant tensors on the source; the generated code reads them
         for graph in graphs.values():
             for node in graph.nodes:
                 if node.op == "get_attr" and "." not in node.target and not hasattr(self, node.target):
                     object.__setattr__(self, node.target, getattr(source, node.target))
-        # Generated forward functions, kept outside nn.Module's registries (they are code, not state).
-        self.__dict__["_forwards"] = {mode: type(fx.GraphModule(self, graph)).forward for mode, graph in graphs.items()}
+        _install_forwards(self, graphs)
 
     @property
     def sac_weights(self) -> tuple[float, ...]:
@@ -68,8 +72,11 @@ class FlexSurgeonModel(nn.Module):
         return self._forwards["train" if self.training else "eval"](self, x)
 
     def forward_train(self, x):
-        """Main output and the SAC heads' logits, ``(output, [head_1, ..., head_k])``."""
-        return self._forwards["sac"](self, x)
+        """Main output and the SAC heads' logits, ``(output, [head_1, ..., head_k])``.
+
+        Follows the module's mode like ``forward`` (in eval mode it gives the heads' eval logits).
+        """
+        return self._forwards["sac_train" if self.training else "sac_eval"](self, x)
 
     def regularizer(self) -> torch.Tensor:
         """The linear FlexPool penalty summed over all pools and heads (zero for softmax)."""
@@ -77,8 +84,60 @@ class FlexSurgeonModel(nn.Module):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def new_parameter_names(self) -> list[str]:
-        """Parameters surgery added (FlexPool weights, SAC heads): what a freeze schedule trains first."""
+        """Parameters surgery added (FlexPool weights, SAC heads)."""
         return [f"{child}.{name}" for child in _NEW_CHILDREN for name, _ in getattr(self, child).named_parameters()]
+
+    def head_parameter_names(self) -> list[str]:
+        """The new parameters and the classifier's: what a freeze schedule trains first.
+
+        The classifier is the module timm's ``pretrained_cfg['classifier']`` names, or else
+        the last Linear / Conv2d with ``num_classes`` outputs (torchvision).
+        """
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        names = cfg.get("classifier") if isinstance(cfg, dict) else None
+        names = [names] if isinstance(names, str) else list(names or [])
+        names = [n for n in names if _has_module(self, n)]
+        if not names:
+            outputs = self.flexsurgeon_plan.num_classes
+            layers = [n for n, m in self.named_modules() if not n.startswith(_NEW_CHILDREN)
+                      and isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.shape[0] == outputs]
+            names = layers[-1:]
+        own = [f"{n}.{p}" for n in names for p, _ in self.get_submodule(n).named_parameters()]
+        return self.new_parameter_names() + own
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _install_forwards(model: FlexSurgeonModel, graphs: dict[str, fx.Graph]) -> None:
+    """Generate forward code for the eval/train graphs and their SAC variants.
+
+    The functions live outside nn.Module's registries (they are code, not state); the
+    graphs without heads are kept so a model can be rebuilt without its SAC heads.
+    """
+    plan = model.flexsurgeon_plan
+    every = {**graphs, "sac_eval": _with_sac(graphs["eval"], plan), "sac_train": _with_sac(graphs["train"], plan)}
+    model.__dict__["_graphs"] = graphs
+    model.__dict__["_forwards"] = {mode: type(fx.GraphModule(model, g)).forward for mode, g in every.items()}
+
+
+def without_sac_heads(model: FlexSurgeonModel) -> FlexSurgeonModel:
+    """The same model, sharing its parameters, with no SAC heads and a plan that has none.
+
+    For inference and for checkpoints that drop the training-only heads.
+    """
+    stripped = copy.copy(model)
+    stripped.__dict__["_modules"] = {**model._modules, "sac_heads": nn.ModuleDict()}
+    for registry in ("_parameters", "_buffers"):
+        stripped.__dict__[registry] = dict(getattr(model, registry))
+    stripped.__dict__["flexsurgeon_plan"] = dataclasses.replace(model.flexsurgeon_plan, sac=(), sac_weights=(1.0,))
+    _install_forwards(stripped, model._graphs)
+    return stripped
 
 
 def _key(node_name: str) -> str:
@@ -146,7 +205,6 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
         traced = trace_model(model, training=training)
         _rewrite_pools(traced.graph, plan, mode)
         graphs[mode] = traced.graph
-    graphs["sac"] = _with_sac(graphs["train"], plan)
     converted = FlexSurgeonModel(model, plan, flex_pools, sac_heads, graphs)
     converted.train(model.training)
     return converted

@@ -156,6 +156,61 @@ def inspect(model, as_json, **params):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("source")
+@click.option("--data", "data_spec", required=True, metavar="PATH",
+              help="An image folder (train/ + val/, or class folders split by --val-split), a folder of IDX "
+                   "files (Fashion-MNIST), synthetic[:k=v,...], or a timm dataset name.")
+@click.option("--recipe", default="quick", show_default=True, metavar="NAME|FILE",
+              help="A shipped recipe (smoke, quick, paper, probe) or a YAML file.")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Run folder [default: runs/NAME].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Recipe override.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Recipe override.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recipe override.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Recipe override [recipe default: auto].")
+@click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
+@click.option("--seed", type=int, help="Recipe override.")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), help="Recipe override.")
+@click.option("--img-size", type=click.IntRange(min=8), help="Recipe override (when SOURCE is a model name).")
+@click.option("--pool", type=click.Choice(["softmax", "linear"]), help="Recipe override (when converting).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Recipe override (when converting).")
+@click.option("--sac-weights", callback=_weights, metavar="LIST",
+              help="Recipe override: loss weights, heads then main.")
+@click.option("--keep-sac/--drop-sac", default=None,
+              help="Keep SAC heads in best/ (last/ always keeps them) [recipe default: drop].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
+@click.option("--sac-stages", callback=_stages, metavar="LIST", help="SAC taps when converting a model name.")
+@click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Input channels when converting a timm model name.")
+@click.option("--replace-gating", is_flag=True, help="Also replace gating pools when converting.")
+@click.option("--pretrained", "weights", flag_value="pretrained", default=True,
+              help="Converting a name: start from pretrained weights [default].")
+@click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
+              help="Converting a name: a local state dict.")
+@click.option("--random-init", "weights", flag_value="random", help="Converting a name: random weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last/ checkpoint.")
+@_friendly_errors
+def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
+             resume, **overrides):
+    """Fine-tune SOURCE (a folder written by convert, or a model name to convert first)."""
+    from pathlib import Path
+
+    from .recipe import load_recipe, parse_override, with_overrides
+    from .train import run
+
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "sac_weights" in changes:
+        changes["sac_weights"] = list(changes["sac_weights"])
+    changes.update(parse_override(s) for s in sets)
+    resolved = with_overrides(load_recipe(recipe), changes)
+    output = output or str(Path("runs") / Path(source.replace(":", "_")).name)
+    result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
+                 weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
+                 replace_gating=replace_gating, log=click.echo)
+    click.echo(f"done: best val top-1 {result.best_top1:.2f} at epoch {result.best_epoch}; "
+               f"checkpoints in {result.output}/best and {result.output}/last")
+
+
 def _report(model: str, found) -> str:
     a = found.analysis
     lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]

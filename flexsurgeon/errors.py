@@ -32,3 +32,15 @@ class PlanError(FlexSurgeonError):
 
 class CheckpointError(FlexSurgeonError):
     """A checkpoint folder is missing, incomplete or inconsistent."""
+
+
+class RecipeError(FlexSurgeonError):
+    """A recipe file or override has an unknown key, a wrong type or an impossible value."""
+
+
+class TrainingError(FlexSurgeonError):
+    """Fine-tuning cannot start or had to stop (a NaN loss, classes that do not match)."""
+
+
+class DataError(FlexSurgeonError):
+    """A --data spec, folder or data file is missing, empty, malformed or inconsistent."""

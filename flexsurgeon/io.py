@@ -78,8 +78,12 @@ def _write_atomic_dir(directory: Path, write, force: bool) -> Path:
     return directory
 
 
-def save(model, directory, force: bool = False) -> Path:
-    """Write ``model`` (a converted model) as DIR/config.json + DIR/model.safetensors."""
+def save(model, directory, force: bool = False, extra_files=None) -> Path:
+    """Write ``model`` (a converted model) as DIR/config.json + DIR/model.safetensors.
+
+    ``extra_files`` maps file names to functions that write them into the temporary folder,
+    so they land atomically with the model (the trainer's optimizer and RNG state).
+    """
     from safetensors.torch import save_model
 
     plan = getattr(model, "flexsurgeon_plan", None)
@@ -100,6 +104,8 @@ def save(model, directory, force: bool = False) -> Path:
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(text + "\n")
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", PLAN_METADATA_KEY: plan.to_json()})
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
 
     return _write_atomic_dir(Path(directory), write, force)
 

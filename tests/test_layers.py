@@ -99,8 +99,8 @@ def test_softmax_resampling_follows_bilinear_logits():
     pool = FlexPool(5, (4, 6)).eval()
     _perturb(pool)
     x = _input((2, 5, 8, 12))
-    logits = nn.functional.interpolate(pool.weight.detach()[None], size=(8, 12), mode="bilinear",
-                                       align_corners=False)[0]
+    resample = nn.functional.interpolate
+    logits = resample(pool.weight.detach()[None], size=(8, 12), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(pool(x), _reference(x, logits, "softmax"), rtol=1e-5, atol=1e-6)
 
 
