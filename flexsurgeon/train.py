@@ -91,6 +91,7 @@ class _Tally:
     top1: torch.Tensor = None
     top5: torch.Tensor = None
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    per_rank: list | None = None
 
     def __post_init__(self):
         n = len(self.heads)
@@ -115,6 +116,10 @@ class _Tally:
             return
         import torch.distributed as tdist
 
+        local = torch.stack([self.top1[-1], self.count])
+        gathered = [torch.zeros_like(local) for _ in range(dist.world)]
+        tdist.all_gather(gathered, local)  # kept in the log, so the reduction can be checked
+        self.per_rank = [{"main_top1_hits": int(g[0].item()), "count": int(g[1].item())} for g in gathered]
         packed = torch.cat([self.loss, self.top1, self.top5, self.count.view(1)])
         tdist.all_reduce(packed)
         n = len(self.heads)
@@ -123,7 +128,8 @@ class _Tally:
 
     def summary(self) -> dict:
         count = max(self.count.item(), 1.0)
-        return {
+        per_rank = {"per_rank": self.per_rank} if self.per_rank else {}
+        return {**per_rank,
             "loss": {h: self.loss[i].item() / count for i, h in enumerate(self.heads)},
             "top1": {h: 100.0 * self.top1[i].item() / count for i, h in enumerate(self.heads)},
             "top5": {h: 100.0 * self.top5[i].item() / count for i, h in enumerate(self.heads)},

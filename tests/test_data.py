@@ -1,0 +1,375 @@
+import gzip
+import io
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+from flexsurgeon.data import load_data, make_loader, parse_synthetic
+from flexsurgeon.errors import DataError, FlexSurgeonError
+
+CFG = dict(input_size=(3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+           interpolation="bilinear", crop_pct=1.0, crop_mode="center")
+RAW = dict(CFG, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # tensors hold pixel values in [0, 1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+def _stack(dataset):
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def test_synthetic_is_deterministic_per_seed():
+    a = load_data("synthetic:classes=4,train=16,val=8", data_config=CFG)
+    b = load_data("synthetic:classes=4,train=16,val=8", data_config=CFG)
+    other = load_data("synthetic:classes=4,train=16,val=8,seed=1", data_config=CFG)
+    assert torch.equal(_stack(a.val)[0], _stack(b.val)[0])
+    torch.manual_seed(3)
+    train_a = _stack(a.train)[0]
+    torch.manual_seed(3)
+    assert torch.equal(train_a, _stack(b.train)[0])
+    assert not torch.allclose(_stack(a.val)[0], _stack(other.val)[0])
+    assert not torch.allclose(a.train[0][0], a.val[0][0])  # splits are generated apart
+
+
+def test_synthetic_train_flip_follows_hflip():
+    flipping = load_data("synthetic:train=4", data_config=CFG)
+    still = load_data("synthetic:train=4", data_config=CFG, train_transform_kwargs={"hflip": 0.0})
+    draws = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        draws.append((flipping.train[0][0], still.train[0][0]))
+    assert any(torch.equal(a.flip(-1), draws[0][0]) for a, _ in draws[1:])
+    assert all(torch.equal(b, draws[0][1]) for _, b in draws)
+
+
+def test_synthetic_sizes_classes_and_channels():
+    bundle = load_data("synthetic:classes=4,train=24,val=12,size=20", data_config=CFG, in_chans=1)
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (24, 12, 4)
+    assert bundle.class_names == ["0", "1", "2", "3"] and "24 train / 12 val" in bundle.description
+    x, y = bundle.train[5]
+    assert x.shape == (1, 20, 20) and x.dtype == torch.float32 and y == 1
+    assert sorted(_stack(bundle.val)[1].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert load_data("synthetic:", data_config=CFG, in_chans=4).val[0][0].shape == (4, 32, 32)
+    defaults = load_data("synthetic:", data_config=CFG)
+    assert (len(defaults.train), len(defaults.val), defaults.num_classes) == (2000, 500, 10)
+
+
+def test_synthetic_is_normalised_with_the_data_config():
+    raw = _stack(load_data("synthetic:val=40", data_config=RAW).val)[0]
+    normed = _stack(load_data("synthetic:val=40", data_config=CFG).val)[0]
+    mean, std = torch.tensor(CFG["mean"]).view(1, 3, 1, 1), torch.tensor(CFG["std"]).view(1, 3, 1, 1)
+    assert raw.min() >= 0 and raw.max() <= 1
+    torch.testing.assert_close(normed, (raw - mean) / std)
+
+
+def _nearest_class_mean(train_x, train_y, val_x, val_y):
+    means = torch.stack([train_x[train_y == c].mean(0) for c in range(int(train_y.max()) + 1)])
+    return (torch.cdist(val_x, means).argmin(1) == val_y).float().mean().item()
+
+
+def test_synthetic_classes_are_separable_by_texture_not_by_mean_colour():
+    bundle = load_data("synthetic:classes=4,train=160,val=80", data_config=CFG)
+    torch.manual_seed(0)
+    (tx, ty), (vx, vy) = _stack(bundle.train), _stack(bundle.val)
+    spectrum = _nearest_class_mean(torch.fft.fft2(tx).abs().flatten(1), ty, torch.fft.fft2(vx).abs().flatten(1), vy)
+    colour = _nearest_class_mean(tx.mean((2, 3)), ty, vx.mean((2, 3)), vy)
+    assert spectrum > 0.7, spectrum  # chance is 0.25
+    assert colour < 0.45, colour
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("synthetic:clases=4", ["'clases'", "classes, train, val, seed"]),
+    ("synthetic:train=many", ["train", "'many'", "integer"]),
+    ("synthetic:classes=1", ["classes=1", "at least 2"]),
+    ("synthetic:classes=500", ["at most 60"]),
+])
+def test_synthetic_spec_errors(spec, words):
+    with pytest.raises(DataError) as e:
+        load_data(spec, data_config=CFG)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert isinstance(e.value, FlexSurgeonError)
+
+
+def test_parse_synthetic_fills_defaults():
+    assert parse_synthetic("synthetic:") == {"classes": 10, "train": 2000, "val": 500, "seed": 0, "size": None}
+    assert parse_synthetic("synthetic:classes=4, train=256,val=64,size=32,seed=7") == \
+        {"classes": 4, "train": 256, "val": 64, "seed": 7, "size": 32}
+
+
+# ------------------------------------------------------------------------------------------- IDX
+
+def _idx(array: np.ndarray) -> bytes:
+    return struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + \
+        array.astype(np.uint8).tobytes()
+
+
+def _write_idx(folder: Path, prefix: str, images, labels, gz: bool):
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, dims, array in (("images", 3, images), ("labels", 1, labels)):
+        path = folder / f"{prefix}-{kind}-idx{dims}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(_idx(array)) if gz else _idx(array))
+
+
+def _tiny_idx(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = np.repeat((labels * 100 + 20)[:, None, None], 8, axis=1).repeat(8, axis=2)  # constant per class
+    return images.astype(np.uint8) + rng.integers(0, 2, images.shape, dtype=np.uint8), labels
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_folder_loads_and_expands_gray(tmp_path, gz):
+    images, labels = _tiny_idx()
+    _write_idx(tmp_path, "train", images, labels, gz)
+    _write_idx(tmp_path, "t10k", images[:6], labels[:6], gz)
+    bundle = load_data(str(tmp_path), data_config=RAW)
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (12, 6, 3)
+    assert bundle.class_names == ["0", "1", "2"] and "t10k" in bundle.description
+    x, y = bundle.val[2]
+    assert x.shape == (3, 32, 32) and y == 2
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert abs(x.mean().item() - 220 / 255) < 0.01
+    assert load_data(str(tmp_path), data_config=RAW, in_chans=1).train[0][0].shape == (1, 32, 32)
+
+
+def test_idx_val_is_carved_from_train_without_t10k_or_when_asked(tmp_path):
+    images, labels = _tiny_idx(n=30)
+    _write_idx(tmp_path, "train", images, labels, gz=True)
+    bundle = load_data(str(tmp_path), data_config=RAW, val_split=0.2, seed=1)
+    assert (len(bundle.train), len(bundle.val)) == (24, 6)
+    assert sorted(int(bundle.val[i][1]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
+    _write_idx(tmp_path, "t10k", images[:9], labels[:9], gz=True)
+    assert len(load_data(str(tmp_path), data_config=RAW).val) == 9
+    assert len(load_data(str(tmp_path), data_config=RAW, val_split=0.2, idx_val_from_train=True).val) == 6
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: b"\x08\x03" + b[2:], "magic"),
+    (lambda b: b[:-5], "truncated"),
+    (lambda b: b"", "magic"),
+])
+def test_corrupt_idx_is_a_data_error(tmp_path, damage, words):
+    images, labels = _tiny_idx()
+    _write_idx(tmp_path, "train", images, labels, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=words) as e:
+        load_data(str(tmp_path), data_config=RAW)
+    assert str(path) in str(e.value)
+
+
+def test_idx_label_count_mismatch(tmp_path):
+    images, labels = _tiny_idx()
+    _write_idx(tmp_path, "train", images, labels[:-1], gz=False)
+    with pytest.raises(DataError, match="12 images but .* 11 labels"):
+        load_data(str(tmp_path), data_config=RAW)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_package():
+    bundle = load_data(str(FASHION), data_config=CFG)
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (60000, 10000, 10)
+    x, y = bundle.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+
+
+# ------------------------------------------------------------------------------------------- image folders
+
+def _png(path: Path, value=(10, 200, 30), mode="RGB", size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+
+
+def _folder(root: Path, classes=("cat", "dog"), n=5, ext=".png"):
+    for c, name in enumerate(classes):
+        for i in range(n):
+            _png(root / name / f"{i}{ext}", value=(40 * c + i, 100, 200))
+    return root
+
+
+def test_train_val_folders(tmp_path):
+    _folder(tmp_path / "train", n=4)
+    _folder(tmp_path / "val", n=2, ext=".jpg")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    bundle = load_data(str(tmp_path), data_config=CFG)
+    assert (len(bundle.train), len(bundle.val), bundle.class_names) == (8, 4, ["cat", "dog"])
+    assert "8 train / 4 val images, 2 classes" in bundle.description
+    x, y = bundle.val[3]
+    assert x.shape == (3, 32, 32) and y == 1
+    assert bundle.train[0][0].shape == (3, 32, 32)
+
+
+def test_class_folders_split_stratified_and_seeded(tmp_path):
+    _folder(tmp_path, classes=("a", "b", "c"), n=10)
+    bundle = load_data(str(tmp_path), data_config=CFG, val_split=0.2, seed=0)
+    again = load_data(str(tmp_path), data_config=CFG, val_split=0.2, seed=0)
+    other = load_data(str(tmp_path), data_config=CFG, val_split=0.2, seed=1)
+    assert (len(bundle.train), len(bundle.val)) == (24, 6)
+    assert sorted(label for _, label in bundle.val.samples) == [0, 0, 1, 1, 2, 2]
+    assert not set(bundle.train.samples) & set(bundle.val.samples)
+    assert bundle.val.samples == again.val.samples and bundle.val.samples != other.val.samples
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda r: (_folder(r / "train", ("a", "b", "c")), _folder(r / "val", ("a", "b", "d"))),
+     ["only in train: c", "only in val: d", "{r}/train"]),
+    (lambda r: r.mkdir(exist_ok=True), ["{r}", "empty"]),
+    (lambda r: (_folder(r, ("a",)), (r / "b").mkdir()), ["{r}/b", "no images"]),
+    (lambda r: _folder(r / "train"), ["{r}", "no val/"]),
+    (lambda r: _png(r / "loose.png"), ["{r}", "no class folders"]),
+    (lambda r: _folder(r, ("only",)), ["{r}", "at least two"]),
+])
+def test_folder_layout_errors_name_the_folder(tmp_path, make, words):
+    root = tmp_path / "data"
+    root.mkdir()
+    make(root)
+    with pytest.raises(DataError) as e:
+        load_data(str(root), data_config=CFG)
+    message = str(e.value)
+    assert "\n" not in message
+    assert all(w.format(r=root) in message for w in words), message
+
+
+def test_missing_path_and_file_errors(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}/nope: no such file or folder.*synthetic:"):
+        load_data(str(tmp_path / "nope"), data_config=CFG)
+    _png(tmp_path / "x.png")
+    with pytest.raises(DataError, match="is a file"):
+        load_data(str(tmp_path / "x.png"), data_config=CFG)
+    with pytest.raises(DataError, match="split"):
+        load_data(str(_folder(tmp_path / "flat")), data_config=CFG, val_split=0)
+
+
+def _truncated_jpeg(path: Path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:300])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    _folder(tmp_path / "train", n=3)
+    _folder(tmp_path / "val", n=1)
+    _truncated_jpeg(tmp_path / "train" / "cat" / "broken.jpg")
+    (tmp_path / "train" / "dog" / "garbage.png").write_bytes(b"this is not a png at all")
+    bundle = load_data(str(tmp_path), data_config=CFG)
+    assert len(bundle.train) == 8 and bundle.skipped == 0  # nothing is opened at scan time
+    for _ in range(2):  # a bad file is counted once, however often it is asked for
+        items = [bundle.train[i] for i in range(len(bundle.train))]
+    assert all(x.shape == (3, 32, 32) and torch.isfinite(x).all() for x, _ in items)
+    assert bundle.skipped == 2
+    assert "broken.jpg" in caplog.text and "garbage.png" in caplog.text
+
+
+def test_skip_count_crosses_worker_processes(tmp_path):
+    _folder(tmp_path / "train", n=3)
+    _folder(tmp_path / "val", n=1)
+    (tmp_path / "train" / "dog" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    bundle = load_data(str(tmp_path), data_config=CFG)
+    loader = make_loader(bundle.train, batch_size=3, train=True, seed=0, num_workers=1)
+    worker_batches = [(x, y) for x, y in loader]
+    assert bundle.skipped == 1
+    in_process = list(make_loader(bundle.train, batch_size=3, train=True, seed=0, num_workers=0))
+    for (a, ya), (b, yb) in zip(worker_batches, in_process, strict=True):  # the same batches either way
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_gray_rgba_and_16bit_images_convert(tmp_path):
+    root = tmp_path / "data"
+    _png(root / "val" / "gray" / "g.png", value=128, mode="L")
+    _png(root / "val" / "rgba" / "clear.png", value=(0, 0, 0, 0), mode="RGBA")
+    (root / "val" / "deep").mkdir()
+    Image.fromarray(np.full((10, 12), 13107, dtype=np.uint16)).save(root / "val" / "deep" / "d.png")  # 0.2 of 65535
+    assert Image.open(root / "val" / "deep" / "d.png").mode.startswith("I")
+    for name in ("gray", "rgba", "deep"):
+        _png(root / "train" / name / "t.png")
+    bundle = load_data(str(root), data_config=RAW)
+    images = {bundle.class_names[y]: x for x, y in (bundle.val[i] for i in range(len(bundle.val)))}
+    assert bundle.skipped == 0 and all(x.shape == (3, 32, 32) for x in images.values())
+    torch.testing.assert_close(images["gray"], torch.full((3, 32, 32), 128 / 255))
+    torch.testing.assert_close(images["rgba"], torch.ones(3, 32, 32))  # transparent -> white background
+    torch.testing.assert_close(images["deep"], torch.full((3, 32, 32), 51 / 255))  # scaled, not clipped to 1.0
+    one = load_data(str(root), data_config=RAW, in_chans=1)
+    assert one.val[2][0].shape == (1, 32, 32) and one.train[0][0].shape == (1, 32, 32)
+    torch.testing.assert_close(one.val[0][0], torch.full((1, 32, 32), 51 / 255))
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+def _order(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_make_loader_is_deterministic_per_seed_and_epoch(tmp_path):
+    _folder(tmp_path, classes=("a", "b"), n=8)
+    bundle = load_data(str(tmp_path), data_config=CFG, val_split=0.25)
+    args = dict(batch_size=4, train=True, seed=5)
+    torch.manual_seed(0)
+    first = _order(make_loader(bundle.train, epoch=2, **args))
+    state = torch.get_rng_state()
+    torch.manual_seed(123)  # the caller's RNG state must not matter...
+    random.seed(9)
+    second = _order(make_loader(bundle.train, epoch=2, **args))
+    torch.manual_seed(0)
+    _order(make_loader(bundle.train, epoch=2, **args))
+    assert torch.equal(state, torch.get_rng_state())  # ...and is left as it was
+    assert len(first) == 3  # 12 images, drop_last for training
+    for (a, ya), (b, yb) in zip(first, second, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    third = _order(make_loader(bundle.train, epoch=3, **args))
+    indices = [[i for i, _ in make_loader(bundle.train, epoch=e, **args).sampler] for e in (2, 2, 3)]
+    assert indices[0] == indices[1] != indices[2] and sorted(indices[2]) == list(range(12))
+    assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(first, third))
+    loader = make_loader(bundle.train, epoch=0, **args)
+    loader.sampler.set_epoch(2)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, _order(loader)))
+
+
+def test_make_loader_val_is_sequential_and_keeps_the_last_batch():
+    bundle = load_data("synthetic:classes=3,train=10,val=7", data_config=CFG)
+    labels = torch.cat([y for _, y in make_loader(bundle.val, batch_size=3, train=False, seed=0)])
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert len(make_loader(bundle.train, batch_size=64, train=True, seed=0)) == 1  # never drops every batch
+
+
+def test_make_loader_distributed_shards_the_data():
+    bundle = load_data("synthetic:classes=3,train=12,val=6", data_config=CFG)
+    seen = []
+    for rank in range(2):
+        loader = make_loader(bundle.train, batch_size=2, train=True, seed=0, epoch=1, distributed=True,
+                             num_replicas=2, rank=rank)
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.epoch == 1
+        seen.append([int(i) for i, _ in loader.sampler])
+    assert len(seen[0]) == len(seen[1]) == 6 and sorted(seen[0] + seen[1]) == list(range(12))
+
+
+# ------------------------------------------------------------------------------------------- timm passthrough
+
+def test_timm_passthrough_torchvision_name(tmp_path):
+    images, labels = _tiny_idx(n=10)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    _write_idx(raw, "train", images, labels, gz=False)
+    _write_idx(raw, "t10k", images[:4], labels[:4], gz=False)
+    bundle = load_data(f"torch/fashion_mnist:{tmp_path}", data_config=CFG)
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (10, 4, 10)
+    x, y = bundle.train[1]
+    assert x.shape == (3, 32, 32) and y == 1
+
+
+@pytest.mark.parametrize("spec", ["torch/no_such_set", "hfds/someone/no-such-set"])
+def test_timm_passthrough_failure_is_a_data_error(tmp_path, spec):
+    with pytest.raises(DataError) as e:
+        load_data(f"{spec}:{tmp_path}", data_config=CFG)
+    assert spec in str(e.value) and "synthetic:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_spec():
+    with pytest.raises(DataError, match="empty"):
+        load_data("  ", data_config=CFG)

@@ -1,0 +1,179 @@
+"""Fine-tuning end to end on CPU with synthetic data: checkpoints, logs, determinism,
+resume after SIGKILL, freeze schedule, NaN stop, and 2-process DDP on gloo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+import flexsurgeon
+from flexsurgeon.cli import main
+from flexsurgeon.data import load_data
+from flexsurgeon.recipe import load_recipe
+from flexsurgeon.train import finetune
+
+DATA = "synthetic:classes=4,train=96,val=64"
+VOLATILE = {"seconds", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("convert") / "resnet18"
+    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), directory)
+    return directory
+
+
+def _finetune(*args):
+    result = CliRunner().invoke(main, ["finetune", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _stable(record):
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
+def test_smoke_run_writes_checkpoints_and_a_log_and_best_loads_in_timm(converted, tmp_path):
+    run = tmp_path / "run"
+    out = _finetune(converted, "--data", DATA, "--recipe", "smoke", "-o", run, "--batch-size", "32")
+    assert "done: best val top-1" in out
+    records = _log(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["frozen_backbone"] and not records[1]["frozen_backbone"]
+    heads = ["sac:layer2.1.act2", "sac:layer3.1.act2", "main"]
+    for split in ("train", "val"):
+        assert list(records[-1][split]["top1"]) == heads and list(records[-1][split]["loss"]) == heads
+    assert records[-1]["val"]["count"] == 64 and records[-1]["images_per_s"] > 0
+    assert "batch_size: 32" in (run / "recipe.yaml").read_text()
+    # best/ drops the SAC heads by default, last/ keeps them for training
+    best = timm.create_model(f"local-dir:{run / 'best'}", pretrained=True)
+    assert len(best.sac_heads) == 0 and best.flexsurgeon_plan.sac == ()
+    assert len(flexsurgeon.load(run / "last").sac_heads) == 2
+    assert best(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
+    for name in ("a", "b"):
+        _finetune(converted, "--data", DATA, "--recipe", "smoke", "-o", tmp_path / name, "--batch-size", "32")
+    assert [_stable(r) for r in _log(tmp_path / "a")] == [_stable(r) for r in _log(tmp_path / "b")]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_result(converted, tmp_path):
+    args = ["--data", "synthetic:classes=4,train=256,val=64", "--recipe", "smoke", "--epochs", "3",
+            "--batch-size", "16", "--set", "ema=true", "--set", "sched=onecycle"]
+    reference = tmp_path / "reference"
+    _finetune(converted, *args, "-o", reference)
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flexsurgeon", "finetune", str(converted), *args, "-o", str(run)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "last" / "training_state.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run / "last" / "training_state.json").exists(), "the run never finished an epoch"
+    epochs_done = len(_log(run))
+    assert epochs_done < 3, "the run finished before it could be killed"
+    flexsurgeon.load(run / "last")  # what a kill leaves behind is a complete checkpoint
+
+    _finetune(converted, *args, "-o", run, "--resume")
+    assert [_stable(r) for r in _log(run)] == [_stable(r) for r in _log(reference)]
+
+
+def test_freeze_phase_trains_only_the_new_layers_and_the_classifier(converted, tmp_path):
+    model = flexsurgeon.load(converted)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = load_recipe("smoke").replace(epochs=1, freeze_epochs=1, batch_size=32)
+    data = load_data(DATA, data_config=timm.data.resolve_data_config(model=model))
+    finetune(model, data, recipe, tmp_path / "run", progress=False, log=lambda *a: None)
+    heads = set(model.head_parameter_names())
+    assert "fc.weight" in heads
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in heads), name
+
+
+class _PoisonAfter(torch.utils.data.Dataset):
+    """Returns NaN images once ``limit`` items have been read: the loss goes NaN in epoch 2."""
+
+    def __init__(self, dataset, limit):
+        self.dataset, self.limit, self.reads = dataset, limit, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        x, y = self.dataset[index]
+        return (torch.full_like(x, float("nan")) if self.reads > self.limit else x), y
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(converted, tmp_path):
+    model = flexsurgeon.load(converted)
+    data = load_data(DATA, data_config=timm.data.resolve_data_config(model=model))
+    data.train = _PoisonAfter(data.train, limit=len(data.train))
+    recipe = load_recipe("smoke").replace(epochs=3, batch_size=32)
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"loss became nan at epoch 2.*last good checkpoint"):
+        finetune(model, data, recipe, tmp_path / "run", progress=False, log=lambda *a: None)
+    state = json.loads((tmp_path / "run" / "last" / "training_state.json").read_text())
+    assert state["epoch"] == 1
+    flexsurgeon.load(tmp_path / "run" / "last")
+
+
+def test_a_model_name_is_converted_first(tmp_path):
+    run = tmp_path / "run"
+    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "smoke",
+              "--epochs", "1", "-o", run)
+    assert flexsurgeon.load(run / "last").num_classes == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sac-weights", "0.5,0.2,0.7"], "must increase with depth"),
+    (["--set", "epochz=1"], "unknown recipe field 'epochz'"),
+    (["--set", "lr=-1"], "'lr' = -1.0 must be positive"),
+    (["--recipe", "nonesuch"], "recipe 'nonesuch' not found"),
+    (["--data", "synthetic:classes=6"], "the model has 4 classes but the data has 6; convert with --num-classes 6"),
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_finetune_input_is_one_line(converted, tmp_path, args, message):
+    base = {"--data": DATA, "--recipe": "smoke"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base.pop(flag, None)
+    flat = [x for kv in base.items() for x in kv]
+    result = CliRunner().invoke(main, ["finetune", str(converted), *flat, *args, "-o", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r" / "last").exists()
+
+
+def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(converted, tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "flexsurgeon", "finetune", str(converted), "--data", DATA, "--recipe", "smoke",
+           "--batch-size", "16", "--device", "cpu", "-o", str(run)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "log.jsonl", "recipe.yaml"]
+    records = _log(run)
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["world_size"] == 2
+    val = records[-1]["val"]
+    assert len(val["per_rank"]) == 2
+    assert sum(r["count"] for r in val["per_rank"]) == val["count"] == 64
+    hits = sum(r["main_top1_hits"] for r in val["per_rank"])
+    assert val["top1"]["main"] == pytest.approx(100.0 * hits / val["count"])
+    flexsurgeon.load(run / "last")
