@@ -150,7 +150,7 @@ def test_a_model_name_is_converted_first(tmp_path):
 ])
 def test_bad_finetune_input_is_one_line(converted, tmp_path, args, message):
     base = {"--data": DATA, "--recipe": "smoke"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag in args[::2]:
         base.pop(flag, None)
     flat = [x for kv in base.items() for x in kv]
     result = CliRunner().invoke(main, ["finetune", str(converted), *flat, *args, "-o", str(tmp_path / "r")])
