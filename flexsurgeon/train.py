@@ -151,10 +151,11 @@ def _loss_weights(model, recipe: Recipe) -> list[float]:
     return weights
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, dist: _Dist | None = None,
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist: _Dist | None = None,
              autocast: bool = False) -> dict:
     """Top-1 / top-5 accuracy and cross-entropy of the main classifier and every SAC head."""
     dist = dist or _Dist()
+    device = torch.device(device)
     heads = head_names(model)
     tally = _Tally(heads)
     was_training = model.training
