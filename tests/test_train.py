@@ -177,3 +177,13 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
     hits = sum(r["main_top1_hits"] for r in val["per_rank"])
     assert val["top1"]["main"] == pytest.approx(100.0 * hits / val["count"])
     flexsurgeon.load(run / "last")
+
+
+def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
+    run = tmp_path / "paper"
+    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "paper",
+              "--epochs", "1", "--batch-size", "32", "--workers", "0", "--set", "mixup=0.2", "-o", run)
+    plan = flexsurgeon.load(run / "last").flexsurgeon_plan
+    assert plan.pool_mode == "linear" and plan.dropout == 0.25 and plan.sac_weights == (0.1, 0.2, 0.7)
+    record = _log(run)[0]
+    assert record["val"]["count"] == 64 and all(v == v for v in record["train"]["loss"].values())  # no NaN
