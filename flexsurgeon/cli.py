@@ -90,6 +90,21 @@ def _surgery_options(command):
     return command
 
 
+def _weight_options(command):
+    """Where the source model's weights come from: ``weights`` is "pretrained" or "random",
+    ``weights_file`` a local state dict that takes precedence."""
+    options = [
+        click.option("--pretrained", "weights", flag_value="pretrained", default=True,
+                     help="Start from the library's pretrained weights (needs network) [default]."),
+        click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
+                     help="Start from a local state dict (.safetensors, or .pth/.bin read with weights_only=True)."),
+        click.option("--random-init", "weights", flag_value="random", help="Start from random weights."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _surgery_kwargs(params: dict) -> dict:
     return {
         "img_size": params["img_size"], "in_chans": params["in_chans"], "num_classes": params["num_classes"],
@@ -110,11 +125,7 @@ def main(debug: bool) -> None:
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Folder to write config.json and model.safetensors to.")
 @_surgery_options
-@click.option("--pretrained", "weights", flag_value="pretrained", default=True,
-              help="Start from the library's pretrained weights (needs network) [default].")
-@click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
-              help="Start from a local state dict (.safetensors, or .pth/.bin read with weights_only=True).")
-@click.option("--random-init", "weights", flag_value="random", help="Start from random weights.")
+@_weight_options
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_friendly_errors
 def convert(model, output, weights, weights_file, force, **params):
@@ -183,11 +194,7 @@ def inspect(model, as_json, **params):
 @click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
               help="Input channels when converting a timm model name.")
 @click.option("--replace-gating", is_flag=True, help="Also replace gating pools when converting.")
-@click.option("--pretrained", "weights", flag_value="pretrained", default=True,
-              help="Converting a name: start from pretrained weights [default].")
-@click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
-              help="Converting a name: a local state dict.")
-@click.option("--random-init", "weights", flag_value="random", help="Converting a name: random weights.")
+@_weight_options
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last/ checkpoint.")
 @_friendly_errors
 def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
