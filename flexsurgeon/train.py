@@ -10,10 +10,11 @@ written atomically; the training state is safetensors plus JSON, never a pickle,
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .recipe import Recipe
 LAST, BEST = "last", "best"
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 LOG_NAME, RECIPE_NAME = "log.jsonl", "recipe.yaml"
+_SYNC_EVERY = 10  # on CUDA, steps between reads of the loss (NaN check, progress bar)
 
 
 @dataclass
@@ -82,59 +84,52 @@ class _TrainForward(nn.Module):
         return self.model.forward_train(x)
 
 
-@dataclass
 class _Tally:
-    """Per-head sums for one epoch: loss, top-1 / top-5 hits, and the sample count."""
+    """Per-head sums for one epoch: loss, top-1 / top-5 hits and the sample count.
 
-    heads: list[str]
-    loss: torch.Tensor = None
-    top1: torch.Tensor = None
-    top5: torch.Tensor = None
-    count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    per_rank: list | None = None
+    Sums stay on the device, so adding a batch does not wait for the GPU; ``summary``
+    reads them back.
+    """
 
-    def __post_init__(self):
-        n = len(self.heads)
-        self.loss = torch.zeros(n, dtype=torch.float64)
-        self.top1 = torch.zeros(n, dtype=torch.float64)
-        self.top5 = torch.zeros(n, dtype=torch.float64)
+    def __init__(self, heads: list[str], device: torch.device | str = "cpu"):
+        self.heads = heads
+        n = len(heads)
+        self.sums = torch.zeros(3 * n + 1, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        self.per_rank: list | None = None
 
     def add(self, outputs: list[torch.Tensor], losses: list[torch.Tensor], target: torch.Tensor) -> None:
-        batch = target.shape[0]
+        n, batch = len(self.heads), target.shape[0]
         for i, (out, loss) in enumerate(zip(outputs, losses)):
-            out = out.detach().float()
-            k = min(5, out.shape[1])
-            top = out.topk(k, dim=1).indices
+            top = out.detach().topk(min(5, out.shape[1]), dim=1).indices
             hits = top.eq(target.view(-1, 1))
-            self.top1[i] += hits[:, 0].sum().item()
-            self.top5[i] += hits.any(dim=1).sum().item()
-            self.loss[i] += loss.detach().float().item() * batch
-        self.count += batch
+            self.sums[i] += loss.detach().double() * batch
+            self.sums[n + i] += hits[:, 0].sum()
+            self.sums[2 * n + i] += hits.any(dim=1).sum()
+        self.sums[-1] += batch
 
     def reduce(self, dist: _Dist) -> None:
         if not dist.enabled:
             return
         import torch.distributed as tdist
 
-        local = torch.stack([self.top1[-1], self.count])
+        n = len(self.heads)
+        local = torch.stack([self.sums[2 * n - 1], self.sums[-1]])  # main top-1 hits, count
         gathered = [torch.zeros_like(local) for _ in range(dist.world)]
         tdist.all_gather(gathered, local)  # kept in the log, so the reduction can be checked
         self.per_rank = [{"main_top1_hits": int(g[0].item()), "count": int(g[1].item())} for g in gathered]
-        packed = torch.cat([self.loss, self.top1, self.top5, self.count.view(1)])
-        tdist.all_reduce(packed)
-        n = len(self.heads)
-        self.loss, self.top1, self.top5 = packed[:n], packed[n:2 * n], packed[2 * n:3 * n]
-        self.count = packed[-1]
+        tdist.all_reduce(self.sums)
 
     def summary(self) -> dict:
-        count = max(self.count.item(), 1.0)
-        per_rank = {"per_rank": self.per_rank} if self.per_rank else {}
-        return {**per_rank,
-            "loss": {h: self.loss[i].item() / count for i, h in enumerate(self.heads)},
-            "top1": {h: 100.0 * self.top1[i].item() / count for i, h in enumerate(self.heads)},
-            "top5": {h: 100.0 * self.top5[i].item() / count for i, h in enumerate(self.heads)},
-            "count": int(self.count.item()),
-        }
+        sums = self.sums.tolist()
+        n, count = len(self.heads), max(sums[-1], 1.0)
+        result = {"per_rank": self.per_rank} if self.per_rank else {}
+        result.update({
+            "loss": {h: sums[i] / count for i, h in enumerate(self.heads)},
+            "top1": {h: 100.0 * sums[n + i] / count for i, h in enumerate(self.heads)},
+            "top5": {h: 100.0 * sums[2 * n + i] / count for i, h in enumerate(self.heads)},
+            "count": int(sums[-1]),
+        })
+        return result
 
 
 def head_names(model) -> list[str]:
@@ -157,7 +152,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     dist = dist or _Dist()
     device = torch.device(device)
     heads = head_names(model)
-    tally = _Tally(heads)
+    tally = _Tally(heads, device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -172,10 +167,10 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     return tally.summary()
 
 
-def _to_device(x, y, device):
+def _to_device(x, y, device, channels_last: bool = False):
     non_blocking = device.type == "cuda"
     x = x.to(device, non_blocking=non_blocking)
-    if device.type == "cuda":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=non_blocking)
 
@@ -401,13 +396,13 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     for epoch in range(start_epoch, recipe.epochs):
         frozen = recipe.freeze_backbone or epoch < recipe.freeze_epochs
         model.train()
-        tally = _Tally(heads)
+        tally = _Tally(heads, device)
         train_loader = loader(data.train, epoch)
         started, seen = time.perf_counter(), 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}{' (head only)' if frozen else ''}",
                    disable=not (progress and dist.main), leave=False, dynamic_ncols=True)
         for x, y in bar:
-            x, y = _to_device(x, y, device)
+            x, y = _to_device(x, y, device, cuda and recipe.channels_last)
             target = y
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -419,10 +414,6 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                 loss = sum(w * part for w, part in zip(weights, losses))
                 if model.flexsurgeon_plan.pool_mode == "linear" and recipe.reg_weight > 0:
                     loss = loss + recipe.reg_weight * model.regularizer()
-                if not torch.isfinite(loss):
-                    kept = f"; the last good checkpoint is {output / LAST}" if (output / LAST).exists() else ""
-                    raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                        f"stopping (try a lower --lr){kept}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             except torch.cuda.OutOfMemoryError as exc:
@@ -440,9 +431,13 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                 ema.update(model, step=step)
             tally.add(outputs, losses, y)
             seen += x.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{tally.summary()['top1']['main']:.1f}",
-                            img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            # Reading the loss waits for the GPU, so it happens every few steps, not every step.
+            if not cuda or step % _SYNC_EVERY == 0:
+                _check_finite(loss, epoch, step, output)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{tally.summary()['top1']['main']:.1f}",
+                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
+        _check_finite(loss, epoch, step, output)
         seconds = time.perf_counter() - started
         tally.reduce(dist)
         train = tally.summary()
@@ -481,6 +476,14 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=best_top1, best_epoch=best_epoch,
                           last=last_record)
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, output: Path) -> None:
+    value = loss.item()
+    if not math.isfinite(value):
+        kept = f"; the last good checkpoint is {output / LAST}" if (output / LAST).exists() else ""
+        raise TrainingError(f"the loss became {value} at epoch {epoch + 1}, step {step}; "
+                            f"stopping (try a lower --lr){kept}")
 
 
 def _data_config_for(model: nn.Module) -> dict:
