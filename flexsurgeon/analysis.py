@@ -268,6 +268,20 @@ def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict,
     return ""
 
 
+def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> _PoolFinder:
+    """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
+    finder = _PoolFinder(gm)
+    was_training = model.training
+    model.eval()
+    sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            finder.run(sample)
+    finally:
+        model.train(was_training)
+    return finder
+
+
 def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             traced: TracedGraph | None = None) -> Analysis:
     """Trace ``model`` in eval mode and find its pools and stages at ``img_size``.
@@ -276,25 +290,30 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     """
     traced = traced or trace_model(model, training=False)
     gm = fx.GraphModule(model, traced.graph)
-    finder = _PoolFinder(gm)
-    was_training = model.training
-    model.eval()
-    sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
+    # A global pool pools the whole map at every input size, while a local window (a 3x3,
+    # stride-2 pool in an Inception reduction block) can cover all of a small map and look
+    # global. So pools are also found at twice the size, and only those seen at both count.
+    # Models that run at one size only skip this. This run comes first: the run at img_size
+    # then writes the shapes analysis reports.
     try:
-        with torch.no_grad():
-            finder.run(sample)
+        larger = set(_propagate(gm, model, (2 * img_size[0], 2 * img_size[1]), in_chans).candidates)
+    except Exception:  # "not at this size"; the run at img_size reports real errors
+        larger = None
+    try:
+        finder = _propagate(gm, model, img_size, in_chans)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AnalysisError(
             f"the model fails on a {in_chans}x{img_size[0]}x{img_size[1]} input ({message}); "
             "the input size may be too small for this network: try a larger --img-size"
         ) from exc
-    finally:
-        model.train(was_training)
 
     nodes = {n.name: n for n in traced.graph.nodes}
+    candidates = finder.candidates
+    if larger is not None:  # a window that happens to cover a small map is no global pool
+        candidates = {k: v for k, v in candidates.items() if k in larger}
     pools = []
-    for name, (source, kind, keepdim) in finder.candidates.items():
+    for name, (source, kind, keepdim) in candidates.items():
         shape = node_shape(nodes[source])
         pools.append(PoolSite(
             node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,

@@ -242,7 +242,8 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
         h, w = analysis.img_size
         raise AnalysisError(
             f"no global average pool over a spatial map found at input size {h}x{w}: the model pools "
-            "tokens or its last feature map is already 1x1 (try a larger --img-size)")
+            "tokens, flattens its feature map into linear layers, pools a channels-last map (not "
+            "supported yet), or its last feature map is already 1x1 (then try a larger --img-size)")
     taps = _resolve_taps(analysis, sac_stages)
     weights = tuple(sac_weights) if sac_weights is not None else default_sac_weights(len(taps))
     return SurgeryPlan(

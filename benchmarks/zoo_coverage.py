@@ -1,0 +1,497 @@
+"""Zoo coverage: try flexsurgeon on every timm CNN and torchvision classifier, write a table.
+
+Each model is built at random init (no network) and converted at a small input size
+chosen from its config (a 2x2 final map where the network allows it, larger sizes when
+the small one is refused for its size). The outcome is one of:
+
+- ``preserved``: converted; the eval output equals the source's (1e-5 of the output's
+  scale, float32) and FlexPool's weights get a gradient from the output (the new pool is
+  on the output's path);
+- ``refused``: flexsurgeon raised a ``FlexSurgeonError``; its one-line message is the reason;
+- ``timm-untraceable``: our trace failed and timm's own ``get_graph_node_names`` fails too;
+- ``wrong``: converted but the output differs or the pool is dead, flexsurgeon raised an
+  exception that is not a ``FlexSurgeonError`` (a bug of ours), or our trace failed
+  where timm's succeeds;
+- ``skipped``: too large (``--max-params``), timed out, does not build, or its random-init
+  output is not finite (nothing to compare); ``not-walked``: excluded by the filter.
+
+By default timm models are walked when timm's config declares a ``pool_size`` (a spatial
+final feature map); the others (mostly transformers that pool tokens) are listed as
+not walked, and ``--all`` walks them too.
+
+    python benchmarks/zoo_coverage.py --quick           # one model per timm module / torchvision family
+    python benchmarks/zoo_coverage.py --budget-min 60   # the whole zoo, stopping after an hour
+    python benchmarks/zoo_coverage.py --filter 'resnet*' --filter 'tv:*'
+
+Results stream to a JSON-lines file (``--records``); ``--resume`` skips models already
+in it, so a long walk can be continued. The table is written to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import fnmatch
+import json
+import math
+import os
+import platform
+import re
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import flexsurgeon  # noqa: E402
+from flexsurgeon.errors import AnalysisError, FlexSurgeonError, TraceError  # noqa: E402
+from flexsurgeon.io import ARCHITECTURE  # noqa: E402
+from flexsurgeon.models import build_source, parse_source  # noqa: E402
+from flexsurgeon.surgery import PRESERVATION_TOLERANCE  # noqa: E402
+
+NUM_CLASSES = 5
+HERE = Path(__file__).resolve().parent
+OUTCOMES = ("preserved", "refused", "timm-untraceable", "wrong", "skipped", "not-walked")
+# Refusals that a larger input may cure; anything else is final at the first size.
+_SIZE_PROBLEMS = ("no global average pool", "fails on a", "is not an average", "not a spatial")
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    def fire(signum, frame):
+        raise _Timeout(f"timed out after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+# ---------------------------------------------------------------- which models, at which sizes
+
+
+def _timm_cfg(name: str):
+    from timm.models import get_pretrained_cfg
+
+    return get_pretrained_cfg(name)
+
+
+def _timm_module(name: str) -> str:
+    from timm.models._registry import _model_to_module
+
+    return _model_to_module.get(name, "?")
+
+
+def _tv_family(name: str) -> str:
+    return re.match(r"[a-z]+(?:_v\d)?", name).group(0)
+
+
+def _round_to(value: float, step: int) -> int:
+    return max(step, int(math.ceil(value / step)) * step)
+
+
+def _ladder(native: tuple[int, int], stride: int, minimum: int, fixed: bool) -> list[tuple[int, int]]:
+    """Input sizes to try, smallest first: a 2x2 final map, 4x4, the native size, 1.3x native."""
+    if fixed:
+        return [native]
+    h, w = native
+    sizes = []
+    for side in (2 * stride, 4 * stride):
+        side = max(side, minimum)
+        if side < max(h, w):
+            sizes.append((side, _round_to(side * w / h, 2)) if h != w else (side, side))
+    sizes.append(native)
+    sizes.append((_round_to(h * 1.3, stride), _round_to(w * 1.3, stride)))
+    return list(dict.fromkeys(sizes))
+
+
+def _timm_sizes(name: str) -> list[tuple[int, int]]:
+    cfg = _timm_cfg(name)
+    native = tuple(cfg.input_size[1:]) if cfg is not None and cfg.input_size else (224, 224)
+    pool = getattr(cfg, "pool_size", None) if cfg is not None else None
+    stride = max(1, round(native[0] / pool[0])) if pool and pool[0] else 32
+    minimum = max(getattr(cfg, "min_input_size", None) or (0, 0, 0))
+    return _ladder(native, stride, minimum, bool(getattr(cfg, "fixed_input_size", False)))
+
+
+def _tv_sizes(name: str) -> list[tuple[int, int]]:
+    import torchvision
+
+    native, minimum = (224, 224), 1
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        minimum = max(weights.meta.get("min_size", (1, 1)))
+        crop = weights.transforms().crop_size
+        native = (int(crop[0]), int(crop[-1]))
+    except Exception:  # noqa: BLE001 - no weights enum: keep the defaults
+        pass
+    fixed = name.startswith("vit_")  # torchvision's ViTs assert their image size
+    return _ladder(native, 32, minimum, fixed)
+
+
+def _smallest(names: list[str], shortlist: int = 4) -> str:
+    """A small member of a timm module: of the few shortest names at the smallest input size
+    (timm's own ``test_*`` models aside), the one with the fewest parameters."""
+    real = [n for n in names if not n.startswith("test_")] or names
+
+    def cheap_key(n):
+        cfg = _timm_cfg(n)
+        return (max(cfg.input_size[1:]) if cfg is not None else 224, len(n), n)
+
+    short = sorted(real, key=cheap_key)[:shortlist]
+    counts = {n: _param_count_m(parse_source(n, num_classes=NUM_CLASSES)) for n in short}
+    return min(short, key=lambda n: (math.inf if counts[n] is None else counts[n], cheap_key(n)))
+
+
+def _tv_params(name: str) -> int:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+    except Exception:  # noqa: BLE001 - no weights enum
+        return 0
+
+
+def list_candidates(args) -> tuple[list[str], dict[str, str]]:
+    """(models to walk, {model: reason} for models listed but not walked)."""
+    import timm
+    import torchvision
+
+    walk, not_walked = [], {}
+    if not args.no_timm:
+        by_module = collections.defaultdict(list)
+        for name in timm.list_models():
+            if name == ARCHITECTURE:  # our own checkpoint architecture, registered in timm
+                continue
+            cfg = _timm_cfg(name)
+            if not args.all and (cfg is None or not getattr(cfg, "pool_size", None)):
+                not_walked[name] = ("timm's config declares no pool_size (mostly transformers that pool tokens); "
+                                    "--all walks it")
+                continue
+            by_module[_timm_module(name)].append(name)
+        if args.quick:
+            walk += [_smallest(names) for _, names in sorted(by_module.items())]
+        else:  # round robin over modules, so a walk cut short still covers every family
+            queues = [collections.deque(names) for _, names in sorted(by_module.items())]
+            while any(queues):
+                for q in queues:
+                    if q:
+                        walk.append(q.popleft())
+    if not args.no_torchvision:
+        tv = sorted(torchvision.models.list_models(module=torchvision.models))
+        if args.quick:
+            families = collections.defaultdict(list)
+            for name in tv:
+                families[_tv_family(name)].append(name)
+            tv = [min(names, key=lambda n: (_tv_params(n), n)) for _, names in sorted(families.items())]
+        walk = [f"tv:{n}" for n in tv] + walk
+    if args.filter:
+        def keep(n):
+            return any(fnmatch.fnmatch(n, p) for p in args.filter)
+        walk = [n for n in walk if keep(n)]
+        not_walked = {n: r for n, r in not_walked.items() if keep(n)}
+    args.truncated = bool(args.limit) and len(walk) > args.limit
+    if args.limit:
+        walk = walk[:args.limit]
+    return walk, not_walked
+
+
+# ---------------------------------------------------------------- one model
+
+
+def _param_count_m(spec) -> float | None:
+    """Millions of parameters, counted on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_source(spec, "random")
+        return sum(p.numel() for p in model.parameters()) / 1e6
+    except Exception:  # noqa: BLE001 - some builders need real tensors; count after building
+        return None
+
+
+def _timm_traces(model) -> tuple[bool, str]:
+    from timm.models import get_graph_node_names
+
+    try:
+        get_graph_node_names(model)
+        return True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure means timm cannot trace it either
+        return False, _first_line(exc)
+
+
+def _eval(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _verify(source, converted, size) -> str | None:
+    """None when the conversion is right; else why it is wrong."""
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    expected, got = _eval(source, x), _eval(converted, x)
+    if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return f"outputs are {type(expected).__name__} / {type(got).__name__}, not tensors"
+    if expected.shape != got.shape:
+        return f"output shape {tuple(got.shape)} != source's {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item())
+    diff = (got - expected).abs().max().item()
+    if not diff <= PRESERVATION_TOLERANCE * scale:
+        return f"eval output differs from the source's by {diff:.3g} (scale {scale:.3g})"
+    converted.zero_grad(set_to_none=True)
+    converted(x).float().square().sum().backward()
+    # None: autograd never reached the weight. (A zero gradient is reachable: a random-init
+    # LeViT's last map is constant over positions, where every weighting gives the same mean.)
+    dead = [n for n, p in converted.flex_pools.named_parameters() if p.grad is None]
+    converted.zero_grad(set_to_none=True)
+    if dead:
+        return f"FlexPool {dead[0]} gets no gradient from the output"
+    return None
+
+
+def check_model(label: str, args) -> dict:
+    start = time.time()
+    library = "torchvision" if label.startswith("tv:") else "timm"
+    record = {"model": label, "source": library,
+              "family": _tv_family(label[3:]) if library == "torchvision" else _timm_module(label),
+              "outcome": None, "reason": "", "img": None, "pool": None, "params_m": None}
+
+    def done(outcome, reason=""):
+        record.update(outcome=outcome, reason=reason, seconds=round(time.time() - start, 1))
+        return record
+
+    spec = parse_source(label, num_classes=NUM_CLASSES)
+    params = _param_count_m(spec)
+    if params is not None and params > args.max_params:
+        record["params_m"] = round(params, 1)
+        return done("skipped", f"{params:.0f}M parameters > --max-params {args.max_params:g}M")
+    try:
+        with _time_limit(args.timeout):
+            torch.manual_seed(0)
+            try:
+                source = build_source(spec, "random")
+            except FlexSurgeonError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the library's own builder failed
+                return done("skipped", f"does not build: {_first_line(exc)}")
+            params = sum(p.numel() for p in source.parameters()) / 1e6
+            record["params_m"] = round(params, 1)
+            if params > args.max_params:
+                return done("skipped", f"{params:.0f}M parameters > --max-params {args.max_params:g}M")
+            sizes = _tv_sizes(label[3:]) if library == "torchvision" else _timm_sizes(label)
+            native = sizes[-2] if len(sizes) > 1 else sizes[0]
+            refusals = {}
+            for size in sizes:
+                record["img"] = f"{size[0]}x{size[1]}"
+                try:
+                    converted = flexsurgeon.convert(source, img_size=size, num_classes=NUM_CLASSES)
+                except TraceError as exc:
+                    if library == "timm":
+                        traces, why = _timm_traces(source)
+                        if not traces:
+                            return done("timm-untraceable", why)
+                        return done("wrong", f"timm traces it but flexsurgeon does not: {_first_line(exc)}")
+                    return done("refused", _first_line(exc))
+                except AnalysisError as exc:
+                    message = _first_line(exc)
+                    if message.startswith("the converted model's output differs"):
+                        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+                        if not torch.isfinite(_eval(source, x)).all():
+                            return done("skipped", "the source's random-init output is not finite")
+                        return done("wrong", message)
+                    refusals[size] = message
+                    if not any(p in message for p in _SIZE_PROBLEMS):
+                        break
+                    continue
+                except FlexSurgeonError as exc:
+                    return done("refused", _first_line(exc))
+                problem = _verify(source, converted, size)
+                plan = converted.flexsurgeon_plan
+                record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
+                if problem:
+                    return done("wrong", problem)
+                if args.roundtrip:
+                    problem = _round_trip(label, size, source)
+                    if problem:
+                        return done("wrong", problem)
+                return done("preserved", "")
+            size = native if native in refusals else list(refusals)[-1]
+            record["img"] = f"{size[0]}x{size[1]}"
+            tried = ", ".join(f"{s[0]}" for s in refusals)
+            return done("refused", f"{refusals[size]} [tried {tried}]")
+    except _Timeout as exc:
+        return done("skipped", str(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else is a flexsurgeon bug
+        return done("wrong", f"unexpected {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _round_trip(label, size, source) -> str | None:
+    """Convert by name, save, load: the loaded model's output must equal the saved one's."""
+    converted = flexsurgeon.convert(label, img_size=size, num_classes=NUM_CLASSES, weights="random")
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = flexsurgeon.load(flexsurgeon.save(converted, Path(tmp) / "ckpt"))
+    expected, got = _eval(converted, x), _eval(loaded, x)
+    if not torch.allclose(got, expected, rtol=0, atol=PRESERVATION_TOLERANCE * max(1.0, expected.abs().max().item())):
+        return "the loaded checkpoint's output differs from the saved model's"
+    return None
+
+
+# ---------------------------------------------------------------- report
+
+
+def _versions() -> str:
+    import timm
+    import torchvision
+
+    return (f"torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, "
+            f"flexsurgeon {flexsurgeon.__version__}, Python {platform.python_version()}, "
+            f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} threads")
+
+
+def _reason_key(reason: str) -> str:
+    """A refusal reason with model-specific names and numbers taken out, to count kinds of reasons."""
+    key = re.sub(r"'[^']*'", "'…'", reason)
+    key = re.sub(r"\[tried [^\]]*\]", "", key)
+    key = re.sub(r"(?<![\w.])(?!1x1\b)\d+(\.\d+)?(e[-+]?\d+)?(x\d+)?", "N", key)
+    key = re.sub(r"torch\.fx cannot trace \w+", "torch.fx cannot trace X", key)
+    key = re.sub(r"\(\w+\)", "(…)", key)
+    return key.strip()[:160]
+
+
+def summarize(records: list[dict]) -> dict:
+    counts = {src: collections.Counter(r["outcome"] for r in records if r["source"] == src)
+              for src in ("timm", "torchvision")}
+    reasons = collections.Counter((r["outcome"], _reason_key(r["reason"])) for r in records
+                                  if r["outcome"] in ("refused", "wrong", "timm-untraceable", "skipped"))
+    return {"counts": counts, "reasons": reasons}
+
+
+def write_table(records: list[dict], not_walked: dict[str, str], path: Path, command: str,
+                complete: bool) -> None:
+    walked = {r["model"] for r in records}
+    rows = records + [{"model": n, "source": "timm", "family": _timm_module(n), "outcome": "not-walked",
+                       "reason": why, "img": None, "pool": None, "params_m": None, "seconds": None}
+                      for n, why in not_walked.items() if n not in walked]
+    summary = summarize(rows)
+    lines = [
+        "# Zoo coverage",
+        "",
+        f"Generated by `{command}` on {datetime.date.today().isoformat()} "
+        f"({sum(r.get('seconds') or 0 for r in records) / 60:.0f} min of per-model time; {_versions()}).",
+        "" if complete else "**Partial walk**: the time budget or `--limit` stopped it before every model was tried.",
+        "",
+        "Every model is built at random init, converted at a small input size (the first of a 2x2 final map, "
+        "4x4, the native size and 1.3x native that flexsurgeon accepts), and checked: eval output equal to the "
+        f"source's (max abs diff <= {PRESERVATION_TOLERANCE:g} x max(1, output scale)) and FlexPool on the "
+        "output's path. See `benchmarks/zoo_coverage.py` for the outcomes.",
+        "",
+        "| source | " + " | ".join(OUTCOMES) + " | total |",
+        "|---|" + "---|" * (len(OUTCOMES) + 1),
+    ]
+    for src, counter in summary["counts"].items():
+        if counter:
+            lines.append(f"| {src} | " + " | ".join(str(counter.get(o, 0)) for o in OUTCOMES)
+                         + f" | {sum(counter.values())} |")
+    lines += ["", "## Reasons, by kind", "", "| outcome | models | reason (names and numbers elided) |",
+              "|---|---|---|"]
+    for (outcome, reason), n in summary["reasons"].most_common():
+        lines.append(f"| {outcome} | {n} | {_md(reason)} |")
+    lines += ["", "## Models", "", "| model | family | outcome | input | FlexPool | params (M) | s | reason |",
+              "|---|---|---|---|---|---|---|---|"]
+    order = {o: i for i, o in enumerate(OUTCOMES)}
+    for r in sorted(rows, key=lambda r: (r["source"] != "timm", order[r["outcome"]] == order["not-walked"],
+                                         r["family"], r["model"])):
+        lines.append(f"| {r['model']} | {r['family']} | {r['outcome']} | {r['img'] or ''} | {r['pool'] or ''} "
+                     f"| {'' if r['params_m'] is None else r['params_m']} | "
+                     f"{'' if r.get('seconds') is None else r['seconds']} | {_md(r['reason'])} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _md(text: str) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one model per timm module and torchvision family")
+    parser.add_argument("--all", action="store_true", help="also walk timm models without a pool_size")
+    parser.add_argument("--filter", action="append", default=[], help="fnmatch pattern(s) on model names "
+                        "(torchvision ones are named tv:NAME); repeatable")
+    parser.add_argument("--limit", type=int, default=0, help="walk at most this many models")
+    parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--max-params", type=float, default=300.0, help="skip models above this many million params")
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
+    parser.add_argument("--budget-min", type=float, default=0, help="stop starting models after this many minutes")
+    parser.add_argument("--roundtrip", action="store_true", help="also save, load and compare each preserved model")
+    parser.add_argument("--records", type=Path, default=None, help="JSON-lines results file (default: a temp file)")
+    parser.add_argument("--resume", action="store_true", help="skip models already in --records")
+    parser.add_argument("--out", type=Path, default=HERE / "zoo_coverage.md")
+    parser.add_argument("--report-only", action="store_true", help="write the table from --records, walk nothing")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        args.resume, args.budget_min, args.limit = True, -1, 0
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    command = "python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    walk, not_walked = list_candidates(args)
+    records_path = args.records or Path(tempfile.mkstemp(prefix="zoo_coverage_", suffix=".jsonl")[1])
+    records = []
+    if args.resume and records_path.exists():
+        records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["model"] in set(walk)]
+    done = {r["model"] for r in records}
+    todo = [n for n in walk if n not in done]
+    print(f"{len(walk)} models to walk ({len(done)} already in {records_path}), {len(not_walked)} not walked",
+          flush=True)
+    start = time.time()
+    complete = True
+    with open(records_path, "a" if args.resume else "w") as sink:
+        for i, label in enumerate(todo):
+            if args.budget_min and time.time() - start > max(0, args.budget_min) * 60:
+                complete = False
+                print(f"time budget of {args.budget_min:g} min spent after {i} of {len(todo)} models", flush=True)
+                break
+            record = check_model(label, args)
+            records.append(record)
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            print(f"[{len(records)}/{len(walk)}] {label}: {record['outcome']} {record['img'] or ''} "
+                  f"{record['seconds']}s {record['reason']}", flush=True)
+    write_table(records, not_walked, args.out, command, complete and not args.truncated)
+    summary = summarize(records)
+    print(f"\nwrote {args.out} (records: {records_path})")
+    for src, counter in summary["counts"].items():
+        if counter:
+            print(f"{src}: " + ", ".join(f"{o} {counter.get(o, 0)}" for o in OUTCOMES[:-1])
+                  + f" (walked {sum(counter.values())})")
+    print(f"not walked: {len(not_walked)}")
+    for (outcome, reason), n in summary["reasons"].most_common(12):
+        print(f"  {n:4d} {outcome}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
