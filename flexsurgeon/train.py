@@ -348,11 +348,12 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                                     momentum=recipe.momentum)
     ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema else None
 
-    def loader(split, epoch):
+    def loader(split, epoch):  # built once; set_epoch moves it (and its persistent workers) on
         return make_loader(split, batch_size=recipe.batch_size, train=split is data.train, seed=recipe.seed,
                            epoch=epoch, num_workers=recipe.workers, distributed=dist.enabled, pin_memory=cuda)
 
-    steps_per_epoch = len(loader(data.train, 0))
+    train_loader, val_loader = loader(data.train, 0), loader(data.val, 0)
+    steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"the training set ({len(data.train)} images) is smaller than one batch "
                             f"of {recipe.batch_size}; lower --batch-size")
@@ -397,7 +398,8 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         frozen = recipe.freeze_backbone or epoch < recipe.freeze_epochs
         model.train()
         tally = _Tally(heads, device)
-        train_loader = loader(data.train, epoch)
+        if hasattr(train_loader.sampler, "set_epoch"):  # not for streaming (iterable) data sets
+            train_loader.sampler.set_epoch(epoch)
         started, seen = time.perf_counter(), 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}{' (head only)' if frozen else ''}",
                    disable=not (progress and dist.main), leave=False, dynamic_ncols=True)
@@ -442,7 +444,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tally.reduce(dist)
         train = tally.summary()
         evaluated = ema.module if ema is not None else model
-        val = evaluate(evaluated, loader(data.val, epoch), device, dist, autocast)
+        val = evaluate(evaluated, val_loader, device, dist, autocast)
         top1 = val["top1"]["main"]
         improved = top1 > best_top1
         if improved:
