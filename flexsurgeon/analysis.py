@@ -37,7 +37,8 @@ class PoolSite:
     role: str  # "head" or "gating"
     channels: int
     size: tuple[int, int]
-    keepdim: bool  # output is (B, C, 1, 1) rather than (B, C)
+    keepdim: bool  # output is (B, C, 1, 1) (or (B, 1, 1, C) for nhwc) rather than (B, C)
+    layout: str = "nchw"  # "nhwc": the map is (B, H, W, C), as in channels-last blocks (Swin, MambaOut)
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,10 @@ class _PoolFinder(fx.Interpreter):
     """Shape propagation (``node.meta['tensor_meta']``, as torch.fx's ShapeProp writes it)
     that also checks each candidate reduction against the mean."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, img_size):
         super().__init__(gm)
-        self.candidates: dict[str, tuple[str, str, bool]] = {}  # node -> (input node, kind, keepdim)
+        self.img_size = img_size
+        self.candidates: dict[str, tuple[str, str, bool, str]] = {}  # node -> (input, kind, keepdim, layout)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -120,15 +122,20 @@ class _PoolFinder(fx.Interpreter):
             source = source.args[0]  # its value may be freed already; its shape is in meta
             shape = node_shape(source)
             value = value.unflatten(2, shape[2:]) if shape is not None and len(shape) == 4 else value
-        if value.dim() != 4 or value.shape[2] * value.shape[3] <= 1:
+        if value.dim() != 4:
             return None
-        b, c = value.shape[:2]
-        if tuple(out.shape) not in ((b, c), (b, c, 1, 1)):
+        b = value.shape[0]
+        if value.shape[2] * value.shape[3] > 1 and tuple(out.shape) in ((b, value.shape[1]), (b, value.shape[1], 1, 1)):
+            layout, dims = "nchw", (2, 3)
+        elif (_is_map(int(value.shape[1]), int(value.shape[2]), self.img_size)
+              and tuple(out.shape) in ((b, value.shape[3]), (b, 1, 1, value.shape[3]))):
+            layout, dims = "nhwc", (1, 2)  # a channels-last block: x.mean((1, 2)) on (B, H, W, C)
+        else:
             return None
-        pooled = out.detach().float().reshape(b, c)
-        mean = value.detach().float().mean((2, 3))
+        pooled = out.detach().float().reshape(b, -1)
+        mean = value.detach().float().mean(dims)
         kind = "avg" if torch.allclose(pooled, mean, rtol=1e-4, atol=1e-5) else "other"
-        return source.name, kind, out.dim() == 4
+        return source.name, kind, out.dim() == 4, layout
 
 
 def _is_flatten(node: fx.Node) -> bool:
@@ -270,7 +277,7 @@ def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict,
 
 def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> _PoolFinder:
     """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
-    finder = _PoolFinder(gm)
+    finder = _PoolFinder(gm, img_size)
     was_training = model.training
     model.eval()
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
@@ -313,12 +320,14 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     if larger is not None:  # a window that happens to cover a small map is no global pool
         candidates = {k: v for k, v in candidates.items() if k in larger}
     pools = []
-    for name, (source, kind, keepdim) in candidates.items():
+    for name, (source, kind, keepdim, layout) in candidates.items():
         shape = node_shape(nodes[source])
+        if layout == "nhwc":
+            shape = (shape[0], shape[3], shape[1], shape[2])
         pools.append(PoolSite(
             node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
             role="gating" if _broadcasts_back(nodes[name], img_size) else "head",
-            channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim,
+            channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim, layout=layout,
         ))
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None

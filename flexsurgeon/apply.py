@@ -153,7 +153,15 @@ def _rewrite_pools(graph: fx.Graph, plan: SurgeryPlan, mode: str) -> None:
             raise PlanError(f"plan names node '{missing}', which the {mode}-mode graph of this model does not have; "
                             "the plan was made for a different model")
         with graph.inserting_after(node):
-            flex = graph.call_module(f"flex_pools.{_key(edit.node)}", (source,))
+            if edit.layout == "nhwc":  # a permuted view: FlexPool sees a channels_last NCHW tensor, no copy
+                nchw = graph.call_method("permute", (source, 0, 3, 1, 2))
+                with graph.inserting_after(nchw):
+                    flex = graph.call_module(f"flex_pools.{_key(edit.node)}", (nchw,))
+                if edit.keepdim:  # (B, C) -> (B, 1, 1, C)
+                    with graph.inserting_after(flex):
+                        flex = graph.call_method("reshape", (flex, -1, 1, 1, edit.channels))
+            else:
+                flex = graph.call_module(f"flex_pools.{_key(edit.node)}", (source,))
         node.replace_all_uses_with(flex)
         _erase_unused(graph, node)
     graph.lint()
@@ -193,7 +201,8 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     flex_pools = nn.ModuleDict({
-        _key(e.node): FlexPool(e.channels, e.size, mode=plan.pool_mode, dropout=plan.dropout, flatten=not e.keepdim)
+        _key(e.node): FlexPool(e.channels, e.size, mode=plan.pool_mode, dropout=plan.dropout,
+                               flatten=not e.keepdim or e.layout == "nhwc")
         for e in plan.pools})
     sac_heads = nn.ModuleDict({
         _key(t.node): SACHead(t.channels, t.size, plan.num_classes, mode=plan.pool_mode) for t in plan.sac})

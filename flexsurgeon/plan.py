@@ -44,6 +44,7 @@ class PoolEdit:
     channels: int
     size: tuple[int, int]
     keepdim: bool = False
+    layout: str = "nchw"  # or "nhwc": the input map is (B, H, W, C)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class SurgeryPlan:
         for pool in self.pools:
             if not isinstance(pool.input, str) or not _NODE_NAME.match(pool.input):
                 raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
+            if pool.layout not in ("nchw", "nhwc"):
+                raise PlanError(f"plan pool layout {pool.layout!r} is not one of nchw, nhwc")
         names = [p.node for p in self.pools] + [t.node for t in self.sac]
         if len(set(names)) != len(names):
             raise PlanError("plan names the same node twice")
@@ -141,8 +144,8 @@ class SurgeryPlan:
             if source is not None:
                 _check_keys(source, {"library", "name", "kwargs"}, "source")
                 source = SourceSpec(**source)
-            pools = tuple(PoolEdit(**_sized(_check_keys(p, {"node", "input", "channels", "size", "keepdim"}, "pools")))
-                          for p in _list(data["pools"], "pools"))
+            pool_keys = {"node", "input", "channels", "size", "keepdim", "layout"}
+            pools = tuple(PoolEdit(**_sized(_check_keys(p, pool_keys, "pools"))) for p in _list(data["pools"], "pools"))
             sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module"}, "sac")))
                         for t in _list(data.get("sac", []), "sac"))
             return cls(
@@ -242,14 +245,14 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
         h, w = analysis.img_size
         raise AnalysisError(
             f"no global average pool over a spatial map found at input size {h}x{w}: the model pools "
-            "tokens, flattens its feature map into linear layers, pools a channels-last map (not "
-            "supported yet), or its last feature map is already 1x1 (then try a larger --img-size)")
+            "tokens, flattens its feature map into linear layers, or its last feature map is already "
+            "1x1 (then try a larger --img-size)")
     taps = _resolve_taps(analysis, sac_stages)
     weights = tuple(sac_weights) if sac_weights is not None else default_sac_weights(len(taps))
     return SurgeryPlan(
         source=source, num_classes=num_classes, in_chans=analysis.in_chans, img_size=tuple(analysis.img_size),
-        pools=tuple(PoolEdit(node=p.node, input=p.input, channels=p.channels, size=tuple(p.size), keepdim=p.keepdim)
-                    for p in pools),
+        pools=tuple(PoolEdit(node=p.node, input=p.input, channels=p.channels, size=tuple(p.size), keepdim=p.keepdim,
+                             layout=p.layout) for p in pools),
         sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.module) for t in taps),
         sac_weights=weights, pool_mode=pool_mode, dropout=float(dropout),
     )

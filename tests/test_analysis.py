@@ -40,19 +40,37 @@ class _Net(nn.Module):
             x = torch.mean(x, dim=(2, 3))
         elif kind == "flatten_mean":
             x = x.flatten(2).mean(-1)
+        elif kind == "nhwc":  # a channels-last block (Swin, MambaOut): (B, H, W, C).mean((1, 2))
+            x = x.permute(0, 2, 3, 1).mean((1, 2))
+        elif kind == "nhwc_keepdim":
+            x = x.permute(0, 2, 3, 1).mean((1, 2), keepdim=True).flatten(1)
         elif kind == "max":
             x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.fc(x)
 
 
 @pytest.mark.parametrize("kind", ["module", "adaptive", "avg_pool2d", "mean", "mean_keepdim", "torch_mean",
-                                  "flatten_mean"])
+                                  "flatten_mean", "nhwc", "nhwc_keepdim"])
 def test_every_way_of_writing_average_pooling_is_found_as_the_head_pool(kind):
     analysis = analyse(_Net(kind), (32, 32))
     heads = analysis.head_pools
     assert len(heads) == 1
     assert heads[0].channels == 16 and heads[0].size == (8, 8)
-    assert heads[0].keepdim == (kind in ("module", "adaptive", "avg_pool2d", "mean_keepdim"))
+    assert heads[0].keepdim == (kind in ("module", "adaptive", "avg_pool2d", "mean_keepdim", "nhwc_keepdim"))
+    assert heads[0].layout == ("nhwc" if kind.startswith("nhwc") else "nchw")
+
+
+@pytest.mark.parametrize("kind", ["nhwc", "nhwc_keepdim", "flatten_mean"])
+def test_converting_each_pool_form_preserves_the_output(kind):
+    import flexsurgeon
+
+    torch.manual_seed(0)
+    source = _Net(kind).eval()
+    converted = flexsurgeon.convert(source, img_size=32, sac_stages=[]).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (converted(x) - source(x)).abs().max() <= 1e-5
+    assert len(converted.flex_pools) == 1
 
 
 def test_max_pool_is_reported_but_not_replaceable():

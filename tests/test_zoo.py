@@ -68,6 +68,7 @@ TIMM_MODELS = [
     ("vovnet39a", 64),
     ("ghostnetv2_100", 64),
     ("mobileone_s0", 64),
+    ("mambaout_femto", 64),  # pools a channels-last (B, H, W, C) map
     ("inception_v4", 107),  # at 75 its last map is 1x1 (refused, see below)
 ]
 TIMM_SLOW = [  # larger members, run with -m slow
