@@ -140,10 +140,6 @@ def without_sac_heads(model: FlexSurgeonModel) -> FlexSurgeonModel:
     return stripped
 
 
-def _key(node_name: str) -> str:
-    return node_name
-
-
 def _rewrite_pools(graph: fx.Graph, plan: SurgeryPlan, mode: str) -> None:
     nodes = {n.name: n for n in graph.nodes}
     for edit in plan.pools:
@@ -156,12 +152,12 @@ def _rewrite_pools(graph: fx.Graph, plan: SurgeryPlan, mode: str) -> None:
             if edit.layout == "nhwc":  # a permuted view: FlexPool sees a channels_last NCHW tensor, no copy
                 nchw = graph.call_method("permute", (source, 0, 3, 1, 2))
                 with graph.inserting_after(nchw):
-                    flex = graph.call_module(f"flex_pools.{_key(edit.node)}", (nchw,))
+                    flex = graph.call_module(f"flex_pools.{edit.node}", (nchw,))
                 if edit.keepdim:  # (B, C) -> (B, 1, 1, C)
                     with graph.inserting_after(flex):
                         flex = graph.call_method("reshape", (flex, -1, 1, 1, edit.channels))
             else:
-                flex = graph.call_module(f"flex_pools.{_key(edit.node)}", (source,))
+                flex = graph.call_module(f"flex_pools.{edit.node}", (source,))
         node.replace_all_uses_with(flex)
         _erase_unused(graph, node)
     graph.lint()
@@ -179,17 +175,19 @@ def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
         todo.extend(inputs)
 
 
-def _with_sac(train_graph: fx.Graph, plan: SurgeryPlan) -> fx.Graph:
+def _with_sac(base: fx.Graph, plan: SurgeryPlan) -> fx.Graph:
+    """A copy of ``base`` that also returns the SAC heads' logits: ``(output, [heads...])``."""
     graph = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(train_graph, mapping)
+    output = graph.graph_copy(base, mapping)
     nodes = {n.name: n for n in graph.nodes}
     heads = []
     for tap in plan.sac:
         if tap.node not in nodes:
-            raise PlanError(f"plan taps node '{tap.node}', which the train-mode graph of this model does not have")
+            raise PlanError(f"plan taps node '{tap.node}', which this model's graph does not have; "
+                            "the plan was made for a different model")
         with graph.inserting_after(nodes[tap.node]):
-            heads.append(graph.call_module(f"sac_heads.{_key(tap.node)}", (nodes[tap.node],)))
+            heads.append(graph.call_module(f"sac_heads.{tap.node}", (nodes[tap.node],)))
     graph.output((output, heads))
     graph.lint()
     return graph
@@ -201,11 +199,11 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     flex_pools = nn.ModuleDict({
-        _key(e.node): FlexPool(e.channels, e.size, mode=plan.pool_mode, dropout=plan.dropout,
+        e.node: FlexPool(e.channels, e.size, mode=plan.pool_mode, dropout=plan.dropout,
                                flatten=not e.keepdim or e.layout == "nhwc")
         for e in plan.pools})
     sac_heads = nn.ModuleDict({
-        _key(t.node): SACHead(t.channels, t.size, plan.num_classes, mode=plan.pool_mode) for t in plan.sac})
+        t.node: SACHead(t.channels, t.size, plan.num_classes, mode=plan.pool_mode) for t in plan.sac})
     flex_pools.to(device=device, dtype=dtype)
     sac_heads.to(device=device, dtype=dtype)
 

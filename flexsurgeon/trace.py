@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
 
@@ -76,25 +75,9 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     return TracedGraph(graph=graph, qualnames=qualnames, training=training)
 
 
-def is_tensor_node(node: fx.Node) -> bool:
-    """True when shape propagation recorded a tensor for ``node``."""
-    meta = node.meta.get("tensor_meta")
-    return meta is not None and hasattr(meta, "shape")
-
-
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def module_graph(model: nn.Module, traced: TracedGraph) -> fx.GraphModule:
-    """A GraphModule sharing ``model``'s submodules, to run the traced graph."""
-    return fx.GraphModule(model, traced.graph)
-
-
-__all__ = ["TracedGraph", "trace_model", "is_tensor_node", "node_shape", "module_graph"]
-
-
-def _sample_input(in_chans: int, img_size: tuple[int, int], batch: int = 2) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, in_chans, *img_size, generator=generator)
+__all__ = ["TracedGraph", "trace_model", "node_shape"]
