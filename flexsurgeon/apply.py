@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .errors import PlanError
-from .layers import FlexPool, SACHead
+from .layers import FlexPool, SACHead, make_pool
 from .plan import SurgeryPlan
 from .trace import trace_model
 
@@ -199,8 +199,8 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     flex_pools = nn.ModuleDict({
-        e.node: FlexPool(e.channels, e.size, mode=plan.pool_mode, dropout=plan.dropout,
-                               flatten=not e.keepdim or e.layout == "nhwc")
+        e.node: make_pool(plan.pool_mode, e.channels, e.size, dropout=plan.dropout,
+                          flatten=not e.keepdim or e.layout == "nhwc")
         for e in plan.pools})
     sac_heads = nn.ModuleDict({
         t.node: SACHead(t.channels, t.size, plan.num_classes, mode=plan.pool_mode) for t in plan.sac})

@@ -13,6 +13,7 @@ import sys
 import click
 
 from .errors import FlexSurgeonError
+from .pool_kinds import POOL_KINDS, pool_label
 
 
 def _friendly_errors(command):
@@ -74,7 +75,7 @@ def _surgery_options(command):
         click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
                      help="Input channels (timm models)."),
         click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new classifier."),
-        click.option("--pool", type=click.Choice(["softmax", "linear"]), default="softmax", show_default=True,
+        click.option("--pool", type=click.Choice(POOL_KINDS), default="softmax", show_default=True,
                      help="FlexPool parametrisation (linear adds a sum-to-one regulariser)."),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Dropout on the pooled vector (the paper uses 0.25)."),
@@ -144,7 +145,7 @@ def convert(model, output, weights, weights_file, force, **params):
     plan = converted.flexsurgeon_plan
     pools = ", ".join(f"{p.node} ({p.channels}x{p.size[0]}x{p.size[1]})" for p in plan.pools)
     heads = ", ".join(t.module or t.node for t in plan.sac) or "none"
-    click.echo(f"converted {plan.source.label}: FlexPool[{plan.pool_mode}] at {pools}; SAC heads: {heads}")
+    click.echo(f"converted {plan.source.label}: {pool_label(plan.pool_mode)} at {pools}; SAC heads: {heads}")
     click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
                "pretrained=True) after import flexsurgeon)")
 
@@ -183,7 +184,7 @@ def inspect(model, as_json, **params):
 @click.option("--seed", type=int, help="Recipe override.")
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), help="Recipe override.")
 @click.option("--img-size", type=click.IntRange(min=8), help="Recipe override (when SOURCE is a model name).")
-@click.option("--pool", type=click.Choice(["softmax", "linear"]), help="Recipe override (when converting).")
+@click.option("--pool", type=click.Choice(POOL_KINDS), help="Recipe override (when converting).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Recipe override (when converting).")
 @click.option("--sac-weights", callback=_weights, metavar="LIST",
               help="Recipe override: loss weights, heads then main.")
@@ -235,7 +236,7 @@ def _report(model: str, found) -> str:
     else:
         plan = found.plan
         for p in plan.pools:
-            lines.append(f"  replace {p.node} with FlexPool[{plan.pool_mode}] {p.channels}x{p.size[0]}x{p.size[1]}"
+            lines.append(f"  replace {p.node} with {pool_label(plan.pool_mode)} {p.channels}x{p.size[0]}x{p.size[1]}"
                          + (f", dropout {plan.dropout}" if plan.dropout else ""))
         for t, w in zip(plan.sac, plan.sac_weights):
             lines.append(f"  attach a SAC head at {t.node} ({t.module}), {t.channels}x{t.size[0]}x{t.size[1]}, "

@@ -7,7 +7,8 @@ Simple Auxiliary Classifiers in Deep Networks", VISAPP 2023 (reference code:
 github.com/aliman80/FlexPoolU). See shared/METHOD.md for the method in our words.
 
 Public names: ``flex_pool2d`` (functional form), ``FlexPool``, ``SACHead``,
-``POOL_MODES``.
+``GlobalPool`` and ``make_pool`` (FlexPool or a baseline pool, by kind), ``POOL_MODES``
+(FlexPool's parametrisations) and ``POOL_KINDS`` (those plus the baselines).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["POOL_MODES", "FlexPool", "SACHead", "flex_pool2d"]
+from .pool_kinds import BASELINE_POOLS, POOL_KINDS, POOL_MODES
 
-POOL_MODES = ("softmax", "linear")
+__all__ = ["POOL_KINDS", "POOL_MODES", "FlexPool", "GlobalPool", "SACHead", "flex_pool2d", "make_pool"]
 
 
 def _pair(size: tuple[int, int] | int, name: str = "size") -> tuple[int, int]:
@@ -264,11 +265,61 @@ class FlexPool(nn.Module):
         return s
 
 
-class SACHead(nn.Module):
-    """Simple auxiliary classifier: ``FlexPool`` (``pool``) then one ``nn.Linear`` (``fc``).
+class GlobalPool(nn.Module):
+    """A global pool that is not FlexPool, with FlexPool's interface, for ablation baselines.
 
-    No convolutions, no hidden layers (the paper's SAC). Used during training only;
-    ``regularizer()`` returns the pool's regulariser (zero in softmax mode).
+    kind "avg": ``x.mean((2, 3))`` (what the source did; no parameters); "lse": timm's
+    ``LsePlus2d`` (log-sum-exp, a learnable temperature between average and max pooling);
+    "simpool": timm's ``SimPool2d`` (attention with the average as query). lse and simpool
+    do not start out as average pooling, so a model converted with them changes its output.
+    """
+
+    def __init__(self, kind: str, channels: int, dropout: float = 0.0, flatten: bool = True) -> None:
+        super().__init__()
+        if kind not in BASELINE_POOLS:
+            raise ValueError(f"unknown baseline pool {kind!r}; choose one of {', '.join(BASELINE_POOLS)}")
+        self.kind, self.channels, self.flatten = kind, channels, flatten
+        self.pool = None if kind == "avg" else _timm_pool(kind, channels)
+        self.drop = nn.Dropout(dropout)
+
+    def regularizer(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)) if self.pool is None else self.pool(x)
+        if self.training and self.drop.p > 0:
+            y = self.drop(y)
+        return y if self.flatten else y[:, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, channels={self.channels}, dropout={self.drop.p}"
+
+
+def _timm_pool(kind: str, channels: int) -> nn.Module:
+    import timm.layers
+
+    name = {"lse": "LsePlus2d", "simpool": "SimPool2d"}[kind]
+    cls = getattr(timm.layers, name, None)
+    if cls is None:
+        raise ValueError(f"pool {kind!r} needs timm's {name}, which this timm ({timm.__version__}) does not have; "
+                         "upgrade timm")
+    return cls(flatten=True) if kind == "lse" else cls(channels)
+
+
+def make_pool(kind: str, channels: int, size: tuple[int, int] | int, dropout: float = 0.0,
+              flatten: bool = True) -> nn.Module:
+    """FlexPool for kinds "softmax" and "linear", else the baseline ``GlobalPool``."""
+    if kind in POOL_MODES:
+        return FlexPool(channels, size, mode=kind, dropout=dropout, flatten=flatten)
+    return GlobalPool(kind, channels, dropout=dropout, flatten=flatten)
+
+
+class SACHead(nn.Module):
+    """Simple auxiliary classifier: a global pool (``pool``) then one ``nn.Linear`` (``fc``).
+
+    No convolutions, no hidden layers (the paper's SAC). The pool is FlexPool, or for
+    ablation baselines another kind (see ``make_pool``). Used during training only;
+    ``regularizer()`` returns the pool's regulariser (zero except for linear FlexPool).
     """
 
     def __init__(
@@ -280,7 +331,7 @@ class SACHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.pool = FlexPool(channels, size, mode=mode, dropout=dropout, flatten=True)
+        self.pool = make_pool(mode, channels, size, dropout=dropout, flatten=True)
         self.fc = nn.Linear(channels, num_classes)
 
     def regularizer(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from .analysis import Analysis, StageSite, find_tap
 from .errors import AnalysisError, PlanError
-from .layers import POOL_MODES
+from .pool_kinds import POOL_KINDS
 
 PLAN_VERSION = 1
 LIBRARIES = ("timm", "torchvision")
@@ -91,8 +91,8 @@ class SurgeryPlan:
                 raise PlanError(f"plan {key} must be a positive integer, got {value!r}")
         if not _size(self.img_size):
             raise PlanError(f"plan img_size must be two positive integers, got {self.img_size!r}")
-        if self.pool_mode not in POOL_MODES:
-            raise PlanError(f"plan pool_mode {self.pool_mode!r} is not one of {', '.join(POOL_MODES)}")
+        if self.pool_mode not in POOL_KINDS:
+            raise PlanError(f"plan pool_mode {self.pool_mode!r} is not one of {', '.join(POOL_KINDS)}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise PlanError(f"plan dropout must be in [0, 1), got {self.dropout!r}")
         if not self.pools:

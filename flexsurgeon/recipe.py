@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import RecipeError
+from .pool_kinds import POOL_KINDS
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 SCHEDULES = ("cosine", "onecycle", "step", "constant", "none")
@@ -85,7 +86,7 @@ class Recipe:
                    "must increase with depth (heads, then main), e.g. [0.1, 0.2, 0.7]")
         _check(self.reg_weight >= 0, "reg_weight", self.reg_weight, "must be >= 0")
         _check(0 <= self.mixup and 0 <= self.cutmix, "mixup", self.mixup, "mixup and cutmix must be >= 0")
-        _check(self.pool in ("softmax", "linear"), "pool", self.pool, "must be softmax or linear")
+        _check(self.pool in POOL_KINDS, "pool", self.pool, f"must be one of {', '.join(POOL_KINDS)}")
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.img_size is None or self.img_size >= 8, "img_size", self.img_size, "must be at least 8")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import timm
@@ -150,3 +151,49 @@ def test_isinstance_and_rebuild_from_a_timm_instance():
     assert isinstance(converted, FlexSurgeonModel)
     assert converted.flexsurgeon_plan.source.name == "resnet18"
     assert converted.flexsurgeon_plan.source.kwargs["num_classes"] == 6
+
+
+def test_avg_kind_keeps_the_function_and_adds_no_pool_parameters(x64):
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", num_classes=5).eval()
+    reference = copy.deepcopy(source)
+    converted = flexsurgeon.convert(source, img_size=64, pool="avg").eval()
+    with torch.no_grad():
+        assert (reference(x64) - converted(x64)).abs().max().item() <= 1e-5
+    assert not list(converted.flex_pools.parameters())
+    # the SAC heads pool by averaging too: a head's output is its Linear on the stage's mean
+    tap = converted.flexsurgeon_plan.sac[0]
+    head = converted.sac_heads[tap.node]
+    feature = torch.randn(2, tap.channels, *tap.size)
+    assert torch.allclose(head(feature), head.fc(feature.mean((2, 3))), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, module", [("lse", "LsePlus2d"), ("simpool", "SimPool2d")])
+def test_timm_baseline_pools_install_train_and_round_trip(kind, module, tmp_path, x64):
+    torch.manual_seed(0)
+    converted = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5, pool=kind, sac_stages=[])
+    pool = next(iter(converted.flex_pools.values()))
+    assert type(pool.pool).__name__ == module
+    new = converted.new_parameter_names()
+    assert new and all(n.startswith("flex_pools.") for n in new)
+    converted.train()
+    out, heads = converted.forward_train(x64)
+    out.sum().backward()
+    assert pool.pool.parameters().__next__().grad is not None and heads == []
+    flexsurgeon.save(converted, tmp_path / "m")
+    loaded = flexsurgeon.load(tmp_path / "m").eval()
+    converted.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), converted(x64))
+
+
+def test_cli_pool_choices_are_the_plan_kinds():
+    from flexsurgeon.cli import convert as convert_command
+    from flexsurgeon.plan import SurgeryPlan
+    from flexsurgeon.pool_kinds import POOL_KINDS
+
+    choices = next(p for p in convert_command.params if p.name == "pool").type.choices
+    assert tuple(choices) == POOL_KINDS
+    plan = flexsurgeon.inspect("resnet10t", img_size=64).plan
+    with pytest.raises(flexsurgeon.errors.PlanError, match="pool_mode 'max'"):
+        SurgeryPlan.from_dict({**json.loads(plan.to_json()), "pool_mode": "max"})
