@@ -219,6 +219,43 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
                f"checkpoints in {result.output}/best and {result.output}/last")
 
 
+@main.command(name="eval")
+@click.argument("source", metavar="DIR|MODEL")
+@click.option("--data", "data_spec", required=True, metavar="PATH",
+              help="Any --data form finetune takes; its validation split is scored.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader workers.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Val fraction, for data without a val part of its own.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val split.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of a model given by name.")
+@click.option("--img-size", callback=_size, metavar="N|HxW", help="Input size for a model given by name.")
+@click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Input channels for a model given by name.")
+@_weight_options
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@_friendly_errors
+def eval_command(source, data_spec, batch_size, workers, device, val_split, seed, num_classes, img_size, in_chans,
+                 weights, weights_file, as_json):
+    """Top-1, top-5 and loss of the main classifier and every SAC head on the val split.
+
+    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint);
+    MODEL is a timm name or tv:NAME, for comparison with the unconverted model."""
+    from .evaluation import evaluate_source
+
+    scores = evaluate_source(source, data_spec, batch_size=batch_size, workers=workers, device=device,
+                             val_split=val_split, seed=seed, weights=weights_file or weights,
+                             num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+        return
+    click.echo(f"{scores['model']} on {scores['data']}: {scores['count']} val images")
+    rows = [("head", "top-1", "top-5", "loss")]
+    rows += [(h, f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['loss']:.4f}") for h, s in scores["heads"].items()]
+    click.echo("\n".join(_table(rows)))
+
+
 def _report(model: str, found) -> str:
     a = found.analysis
     lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]

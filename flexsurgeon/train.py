@@ -133,8 +133,10 @@ class _Tally:
 
 
 def head_names(model) -> list[str]:
-    """Names for the classifiers, as logged: the SAC heads by module path, then ``main``."""
-    return [f"sac:{t.module or t.node}" for t in model.flexsurgeon_plan.sac] + ["main"]
+    """Names for the classifiers, as logged: the SAC heads by module path, then ``main``
+    (only ``main`` for a model flexsurgeon did not convert)."""
+    plan = getattr(model, "flexsurgeon_plan", None)
+    return [f"sac:{t.module or t.node}" for t in (plan.sac if plan else ())] + ["main"]
 
 
 def _loss_weights(model, recipe: Recipe) -> list[float]:
@@ -148,7 +150,10 @@ def _loss_weights(model, recipe: Recipe) -> list[float]:
 
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist: _Dist | None = None,
              autocast: bool = False) -> dict:
-    """Top-1 / top-5 accuracy and cross-entropy of the main classifier and every SAC head."""
+    """Top-1 / top-5 accuracy and cross-entropy of the main classifier and every SAC head.
+
+    A model flexsurgeon did not convert (no ``forward_train``) is scored on its output alone.
+    """
     dist = dist or _Dist()
     device = torch.device(device)
     heads = head_names(model)
@@ -159,7 +164,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
         for x, y in loader:
             x, y = _to_device(x, y, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out, sac = model.forward_train(x)
+                out, sac = model.forward_train(x) if hasattr(model, "forward_train") else (model(x), [])
             outputs = [*sac, out]
             tally.add(outputs, [F.cross_entropy(o.float(), y) for o in outputs], y)
     model.train(was_training)

@@ -1,0 +1,90 @@
+"""``flexsurgeon eval``: accuracy and loss of the main classifier and of every SAC head.
+
+``evaluate_source`` scores a folder written by convert or finetune (a run folder means its
+``best/`` checkpoint, else ``last/``) or, for comparison, a plain timm / torchvision model
+name, on the validation split of any ``--data`` form that finetune takes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointError, DataError
+
+CONFIG_NAME = "config.json"
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The model folder ``path`` means: itself, or a finetune run's ``best/`` (else ``last/``)."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "last"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise CheckpointError(f"{path} holds no checkpoint: expected {CONFIG_NAME} there or in best/ or last/ "
+                          "(a folder written by flexsurgeon convert or finetune)")
+
+
+def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
+               img_size=None, in_chans: int = 3):
+    """``(model, label, data_config)`` for a checkpoint folder or a model name."""
+    from timm.data import resolve_data_config
+
+    if Path(source).is_dir():
+        from .io import load
+
+        folder = checkpoint_folder(source)
+        model = load(folder)
+        return model, str(folder), resolve_data_config(model=model)
+    from .models import build_source, parse_source
+
+    if "/" in source and not source.startswith(("tv:", "torchvision:")):
+        raise CheckpointError(f"no such checkpoint folder: {source}")
+    spec = parse_source(source, num_classes=num_classes, in_chans=in_chans)
+    model = build_source(spec, weights)
+    args = {"input_size": (in_chans, *img_size)} if img_size else {}
+    return model, spec.label, resolve_data_config(args=args, model=model)
+
+
+def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, workers: int = 2, device: str = "auto",
+                    val_split: float = 0.1, seed: int = 0, weights: str | Path = "pretrained",
+                    num_classes: int | None = None, img_size=None, in_chans: int = 3,
+                    progress: bool = True) -> dict:
+    """Score ``source`` on the val split of ``data_spec``.
+
+    Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
+    accuracies in percent; heads are the SAC heads by module path, then ``main``.
+    """
+    from tqdm import tqdm
+
+    from .data import load_data, make_loader
+    from .train import _resolve_device, evaluate
+
+    model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
+                                           in_chans=in_chans)
+    chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
+    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
+    outputs = _num_outputs(model, data_config["input_size"])
+    if outputs < data.num_classes:
+        raise DataError(f"{label} has {outputs} outputs but the data has {data.num_classes} classes; "
+                        "evaluate a model trained on these classes")
+    torch_device = _resolve_device(device)
+    model.to(torch_device)
+    loader = make_loader(data.val, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
+                         pin_memory=torch_device.type == "cuda")
+    bar = tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    summary = evaluate(model, bar, torch_device, autocast=torch_device.type == "cuda")
+    heads = {h: {"top1": summary["top1"][h], "top5": summary["top5"][h], "loss": summary["loss"][h]}
+             for h in summary["top1"]}
+    return {"model": label, "data": data.description, "count": summary["count"], "heads": heads}
+
+
+def _num_outputs(model, input_size) -> int:
+    import torch
+
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, *input_size))
+    model.train(was_training)
+    return out.shape[-1]

@@ -1,0 +1,85 @@
+"""`flexsurgeon eval`: per-head scores on the val split, for checkpoints and plain model names."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import flexsurgeon
+from flexsurgeon.cli import main
+from flexsurgeon.data import load_data, make_loader
+from flexsurgeon.evaluation import checkpoint_folder, evaluate_source
+
+DATA = "synthetic:classes=4,train=32,val=40"
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = flexsurgeon.convert("resnet10t", img_size=64, num_classes=4)
+    with torch.no_grad():  # a classifier that is not uniform, so accuracy means something
+        model.fc.weight.normal_()
+    return flexsurgeon.save(model, tmp_path_factory.mktemp("eval") / "model")
+
+
+def _reference_scores(model, data_spec):
+    from timm.data import resolve_data_config
+
+    data = load_data(data_spec, data_config=resolve_data_config(model=model), in_chans=3)
+    loader = make_loader(data.val, batch_size=7, train=False, seed=0)
+    model.eval()
+    hits, loss, n = 0, 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)
+            hits += (out.argmax(1) == y).sum().item()
+            loss += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+            n += len(y)
+    return 100.0 * hits / n, loss / n, n
+
+
+def test_scores_every_head_and_main_matches_a_direct_count(converted_dir):
+    scores = evaluate_source(str(converted_dir), DATA, batch_size=16, workers=0, device="cpu", progress=False)
+    plan = flexsurgeon.load(converted_dir).flexsurgeon_plan
+    assert list(scores["heads"]) == [f"sac:{t.module}" for t in plan.sac] + ["main"]
+    top1, loss, n = _reference_scores(flexsurgeon.load(converted_dir), DATA)
+    main_scores = scores["heads"]["main"]
+    assert scores["count"] == n == 40
+    assert main_scores["top1"] == pytest.approx(top1)
+    assert main_scores["loss"] == pytest.approx(loss, rel=1e-5)
+    for head in scores["heads"].values():
+        assert 0 <= head["top1"] <= head["top5"] == 100.0  # 4 classes: the top 5 always hold the label
+
+
+def test_a_run_folder_means_its_best_checkpoint(tmp_path, converted_dir):
+    import shutil
+
+    shutil.copytree(converted_dir, tmp_path / "run" / "best")
+    assert checkpoint_folder(tmp_path / "run") == tmp_path / "run" / "best"
+    with pytest.raises(flexsurgeon.errors.CheckpointError, match="holds no checkpoint"):
+        checkpoint_folder(tmp_path)
+
+
+def test_cli_table_and_json_for_a_folder_and_a_plain_model_name(converted_dir):
+    runner = CliRunner()
+    table = runner.invoke(main, ["eval", str(converted_dir), "--data", DATA, "--workers", "0"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert "40 val images" in lines[0] and lines[1].split() == ["head", "top-1", "top-5", "loss"]
+    assert [line.split()[0] for line in lines[2:]][-1] == "main" and len(lines) == 5  # two SAC heads + main
+    plain = runner.invoke(main, ["eval", "resnet10t", "--random-init", "--num-classes", "4", "--img-size", "64",
+                                 "--data", DATA, "--workers", "0", "--json"])
+    assert plain.exit_code == 0, plain.output
+    scores = json.loads(plain.stdout)
+    assert scores["model"] == "resnet10t" and list(scores["heads"]) == ["main"] and scores["count"] == 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet10t", "--random-init", "--num-classes", "3", "--img-size", "64"], "has 3 outputs but the data has 4"),
+    (["runs/nothing"], "no such checkpoint folder: runs/nothing"),
+    (["resnt10t"], "unknown model 'resnt10t'; did you mean"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = CliRunner().invoke(main, ["eval", *args, "--data", DATA, "--workers", "0"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
