@@ -1,8 +1,15 @@
-"""FlexPool op cost against global average pooling, on the same tensor.
+"""Inference cost of conversion: the whole model, and the FlexPool op against average pooling.
 
     .venv/bin/python benchmarks/overhead.py            # full run (a few minutes on 2 cores)
     .venv/bin/python benchmarks/overhead.py --quick    # short run, noisier
+    .venv/bin/python benchmarks/overhead.py --model-only --model resnet50 --img-size 224 --batch 8
 
+Model latency: the converted model (SAC heads dropped, FlexPool weights perturbed away from
+the uniform init) against the original, eval mode under inference_mode, the two taking
+turns within every round; the ratio is the median over rounds of converted / original.
+Target: <= 1.01 for resnet50 at 224, batch 8, on CPU.
+
+FlexPool op:
 For each shape and memory layout (NCHW, channels_last) it times, interleaved in one
 run, ``x.mean((2, 3))`` and ``FlexPool`` (eval mode under no_grad, so the normalised
 weights come from the cache; weights perturbed away from the uniform init), eager and
@@ -29,6 +36,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from flexsurgeon.layers import FlexPool  # noqa: E402
 
 SHAPES = [(8, 2048, 7, 7), (8, 512, 14, 14), (32, 1280, 7, 7), (64, 64, 8, 8)]
+MODEL_TARGET = 1.01
+
+
+def _model_latency(args: argparse.Namespace) -> None:
+    import timm
+
+    import flexsurgeon
+    from flexsurgeon.apply import without_sac_heads
+
+    torch.manual_seed(0)
+    original = timm.create_model(args.model, num_classes=1000).eval()
+    converted = without_sac_heads(flexsurgeon.convert(timm.create_model(args.model, num_classes=1000),
+                                                      img_size=args.img_size)).eval()
+    converted.load_state_dict(original.state_dict(), strict=False)
+    with torch.no_grad():
+        for pool in converted.flex_pools.values():
+            pool.weight.normal_(0.0, 0.5)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    with torch.inference_mode():
+        times = _time_interleaved({"original": lambda: original(x), "converted": lambda: converted(x)},
+                                  args.model_rounds, 0.0)
+    ratios = [c / o for c, o in zip(times["converted"], times["original"], strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"| {args.model} | {args.img_size} | {args.batch} | {statistics.median(times['original']) * 1e3:.1f} | "
+          f"{statistics.median(times['converted']) * 1e3:.1f} | {ratio:.4f} | "
+          f"{min(ratios):.3f}-{max(ratios):.3f} | {'met' if ratio <= MODEL_TARGET else 'MISSED'} |", flush=True)
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
@@ -112,7 +145,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds per case (default 25, quick 7)")
     parser.add_argument("--block-ms", type=float, default=None, help="ms per timed block (default 20, quick 5)")
+    parser.add_argument("--model", default="resnet50", help="timm model for the latency comparison")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model-rounds", type=int, default=None, help="latency rounds (default 40, quick 10)")
+    parser.add_argument("--model-only", action="store_true", help="only the whole-model latency")
+    parser.add_argument("--no-model", dest="model_latency", action="store_false", help="skip the model latency")
     args = parser.parse_args()
+    args.model_rounds = args.model_rounds or (10 if args.quick else 40)
     args.rounds = args.rounds or (7 if args.quick else 25)
     args.block_ms = args.block_ms or (5.0 if args.quick else 20.0)
     if args.threads:
@@ -131,6 +171,15 @@ def main() -> None:
     )
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print("WARNING: the machine is busy; timings will be noisy\n")
+    if args.model_latency:
+        print(f"Model latency, eval, inference_mode, {args.model_rounds} interleaved rounds "
+              f"(target <= {MODEL_TARGET}):\n")
+        print("| model | img | batch | original (ms) | converted (ms) | ratio (median) | ratio range | target |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        _model_latency(args)
+        print()
+    if args.model_only:
+        return
     head = "| shape | layout | mean (us) | FlexPool (us) | eager ratio |"
     sep = "|---|---|---|---|---|"
     if args.compile:

@@ -219,6 +219,23 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
                f"checkpoints in {result.output}/best and {result.output}/last")
 
 
+@main.command()
+@click.argument("path", metavar="DIR", type=click.Path())
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False),
+              help="Folder for the PNGs [default: DIR/plots].")
+@click.option("--top", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Channels per weight map: those with the largest spread (max - min of the weights).")
+@_friendly_errors
+def plot(path, output, top):
+    """Write PNGs for DIR: FlexPool weight maps (a model folder), training curves (a finetune run,
+    plus its best/ model's weight maps) or the accuracy plot (an ablation folder with results.csv).
+    Needs matplotlib: pip install 'flexsurgeon[plot]'."""
+    from .plot import plot_folder
+
+    for written in plot_folder(path, output, top=top):
+        click.echo(f"wrote {written}")
+
+
 @main.command(name="eval")
 @click.argument("source", metavar="DIR|MODEL")
 @click.option("--data", "data_spec", required=True, metavar="PATH",
@@ -254,6 +271,90 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
     rows = [("head", "top-1", "top-5", "loss")]
     rows += [(h, f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['loss']:.4f}") for h, s in scores["heads"].items()]
     click.echo("\n".join(_table(rows)))
+
+
+@main.command(name="export")
+@click.argument("directory", metavar="DIR", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "safetensors"]),
+              help="onnx: one .onnx file; safetensors: a convert-style folder for inference.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
+              help="The .onnx file, or the folder, to write.")
+@click.option("--img-size", callback=_size, metavar="N|HxW",
+              help="ONNX input size; FlexPool weights are fixed for it [default: the model's input size].")
+@click.option("--opset", type=click.IntRange(min=7), help="ONNX opset [default: torch's].")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_friendly_errors
+def export_command(directory, fmt, output, img_size, opset, force):
+    """Export the model in DIR for inference, without SAC heads.
+
+    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint).
+    onnx takes a fixed input size and any batch size (needs pip install 'flexsurgeon[export]');
+    safetensors loads with flexsurgeon.load and timm's local-dir:."""
+    from pathlib import Path
+
+    from .errors import ExportError
+    from .evaluation import checkpoint_folder
+    from .export import export_inference_folder, export_onnx
+    from .io import load
+
+    if fmt == "safetensors" and (img_size or opset):
+        raise click.UsageError("--img-size and --opset apply to --format onnx only")
+    if Path(output).exists() and not force:  # refuse before spending time on the model
+        raise ExportError(f"output {output} already exists; pass --force to replace it")
+    folder = checkpoint_folder(directory)
+    model = load(folder)
+    if fmt == "onnx":
+        path = export_onnx(model, output, img_size=img_size, opset=opset, force=force)
+        size = img_size or model.flexsurgeon_plan.img_size
+        click.echo(f"exported {folder} to {path} (ONNX, input 'input' Bx{model.flexsurgeon_plan.in_chans}x"
+                   f"{size[0]}x{size[1]}, SAC heads dropped)")
+    else:
+        path = export_inference_folder(model, output, force=force)
+        click.echo(f"exported {folder} to {path}/ without SAC heads (load: flexsurgeon.load('{path}') or "
+                   f"timm.create_model('local-dir:{path}', pretrained=True) after import flexsurgeon)")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", "data_spec", required=True, metavar="PATH", help="Any --data form finetune takes.")
+@click.option("--variants", default="avg,flex,flex+sac", show_default=True, metavar="LIST",
+              help="Comma-separated: avg, flex, flex-linear, lse, simpool, each optionally +sac and/or +dropout.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per variant; seed k of every variant sees the same batches.")
+@click.option("--recipe", default="smoke", show_default=True, metavar="NAME|FILE", help="Recipe for every run.")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False),
+              help="Ablation folder [default: ablations/MODEL].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Recipe override.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Recipe override.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recipe override.")
+@click.option("--img-size", type=click.IntRange(min=8), help="Recipe override.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Recipe override.")
+@click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
+@click.option("--seed", type=int, help="Recipe override: the first seed.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
+@click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Input channels (timm models; 1 for gray data).")
+@_weight_options
+@_friendly_errors
+def ablate(model, data_spec, variants, seeds, recipe, output, sets, in_chans, weights, weights_file, **overrides):
+    """Fine-tune pooling variants of MODEL with paired seeds and compare their accuracy.
+
+    Writes a Markdown table, results.csv and accuracy.png (with matplotlib) to the ablation
+    folder; repeating the command skips finished runs."""
+    from pathlib import Path
+
+    from .ablation import parse_variants, run_ablation
+    from .recipe import load_recipe, parse_override, with_overrides
+
+    parsed = parse_variants(variants)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    changes.update(parse_override(s) for s in sets)
+    resolved = with_overrides(load_recipe(recipe), changes)
+    output = output or str(Path("ablations") / Path(model.replace(":", "_")).name)
+    result = run_ablation(model, data_spec, parsed, seeds, resolved, output, weights=weights_file or weights,
+                          in_chans=in_chans, log=click.echo)
+    click.echo(result.table)
+    click.echo(f"results in {result.output}/results.csv, summary.md" + (", accuracy.png" if result.plot else ""))
 
 
 def _report(model: str, found) -> str:

@@ -15,7 +15,7 @@ datasets whose items are ``(normalised float tensor C x H x W, int label)``;
   other transform options do not apply). At most 60 classes (the cue combinations).
 - a folder holding ``train-images*idx3-ubyte[.gz]`` and ``train-labels*idx1-ubyte[.gz]``
   (e.g. Debian's ``dataset-fashion-mnist`` at /usr/share/datasets/fashion-mnist). Val is the
-  ``t10k-*`` (or ``test-*``) pair when present, else (or with ``idx_val_from_train=True``) a seeded stratified
+  ``t10k-*`` (or ``test-*``) pair when present, else (or with ``val_from_train=True``) a seeded stratified
   ``val_split`` of train. Class names are ``"0"``.. ``str(max label)``.
 - an image folder: ``train/`` and ``val/`` (or ``validation/``) folders of class folders with
   the same class names, or one folder of class folders split by a seeded stratified
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import DataError
@@ -80,19 +80,35 @@ class DataBundle:
 
 
 def _skipped(dataset) -> int:
+    dataset = getattr(dataset, "dataset", dataset)  # through a Subset
     return int(getattr(dataset, "skipped", 0))
+
+
+def subset_train(data: DataBundle, size: int, seed: int) -> DataBundle:
+    """``data`` with a seeded random subset of ``size`` training images (for quick ablations)."""
+    if isinstance(data.train, IterableDataset):
+        raise DataError("a training subset needs a data set with a length; this one streams")
+    if not 1 <= size <= len(data.train):
+        raise DataError(f"a training subset of {size} images is impossible: the training set has {len(data.train)}")
+    if size == len(data.train):
+        return data
+    picked = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(_mix(seed, 0x5B5E7))).tolist()
+    subset = Subset(data.train, sorted(picked[:size]))
+    return DataBundle(subset, data.val, data.num_classes, data.class_names,
+                      f"{data.description}; training on a seeded subset of {size}")
 
 
 # ---------------------------------------------------------------------------------------- entry point
 
 def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: float = 0.1, seed: int = 0,
-              train_transform_kwargs: dict | None = None, idx_val_from_train: bool = False) -> DataBundle:
+              train_transform_kwargs: dict | None = None, val_from_train: bool = False) -> DataBundle:
     """Resolve a ``--data`` spec into train and val datasets (see the module docstring for forms).
 
     ``data_config`` is ``timm.data.resolve_data_config(model=model)``; its mean/std are
     repeated or trimmed to ``in_chans``. ``train_transform_kwargs`` go to timm's
     ``create_transform(is_training=True)`` (``synthetic:`` reads only ``hflip``). ``val_split`` and
-    ``seed`` carve val out of train where the data has no val part of its own.
+    ``seed`` carve val out of train where the data has no val part of its own, and also where it
+    has one when ``val_from_train`` (to choose settings without looking at a test split).
     """
     spec = str(spec).strip()
     if not spec:
@@ -110,8 +126,8 @@ def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: flo
     if not root.is_dir():
         raise DataError(f"--data {spec} is a file, not a folder; pass the folder that holds the data")
     if _find_idx(root, "train", "images", required=False) is not None:
-        return _load_idx(root, transforms, val_split, seed, idx_val_from_train)
-    return _load_folder(root, transforms, val_split, seed)
+        return _load_idx(root, transforms, val_split, seed, val_from_train)
+    return _load_folder(root, transforms, val_split, seed, val_from_train)
 
 
 _FORMS = ("use an image folder (train/ + val/ class folders, or class folders), a folder of MNIST-style IDX "
@@ -348,9 +364,12 @@ def _scan_classes(folder: Path) -> dict[str, list[str]]:
     return found
 
 
-def _load_folder(root: Path, transforms: _Transforms, val_split: float, seed: int) -> DataBundle:
+def _load_folder(root: Path, transforms: _Transforms, val_split: float, seed: int,
+                 val_from_train: bool = False) -> DataBundle:
     sub = {p.name: p for p in _subfolders(root)}
     val_dir = next((sub[n] for n in _VAL_FOLDERS if n in sub), None)
+    if val_from_train and "train" in sub:  # the val/ folder stays unseen
+        return _load_folder(sub["train"], transforms, val_split, seed)
     if "train" in sub or val_dir is not None:
         if "train" not in sub:
             raise DataError(f"data folder {root} has {val_dir.name}/ but no train/ folder")

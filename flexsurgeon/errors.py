@@ -6,8 +6,24 @@ things went wrong without parsing messages.
 """
 
 
+import re
+
+# torch's DataLoader re-raises a worker's exception as ``type(exc)(msg)`` with the worker's
+# traceback inside the message; ours keep their one line and the traceback as an attribute.
+_WORKER_MESSAGE = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
+
 class FlexSurgeonError(Exception):
     """Base class: a problem with the user's model, options or files."""
+
+    worker_traceback: str | None = None
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER_MESSAGE.match(args[0]):
+            self.worker_traceback = args[0]
+            last = args[0].rstrip().splitlines()[-1]
+            args = (re.sub(r"^[\w.]+Error: ", "", last),)
+        super().__init__(*args)
 
 
 class ModelNotFoundError(FlexSurgeonError):
@@ -44,3 +60,15 @@ class TrainingError(FlexSurgeonError):
 
 class DataError(FlexSurgeonError):
     """A --data spec, folder or data file is missing, empty, malformed or inconsistent."""
+
+
+class AblationError(FlexSurgeonError):
+    """An ablation asks for an unknown variant, or its folder holds one with other settings."""
+
+
+class ExportError(FlexSurgeonError):
+    """A model cannot be exported (ONNX or an inference folder), or the export tools are missing."""
+
+
+class PlotError(FlexSurgeonError):
+    """Nothing plottable, an unreadable log or results file, or matplotlib is not installed."""

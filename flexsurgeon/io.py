@@ -8,19 +8,25 @@ renamed into place, so a crash never leaves a half-written checkpoint under DIR.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
-from .errors import CheckpointError, PlanError
+from .errors import CheckpointError, FlexSurgeonError, PlanError
 from .plan import SurgeryPlan
 
 ARCHITECTURE = "flexsurgeon"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PLAN_METADATA_KEY = "flexsurgeon_plan"
+# what config.json may hold: ours, plus the fields timm's hub tools add
+_CONFIG_KEYS = {"architecture", "num_classes", "num_features", "pretrained_cfg", "model_args", "global_pool",
+                "label_names", "label_descriptions"}
 # pretrained_cfg fields that point at the source's download location; a converted model has none
 _SOURCE_LOCATION_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag",
                          "custom_load", "hf_hub_revision")
@@ -50,32 +56,166 @@ def make_pretrained_cfg(source_cfg: dict | None, plan: SurgeryPlan) -> dict:
 
 
 def _write_atomic_dir(directory: Path, write, force: bool) -> Path:
+    """Write a folder through ``write(tmp)`` into a temporary sibling, then swap it into place.
+
+    A kill at any moment leaves DIR either as it was or complete and new: an existing DIR is
+    exchanged with the new folder in one ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere it
+    is renamed aside first, and the next save or load puts that copy back if the kill fell
+    between the two renames. Leftovers of killed saves are removed by the next save.
+    """
+    from safetensors import SafetensorError
+
     directory = Path(directory)
-    if directory.exists() and not force:
+    _recover(directory, clean=True)
+    existed = directory.exists()
+    if existed and not force:
         raise CheckpointError(f"output folder {directory} already exists; pass --force to replace it")
-    if directory.exists() and not directory.is_dir():
+    if existed and not directory.is_dir():
         raise CheckpointError(f"output path {directory} exists and is not a folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = directory.parent / f".{directory.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        if existed:
+            _replace_dir(tmp, directory)  # tmp now holds the previous folder (or nothing)
         else:
-            tmp.rename(directory)
-    except OSError as exc:
-        raise CheckpointError(f"could not write {directory}: {exc.strerror or exc}") from exc
+            _rename(tmp, directory)
+        _fsync_dir(directory.parent)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        kept = "; the previous checkpoint there is unchanged" if existed and directory.is_dir() else ""
+        raise CheckpointError(f"could not write {directory}: {reason}{kept}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+_TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_rename = os.rename  # module-level so fault tests can stop a save between steps
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Put ``new`` at ``directory`` (which exists); afterwards ``new`` holds the old folder or is gone."""
+    if _exchange(new, directory):
+        return
+    old = directory.parent / f".{directory.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _rename(directory, old)
+    try:
+        _rename(new, directory)  # a kill just before this leaves only `old`: _recover puts it back
+    except OSError:
+        _rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system or file system cannot."""
+    import ctypes
+
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for name in os.listdir(folder):
+        with open(folder / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the files themselves are synced
+    finally:
+        os.close(fd)
+
+
+def _leftovers(directory: Path) -> list[tuple[Path, bool]]:
+    """Temporary siblings of ``directory`` left by saves whose process is gone: (path, is_old_copy)."""
+    found = []
+    try:
+        entries = list(directory.parent.iterdir())
+    except OSError:
+        return found
+    for path in entries:
+        for tag, is_old in ((_TMP_TAG, False), (_OLD_TAG, True)):
+            prefix = f".{directory.name}{tag}"
+            if path.name.startswith(prefix) and not _pid_alive(path.name[len(prefix):].partition("-")[0]):
+                found.append((path, is_old))
+    return found
+
+
+def _pid_alive(text: str) -> bool:
+    if not text.isdigit() or int(text) <= 0:
+        return False  # older names carry no process id
+    if int(text) == os.getpid():
+        return True
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: leave its files alone
+    return True
+
+
+def recover(directory) -> None:
+    """Put back the previous checkpoint at ``directory`` if a save was killed between its two renames."""
+    _recover(Path(directory))
+
+
+def _recover(directory: Path, clean: bool = False) -> None:
+    """After a save was killed between its two renames, put the previous folder back at ``directory``.
+
+    With ``clean`` (the next save), also delete what killed saves left: unfinished temporary
+    folders and previous copies that were already replaced.
+    """
+    leftovers = _leftovers(directory)
+    if not directory.exists():
+        olds = sorted((p for p, is_old in leftovers if is_old and p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if olds:
+            try:
+                _rename(olds[-1], directory)
+            except OSError as exc:
+                raise CheckpointError(f"{directory} is missing because a save was interrupted; the previous "
+                                      f"checkpoint is in {olds[-1]}: rename it to {directory.name} "
+                                      f"({exc.strerror or exc})") from exc
+            leftovers = [(p, is_old) for p, is_old in leftovers if p != olds[-1]]
+    if clean:
+        for path, _ in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save(model, directory, force: bool = False, extra_files=None) -> Path:
@@ -113,6 +253,7 @@ def save(model, directory, force: bool = False, extra_files=None) -> Path:
 def read_config(directory) -> dict:
     directory = Path(directory)
     path = directory / CONFIG_NAME
+    _recover(directory)  # a save killed between its two renames: put the previous folder back
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {directory}")
     if not path.is_file():
@@ -126,10 +267,58 @@ def read_config(directory) -> dict:
     if config.get("architecture") != ARCHITECTURE:
         raise CheckpointError(f"{path} names architecture {config.get('architecture')!r}, not {ARCHITECTURE!r}; "
                               "it was not written by flexsurgeon")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path} has unknown field(s) {', '.join(unknown)}; it was not written by flexsurgeon "
+                              "or has been edited")
     model_args = config.get("model_args")
     if not isinstance(model_args, dict) or "plan" not in model_args:
         raise CheckpointError(f"{path} has no model_args.plan")
+    if set(model_args) != {"plan"}:
+        raise CheckpointError(f"{path} has unknown model_args field(s) "
+                              f"{', '.join(sorted(set(model_args) - {'plan'}))}; only the plan belongs there")
+    if not isinstance(config.get("pretrained_cfg", {}), dict):
+        raise CheckpointError(f"{path}: pretrained_cfg must be a JSON object")
     return config
+
+
+def _check_config_matches_plan(config: dict, plan: SurgeryPlan, directory: Path) -> None:
+    num_classes = config.get("num_classes", plan.num_classes)
+    if num_classes != plan.num_classes:
+        raise CheckpointError(f"{directory / CONFIG_NAME} says num_classes {num_classes!r} but its plan has "
+                              f"{plan.num_classes}; the file has been edited")
+
+
+def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str, list[int]]:
+    """The tensor shapes in a safetensors file, read from its header without loading any tensor.
+
+    With ``plan``, the plan the file was written with (in its metadata) must equal it, so a
+    config.json and a model.safetensors that do not belong together are refused before a
+    model is built.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {path}: {reason[:200]} (the file is empty, truncated or not "
+                              "safetensors)") from exc
+    written = metadata.get(PLAN_METADATA_KEY)
+    if plan is not None and written is not None:
+        try:
+            written_plan = SurgeryPlan.from_json(written)
+        except PlanError as exc:
+            raise CheckpointError(f"{path} carries a damaged plan in its metadata: {exc}") from exc
+        if written_plan != plan:
+            fields = [k for k, v in plan.to_dict().items() if written_plan.to_dict().get(k) != v]
+            raise CheckpointError(f"{path} was written for another plan than the one in {CONFIG_NAME} (they differ "
+                                  f"in {', '.join(fields)}); the two files do not belong together")
+    return shapes
 
 
 def build_from_plan(plan: SurgeryPlan):
@@ -142,12 +331,19 @@ def build_from_plan(plan: SurgeryPlan):
     return apply_plan(build_source(plan.source, "random"), plan)
 
 
-def load_weights(model, path: Path) -> None:
+def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+    if shapes is None:
+        shapes = read_weights_header(path)
+    own = model.state_dict()
+    wrong = [(k, s, list(own[k].shape)) for k, s in shapes.items() if k in own and list(own[k].shape) != s]
+    if wrong:
+        name, theirs, ours = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"{path} does not match the model its plan builds: {name} has shape {theirs} in the "
+                              f"file but {ours} in the model{more}")
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
@@ -162,9 +358,18 @@ def load(directory):
     """Rebuild the converted model saved in ``directory`` and load its weights."""
     directory = Path(directory)
     config = read_config(directory)
-    plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+    from .models import check_source
+
+    try:  # the plan is validated, and its source looked up, before anything is built
+        plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+        if plan.source is not None:
+            check_source(plan.source)
+    except FlexSurgeonError as exc:
+        raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from exc
+    _check_config_matches_plan(config, plan, directory)
+    shapes = read_weights_header(directory / WEIGHTS_NAME, plan)
     model = build_from_plan(plan)
-    load_weights(model, directory / WEIGHTS_NAME)
+    load_weights(model, directory / WEIGHTS_NAME, shapes)
     model.pretrained_cfg = model.default_cfg = _as_tuples(config.get("pretrained_cfg") or {})
     return model
 
@@ -190,7 +395,7 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, *
         location = cfg.get("file")
         if not location:
             raise CheckpointError("pretrained=True needs a checkpoint folder: use 'local-dir:DIR'")
-        load_weights(model, Path(location) / WEIGHTS_NAME)
+        load_weights(model, Path(location) / WEIGHTS_NAME, read_weights_header(Path(location) / WEIGHTS_NAME, plan))
     model.pretrained_cfg = model.default_cfg = _as_tuples(cfg)
     return model
 

@@ -62,13 +62,35 @@ def _torchvision_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
-    """Instantiate ``spec`` with random, pretrained or file weights."""
+_REGISTRY_ONLY = "plans name registered models only; module paths and callables are never imported"
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Refuse a source that is not a builder in timm's registry or torchvision's model list.
+
+    Names are looked up, never imported or evaluated, so a config.json cannot make
+    flexsurgeon run code by naming a module path or a callable.
+    """
     if spec.library == "timm":
         import timm
 
+        if spec.name.split(".")[0] == "flexsurgeon":
+            raise ModelNotFoundError("'flexsurgeon' is the architecture of converted checkpoints, not a source model")
         if not timm.is_model(spec.name):
-            raise ModelNotFoundError(f"unknown timm model '{spec.name}'")
+            raise ModelNotFoundError(f"unknown timm model '{spec.name}' ({_REGISTRY_ONLY})")
+    elif spec.library == "torchvision":
+        if spec.name not in _torchvision_models():
+            raise ModelNotFoundError(f"unknown torchvision model '{spec.name}' ({_REGISTRY_ONLY})")
+    else:
+        raise ModelNotFoundError(f"unknown model library '{spec.library}'")
+
+
+def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
+    """Instantiate ``spec`` with random, pretrained or file weights."""
+    check_source(spec)
+    if spec.library == "timm":
+        import timm
+
         if weights == "pretrained":
             try:
                 return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
@@ -78,8 +100,6 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
     elif spec.library == "torchvision":
         import torchvision
 
-        if spec.name not in _torchvision_models():
-            raise ModelNotFoundError(f"unknown torchvision model '{spec.name}'")
         if weights == "pretrained":
             kwargs = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
             try:
@@ -91,8 +111,6 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
                 _reset_last_classifier(model, num_classes)
             return model
         model = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
-    else:
-        raise ModelNotFoundError(f"unknown model library '{spec.library}'")
     if weights not in ("random", "pretrained"):
         load_weights_file(model, Path(weights))
     return model

@@ -8,6 +8,7 @@ data: loading one never imports or evaluates anything it names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,9 @@ LIBRARIES = ("timm", "torchvision")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
 _NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCALAR = (str, int, float, bool, type(None))
+# builder arguments that fetch or read weights: a plan never sets them (weights come from the checkpoint)
+_LOADER_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
+                  "cache_dir", "weights", "weights_backbone", "progress")
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,13 @@ class SurgeryPlan:
             if not isinstance(self.source.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.source.name):
                 raise PlanError(f"plan source.name {self.source.name!r} is not a model name")
             if not isinstance(self.source.kwargs, dict) or not all(
-                    isinstance(k, str) and isinstance(v, _SCALAR) for k, v in self.source.kwargs.items()):
-                raise PlanError("plan source.kwargs must map names to plain values (str, int, float, bool, null)")
+                    isinstance(k, str) and _plain(v) for k, v in self.source.kwargs.items()):
+                raise PlanError("plan source.kwargs must map names to plain values (str, int, finite float, bool, "
+                                "null)")
+            loaders = sorted(set(self.source.kwargs) & set(_LOADER_KWARGS))
+            if loaders:
+                raise PlanError(f"plan source.kwargs may not set {', '.join(loaders)}: a checkpoint's weights come "
+                                "from its model.safetensors, never from a path or download named in a plan")
         for key in ("num_classes", "in_chans"):
             value = getattr(self, key)
             if not _positive_int(value):
@@ -102,6 +111,9 @@ class SurgeryPlan:
                 raise PlanError(f"plan node name {site.node!r} is not a graph node name")
             if not _positive_int(site.channels) or not _size(site.size):
                 raise PlanError(f"plan entry for node {site.node!r} has bad channels/size")
+            keepdim, module = getattr(site, "keepdim", False), getattr(site, "module", "")
+            if not isinstance(keepdim, bool) or not isinstance(module, str):
+                raise PlanError(f"plan entry for node {site.node!r}: keepdim must be true or false, module a string")
         for pool in self.pools:
             if not isinstance(pool.input, str) or not _NODE_NAME.match(pool.input):
                 raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
@@ -114,7 +126,7 @@ class SurgeryPlan:
         if len(weights) != len(self.sac) + 1:
             raise PlanError(f"plan has {len(self.sac)} SAC heads, so sac_weights needs {len(self.sac) + 1} "
                             f"values (heads, then main); got {len(weights)}")
-        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 for w in weights):
+        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < w < math.inf for w in weights):
             raise PlanError(f"plan sac_weights must be positive numbers, got {list(weights)}")
         if any(b <= a for a, b in zip(weights, weights[1:])):
             raise PlanError(f"plan sac_weights {list(weights)} must increase with depth (the paper's 0.1, 0.2, 0.7)")
@@ -133,7 +145,7 @@ class SurgeryPlan:
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         known = {"source", "num_classes", "in_chans", "img_size", "pools", "sac", "sac_weights",
                  "pool_mode", "dropout", "version"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise PlanError(f"plan has unknown field(s): {', '.join(unknown)}")
         missing = sorted({"num_classes", "in_chans", "img_size", "pools", "version"} - set(data))
@@ -165,6 +177,10 @@ class SurgeryPlan:
         except (json.JSONDecodeError, TypeError) as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _plain(value) -> bool:
+    return isinstance(value, _SCALAR) and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def _positive_int(value) -> bool:

@@ -9,6 +9,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -52,9 +53,12 @@ class Recipe:
     ema: bool = False
     ema_decay: float = 0.9998
     # data
-    val_split: float = 0.1
+    val_split: float = 0.1  # for data without a val part of its own (or with val_from_train)
+    val_from_train: bool = False  # carve val from train even where the data has val/test: to pick settings
+    train_subset: int | None = None  # train on a seeded random subset of this many images
     workers: int = 2
     hflip: float = 0.5
+    scale: list[float] | None = None  # random-resized-crop area range [min, max]; None: timm's (0.08, 1)
     # runtime
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast on CUDA; CPU always trains in float32
@@ -91,8 +95,12 @@ class Recipe:
         _check(self.img_size is None or self.img_size >= 8, "img_size", self.img_size, "must be at least 8")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
         _check(0 <= self.val_split < 1, "val_split", self.val_split, "must be in [0, 1)")
+        _check(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset,
+               "must be at least 1")
         _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
         _check(0 <= self.hflip <= 1, "hflip", self.hflip, "must be in [0, 1]")
+        _check(self.scale is None or (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1), "scale",
+               self.scale, "must be [min, max] with 0 < min <= max <= 1")
         _check(self.device in DEVICES, "device", self.device, f"must be one of {', '.join(DEVICES)}")
 
     def to_dict(self) -> dict:
@@ -126,24 +134,32 @@ def _coerce(key: str, value, type_name: str, source: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif base == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
             return float(value)
     elif base == "str":
         if isinstance(value, str):
             return value
     elif base == "list[float]":
-        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
+                                           for v in value):
             return [float(v) for v in value]
-    wanted = {"list[float]": "a list of numbers", "int": "an integer", "float": "a number",
+    wanted = {"list[float]": "a list of finite numbers", "int": "an integer", "float": "a finite number",
               "bool": "true or false", "str": "a string"}[base]
     raise RecipeError(f"{source}: recipe field '{key}' must be {wanted}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def from_dict(data, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
     types = _field_types()
-    unknown = sorted(k for k in data if k not in types)
+    unknown = sorted((k for k in data if k not in types), key=str)  # YAML keys may be numbers or null
     if unknown:
         import difflib
 
@@ -171,8 +187,10 @@ def load_recipe(name_or_path: str | Path | None) -> Recipe:
         raise RecipeError(f"recipe '{name_or_path}' not found: give a YAML file or one of {', '.join(available())}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: a date such as 2024-13-01
+        raise RecipeError(f"{path} is not valid YAML: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
     return from_dict(data, source=str(path))
 
 
@@ -185,7 +203,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise RecipeError(f"override '{text}' must look like key=value")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # then the text itself, which the field check judges
         value = raw
     return key.strip(), value
 

@@ -163,13 +163,33 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     with torch.no_grad():
         for x, y in loader:
             x, y = _to_device(x, y, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out, sac = model.forward_train(x) if hasattr(model, "forward_train") else (model(x), [])
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out, sac = model.forward_train(x) if hasattr(model, "forward_train") else (model(x), [])
+            except RuntimeError as exc:
+                _raise_if_out_of_memory(exc, getattr(loader, "batch_size", None) or x.shape[0], "evaluating")
+                raise
             outputs = [*sac, out]
             tally.add(outputs, [F.cross_entropy(o.float(), y) for o in outputs], y)
     model.train(was_training)
     tally.reduce(dist)
     return tally.summary()
+
+
+def _raise_if_out_of_memory(exc: RuntimeError, batch_size: int, doing: str) -> None:
+    """Turn an out-of-memory failure into a TrainingError that suggests a smaller batch.
+
+    CUDA raises ``torch.cuda.OutOfMemoryError``; the CPU and MPS allocators raise a plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory").
+    """
+    text = str(exc).lower()
+    gpu = isinstance(exc, torch.cuda.OutOfMemoryError)
+    if not gpu and "out of memory" not in text and "can't allocate memory" not in text:
+        return
+    where = "GPU" if gpu or "cuda" in text else "MPS" if "mps" in text else "CPU"
+    advice = (f"try --batch-size {batch_size // 2}" if batch_size > 1 else
+              "the batch size is already 1: try a smaller --img-size or model")
+    raise TrainingError(f"out of {where} memory {doing} at batch size {batch_size}; {advice}") from exc
 
 
 def _to_device(x, y, device, channels_last: bool = False):
@@ -384,6 +404,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         best_top1, best_epoch = meta["best_top1"], meta["best_epoch"]
         if dist.main:
             log(f"resuming {output} after epoch {start_epoch} of {recipe.epochs}")
+            _truncate_log(output / LOG_NAME, start_epoch)
 
     train_forward: nn.Module = _TrainForward(model)
     if dist.enabled:
@@ -423,15 +444,15 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                     loss = loss + recipe.reg_weight * model.regularizer()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            except torch.cuda.OutOfMemoryError as exc:
-                raise TrainingError(f"out of GPU memory at batch size {recipe.batch_size}; try --batch-size "
-                                    f"{max(1, recipe.batch_size // 2)}") from exc
-            if frozen:  # the backbone keeps its weights; cheaper than re-wrapping DDP per phase
-                for p in backbone:
-                    p.grad = None
-            if recipe.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
+                if frozen:  # the backbone keeps its weights; cheaper than re-wrapping DDP per phase
+                    for p in backbone:
+                        p.grad = None
+                if recipe.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                optimizer.step()  # optimizers allocate their state on the first step
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+                _raise_if_out_of_memory(exc, recipe.batch_size, "training")
+                raise
             step += 1
             _step_scheduler(scheduler, step)
             if ema is not None:
@@ -485,6 +506,23 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                           last=last_record)
 
 
+def _truncate_log(path: Path, epochs: int) -> None:
+    """Keep the log's first ``epochs`` records: a kill after an epoch's log line but before its
+    checkpoint makes the resumed run redo that epoch, which must not be logged twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, output: Path) -> None:
     value = loss.item()
     if not math.isfinite(value):
@@ -515,27 +553,40 @@ def _data_config_for_name(name: str, img_size: int | None, in_chans: int) -> dic
     return resolve_data_config(args={"input_size": (in_chans, *size[1:])}, pretrained_cfg=cfg)
 
 
+def _train_transform_kwargs(recipe: Recipe) -> dict:
+    """The recipe's options for timm's ``create_transform(is_training=True)``."""
+    return {"hflip": recipe.hflip, **({"scale": tuple(recipe.scale)} if recipe.scale else {})}
+
+
+def _run_data(data_spec: str, data_config: dict, in_chans: int, recipe: Recipe):
+    from .data import load_data, subset_train
+
+    data = load_data(data_spec, data_config=data_config, in_chans=in_chans, val_split=recipe.val_split,
+                     seed=recipe.seed, train_transform_kwargs=_train_transform_kwargs(recipe),
+                     val_from_train=recipe.val_from_train)
+    return subset_train(data, recipe.train_subset, recipe.seed) if recipe.train_subset else data
+
+
 def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resume: bool = False,
         overrides: dict | None = None, weights: str | Path = "random", sac_stages=None, in_chans: int = 3,
         replace_gating: bool = False, progress: bool = True, log=print) -> FinetuneResult:
     """``flexsurgeon finetune``: resolve the model (a converted folder or a name to convert), the
     data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
     with ``overrides`` on top (e.g. more epochs)."""
-    from .data import load_data
-    from .io import load, read_config
+    from .io import load, read_config, recover
     from .recipe import load_recipe, with_overrides
     from .surgery import convert
 
     output = Path(output)
     if resume:
         last = output / LAST
+        recover(last)  # a kill between a save's two renames (where the swap is not atomic)
         if not (last / STATE_JSON).is_file():
             raise CheckpointError(f"nothing to resume: {last} has no training state (run without --resume)")
         recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
         seed_everything(recipe.seed)
         model = load(last)
-        data = load_data(data_spec, data_config=_data_config_for(model), in_chans=model.flexsurgeon_plan.in_chans,
-                         val_split=recipe.val_split, seed=recipe.seed, train_transform_kwargs={"hflip": recipe.hflip})
+        data = _run_data(data_spec, _data_config_for(model), model.flexsurgeon_plan.in_chans, recipe)
         return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
 
     if (output / LAST).exists():
@@ -544,12 +595,9 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     if Path(source).is_dir():
         read_config(source)  # a clear error for a folder that is not a checkpoint
         model = load(source)
-        data = load_data(data_spec, data_config=_data_config_for(model), in_chans=model.flexsurgeon_plan.in_chans,
-                         val_split=recipe.val_split, seed=recipe.seed, train_transform_kwargs={"hflip": recipe.hflip})
+        data = _run_data(data_spec, _data_config_for(model), model.flexsurgeon_plan.in_chans, recipe)
     else:
-        data = load_data(data_spec, data_config=_data_config_for_name(source, recipe.img_size, in_chans),
-                         in_chans=in_chans, val_split=recipe.val_split, seed=recipe.seed,
-                         train_transform_kwargs={"hflip": recipe.hflip})
+        data = _run_data(data_spec, _data_config_for_name(source, recipe.img_size, in_chans), in_chans, recipe)
         seed_everything(recipe.seed)
         model = convert(source, weights=weights, num_classes=data.num_classes, img_size=recipe.img_size,
                         in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,

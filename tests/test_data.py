@@ -148,7 +148,7 @@ def test_idx_val_is_carved_from_train_without_t10k_or_when_asked(tmp_path):
     assert sorted(int(bundle.val[i][1]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
     _write_idx(tmp_path, "t10k", images[:9], labels[:9], gz=True)
     assert len(load_data(str(tmp_path), data_config=RAW).val) == 9
-    assert len(load_data(str(tmp_path), data_config=RAW, val_split=0.2, idx_val_from_train=True).val) == 6
+    assert len(load_data(str(tmp_path), data_config=RAW, val_split=0.2, val_from_train=True).val) == 6
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -373,3 +373,36 @@ def test_timm_passthrough_failure_is_a_data_error(tmp_path, spec):
 def test_empty_spec():
     with pytest.raises(DataError, match="empty"):
         load_data("  ", data_config=CFG)
+
+
+def test_val_from_train_leaves_the_val_folder_unseen(tmp_path):
+    _folder(tmp_path / "train", n=10)
+    _folder(tmp_path / "val", n=3, ext=".jpg")
+    bundle = load_data(str(tmp_path), data_config=CFG, val_split=0.2, seed=0, val_from_train=True)
+    assert (len(bundle.train), len(bundle.val)) == (16, 4)
+    paths = [Path(p) for p, _ in bundle.train.samples + bundle.val.samples]
+    assert all(p.parent.parent == tmp_path / "train" for p in paths) and len(set(paths)) == 20
+
+
+def test_train_subset_is_seeded_and_keeps_val():
+    from flexsurgeon.data import subset_train
+
+    bundle = load_data("synthetic:classes=4,train=64,val=16", data_config=RAW)
+    a, b, c = (subset_train(bundle, 20, seed) for seed in (0, 0, 1))
+    assert len(a.train) == 20 and a.val is bundle.val and "subset of 20" in a.description
+    assert a.train.indices == b.train.indices != c.train.indices
+    assert len(set(a.train.indices)) == 20
+    with pytest.raises(DataError, match="subset of 65 images is impossible"):
+        subset_train(bundle, 65, 0)
+
+
+def test_recipe_crop_scale_reaches_timms_random_resized_crop(tmp_path):
+    from flexsurgeon.recipe import Recipe
+    from flexsurgeon.train import _train_transform_kwargs
+
+    kwargs = _train_transform_kwargs(Recipe(scale=[0.35, 1.0], hflip=0.0))
+    assert kwargs == {"hflip": 0.0, "scale": (0.35, 1.0)}
+    root = _folder(tmp_path)
+    bundle = load_data(str(root), data_config=CFG, train_transform_kwargs=kwargs)
+    crops = [t for t in bundle.train.transform.transform.transforms if "RandomResizedCrop" in type(t).__name__]
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.35, 1.0)

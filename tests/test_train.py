@@ -187,3 +187,14 @@ def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
     assert plan.pool_mode == "linear" and plan.dropout == 0.25 and plan.sac_weights == (0.1, 0.2, 0.7)
     record = _log(run)[0]
     assert record["val"]["count"] == 64 and all(v == v for v in record["train"]["loss"].values())  # no NaN
+
+
+def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
+    import json
+
+    from flexsurgeon.train import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"epoch": e, "val": {}}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "va')
+    _truncate_log(log, 2)  # last/ holds epoch 2: epochs 3 and 4 will be redone and logged again
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
