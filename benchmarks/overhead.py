@@ -65,7 +65,8 @@ def _model_latency(args: argparse.Namespace) -> None:
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one entry per round; the fns take turns within every round."""
+    """Seconds per call of each fn, one entry per round; the fns take turns within every round,
+    in alternating order."""
     calls = {}
     for name, fn in fns.items():
         for _ in range(3):
@@ -74,8 +75,8 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, block_s
         fn()
         calls[name] = max(3, int(block_s / max(time.perf_counter() - t, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for i in range(rounds):  # the order flips every round, so neither side always runs first
+        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
             n = calls[name]
             t = time.perf_counter()
             for _ in range(n):

@@ -197,3 +197,25 @@ def test_cli_pool_choices_are_the_plan_kinds():
     plan = flexsurgeon.inspect("resnet10t", img_size=64).plan
     with pytest.raises(flexsurgeon.errors.PlanError, match="pool_mode 'max'"):
         SurgeryPlan.from_dict({**json.loads(plan.to_json()), "pool_mode": "max"})
+
+
+def test_residual_adds_write_in_place_only_without_autograd(x64):
+    """fx turns ``x += shortcut`` into a new tensor per block; the eval graph adds in place again
+    under no_grad, and gradients still flow (out of place) when autograd records."""
+    from flexsurgeon.apply import add_into
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=10).eval()
+    converted = flexsurgeon.convert(copy.deepcopy(source), img_size=64).eval()
+    adds = [n for n in converted._graphs["eval"].nodes if n.target is add_into]
+    assert len(adds) == 8  # resnet18: one per basic block
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    with torch.no_grad():
+        assert add_into(a, b) is a
+        assert (converted(x64) - source(x64)).abs().max().item() <= 1e-5
+    assert add_into(torch.randn(2, 3), torch.randn(2, 3)) is not a  # autograd on: a new tensor
+    assert add_into(torch.randn(3), torch.randn(2, 3)).shape == (2, 3)  # broadcasting grows: not in place
+    xs, xc = x64.clone().requires_grad_(True), x64.clone().requires_grad_(True)
+    source(xs).sum().backward()
+    converted(xc).sum().backward()
+    assert torch.allclose(xs.grad, xc.grad, atol=1e-6)
