@@ -186,7 +186,8 @@ def test_convert_killed_at_each_step_of_replacing_a_checkpoint_leaves_old_or_new
     assert _leftovers(ck) == [] and _same(_state(ck), checkpoints["new"])
 
 
-def test_without_force_a_recovered_checkpoint_is_not_overwritten(checkpoints, tmp_path):
+def _save_killed_between_the_two_renames(checkpoints, tmp_path):
+    """A forced save over the old checkpoint, killed after moving it aside (the fallback path)."""
     ck = tmp_path / "ck"
     shutil.copytree(checkpoints["old_dir"], ck)
 
@@ -195,22 +196,20 @@ def test_without_force_a_recovered_checkpoint_is_not_overwritten(checkpoints, tm
         _die_after(fio, "_rename", 1)
         flexsurgeon.save(checkpoints["new_model"], ck, force=True)
 
-    assert _killed(_fork(child)) and not ck.exists()
+    return ck, _fork(child)
+
+
+def test_without_force_a_recovered_checkpoint_is_not_overwritten(checkpoints, tmp_path):
+    ck, status = _save_killed_between_the_two_renames(checkpoints, tmp_path)
+    assert _killed(status) and not ck.exists()
     code, output = _cli("convert", MODEL, "--weights", checkpoints["weights"], *CONVERT, "-o", ck)
     assert code == 1 and "already exists; pass --force" in output
     assert _same(_state(ck), checkpoints["old"]) and _leftovers(ck) == []
 
 
 def test_when_the_previous_copy_cannot_be_put_back_load_names_it(checkpoints, tmp_path, monkeypatch):
-    ck = tmp_path / "ck"
-    shutil.copytree(checkpoints["old_dir"], ck)
-
-    def child():
-        _no_exchange()
-        _die_after(fio, "_rename", 1)
-        flexsurgeon.save(checkpoints["new_model"], ck, force=True)
-
-    assert _killed(_fork(child))
+    ck, status = _save_killed_between_the_two_renames(checkpoints, tmp_path)
+    assert _killed(status)
     (old,) = [tmp_path / name for name in _leftovers(ck) if ".old-" in name]
 
     def read_only(src, dst):
