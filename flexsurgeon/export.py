@@ -46,7 +46,7 @@ class _FrozenFlexPool(nn.Module):
         self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _weighted_sum(x, self.weights, False, self.flatten)
+        return _weighted_sum(x, self.weights, "rows", self.flatten)
 
     def extra_repr(self) -> str:
         return f"channels={self.weights.shape[1]}, size={self.size}, flatten={self.flatten}"
@@ -130,7 +130,7 @@ def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
             continue
         size, dtype = seen[name]
         with torch.no_grad():
-            weights = _normalized_weight(pool.weight, pool.mode, pool.size, size, dtype, False)
+            weights = _normalized_weight(pool.weight, pool.mode, pool.size, size, dtype)
         frozen[name] = _FrozenFlexPool(weights.detach().clone(), size, pool.flatten)
     stripped.flex_pools = nn.ModuleDict({name: frozen.get(name, pool) for name, pool in stripped.flex_pools.items()})
     return stripped

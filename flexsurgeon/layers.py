@@ -38,19 +38,53 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+# How the weighted sum is computed. "rows" and "cols" (one multiply, one reduction) run
+# everywhere and under autograd; "bmm" and "conv" read x only once and are used for
+# inference on CPU where they measured faster (benchmarks/overhead.py, RESULTS.md).
+_ROWS, _COLS, _BMM, _CONV = "rows", "cols", "bmm", "conv"
+# Below these sizes the plain multiply-reduce was faster on the CPU we measured.
+_BMM_MIN_COLUMNS = 512  # batch * H * W of an NCHW input
+_CONV_MIN_NUMEL = 1 << 20  # elements of a channels_last input
+
+
+def _training_kernel(x: torch.Tensor) -> str:
+    """The multiply-reduce laid out like ``x``; also the form compile / export / FX record."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return _COLS if channels_last else _ROWS
+
+
+def _inference_kernel(x: torch.Tensor) -> str:
+    """The fastest form when no autograd graph is recorded.
+
+    On CPU in float32, large inputs avoid the multiply's temporary the size of ``x``
+    (up to 17x of the mean at batch 128 from the page faults alone): NCHW goes through
+    one strided (1 x H*W) @ (H*W x B) matmul per channel, which reads x's memory in
+    place; channels_last through a depthwise convolution whose kernel is the whole map
+    (oneDNN). Their backward is 4-80x slower than the multiply-reduce's, hence inference only.
+    """
+    kernel = _training_kernel(x)
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return kernel
+    if kernel == _ROWS and x.shape[0] * x.shape[2] * x.shape[3] >= _BMM_MIN_COLUMNS:
+        return _BMM
+    if kernel == _COLS and x.numel() >= _CONV_MIN_NUMEL:
+        return _CONV
+    return kernel
+
+
 def _normalized_weight(
     weight: torch.Tensor,
     mode: str,
     native: tuple[int, int],
     size: tuple[int, int],
     dtype: torch.dtype,
-    channels_last: bool,
+    kernel: str = _ROWS,
 ) -> torch.Tensor:
     """Pooling weights ``A`` at ``size``, in ``dtype``, laid out for ``_weighted_sum``.
 
-    Returns (1, C, H*W) for an NCHW input and (1, H*W, C) (contiguous) for a
-    channels_last one. ``native`` is ``weight``'s own (H, W), passed in so that this
-    also runs on FX proxies.
+    Returns (1, C, H*W), or (1, H*W, C) contiguous for the channels_last multiply-reduce
+    ("cols"). ``native`` is ``weight``'s own (H, W), passed in so that this also runs
+    on FX proxies.
 
     softmax: the logits are resampled bilinearly (only when ``size`` differs from the
     native size), then normalised per channel in float32. linear: the weights are
@@ -75,31 +109,34 @@ def _normalized_weight(
             scale = torch.where(ok, old_sum / torch.where(ok, new_sum, 1.0), area)
             a = resampled * scale
     a = a.to(dtype)
-    if channels_last:
+    if kernel == _COLS:
         a = a.transpose(1, 2).contiguous()
     return a
 
 
-def _weighted_sum(x: torch.Tensor, a: torch.Tensor, channels_last: bool, flatten: bool) -> torch.Tensor:
-    """``y[b, c] = sum_{h,w} A[c,h,w] * x[b,c,h,w]``: one multiply, one reduction.
+def _weighted_sum(x: torch.Tensor, a: torch.Tensor, kernel: str, flatten: bool) -> torch.Tensor:
+    """``y[b, c] = sum_{h,w} A[c,h,w] * x[b,c,h,w]``, with ``a`` from ``_normalized_weight``.
 
-    The reduction runs over a 3-D view that matches ``x``'s memory layout, with ``a``
-    from ``_normalized_weight`` laid out the same way: (B, C, H*W) rows for NCHW,
-    (B, H*W, C) for channels_last. Both the product and the reduction then stream
-    through memory in order, and so do the backward's broadcasts (the 4-D form
-    ``(x * a).sum((2, 3))`` is as fast forward but 3-7x slower backward, because
-    autograd then broadcasts over a W-long inner axis). einsum / bmm forms go through
-    batched matmul and are slower still. Timings: benchmarks/RESULTS.md.
+    "rows"/"cols": one multiply and one reduction over a 3-D view that matches ``x``'s
+    memory layout ((B, C, H*W) rows for NCHW, (B, H*W, C) for channels_last), so the
+    product, the reduction and the backward's broadcasts all stream through memory in
+    order (the 4-D ``(x * a).sum((2, 3))`` is as fast forward but 3-7x slower backward).
+    "bmm"/"conv": see ``_inference_kernel``.
     """
-    if channels_last:
-        y = (x.permute(0, 2, 3, 1).flatten(1, 2) * a).sum(1)
-    else:
+    if kernel == _ROWS:
         y = (x.flatten(2) * a).sum(-1)
+    elif kernel == _COLS:
+        y = (x.permute(0, 2, 3, 1).flatten(1, 2) * a).sum(1)
+    elif kernel == _BMM:
+        b, c = x.shape[:2]
+        # (C, 1, HW) @ (C, HW, B): x's NCHW memory is a column-major (HW x B) matrix per
+        # channel. y comes out transposed; a copy to row-major would cost as much as the
+        # product, and the layers that follow (linear, flatten, view) take it as it is.
+        y = torch.bmm(a.view(c, 1, -1), x.flatten(2).permute(1, 2, 0)).view(c, b).t()
+    else:
+        c, h, w = x.shape[1:]
+        y = F.conv2d(x, a.view(c, 1, h, w), groups=c).flatten(1)
     return y if flatten else y[:, :, None, None]
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -130,9 +167,9 @@ def flex_pool2d(
     """
     _check_mode(mode)
     _check_input(x, weight)
-    size, channels_last = tuple(x.shape[-2:]), _is_channels_last(x)
-    a = _normalized_weight(weight, mode, tuple(weight.shape[-2:]), size, x.dtype, channels_last)
-    return _weighted_sum(x, a, channels_last, flatten)
+    kernel = _training_kernel(x) if _records_graph(x, weight) else _inference_kernel(x)
+    a = _normalized_weight(weight, mode, tuple(weight.shape[-2:]), tuple(x.shape[-2:]), x.dtype, kernel)
+    return _weighted_sum(x, a, kernel, flatten)
 
 
 _st = torch.fx._symbolic_trace
@@ -143,6 +180,21 @@ _fx_symbolic_tracing = getattr(_st, "is_fx_symbolic_tracing", _st.is_fx_tracing)
 def _compiling() -> bool:
     """True under torch.compile, torch.export (strict or not) or torch.jit.trace."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _transformed(t: torch.Tensor) -> bool:
+    """True for a tensor wrapped by a torch.func transform (vmap, grad, ...)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _records_graph(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when autograd, a compiler, an exporter or a torch.func transform sees this call."""
+    return (
+        (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or _compiling()
+        or _transformed(x)
+        or _transformed(weight)
+    )
 
 
 class FlexPool(nn.Module):
@@ -210,33 +262,29 @@ class FlexPool(nn.Module):
             return self.weight.new_zeros(())
         return (self.weight.sum((1, 2)) - 1.0).square().sum()
 
-    def _weights_for(self, x: torch.Tensor, channels_last: bool, compiling: bool) -> torch.Tensor:
-        """Normalised weights for ``x``; cached unless a graph is being recorded."""
+    def _weights_for(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """Normalised weights for ``x``. Cached unless a graph records the weight: the
+        key holds the weight's in-place version and the input's dtype, size and layout."""
         w, size = self.weight, (x.shape[-2], x.shape[-1])
-        if (
-            compiling
-            or (torch.is_grad_enabled() and w.requires_grad)
-            or w.is_inference()
-            or torch._C._functorch.is_functorch_wrapped_tensor(w)
-        ):
-            return _normalized_weight(w, self.mode, self.size, size, x.dtype, channels_last)
-        key = (id(w), w.data_ptr(), w._version, w.device, x.dtype, size, channels_last)
+        # _compiling() first: dynamo cannot trace is_inference().
+        if _compiling() or (torch.is_grad_enabled() and w.requires_grad) or _transformed(w) or w.is_inference():
+            return _normalized_weight(w, self.mode, self.size, size, x.dtype, kernel)
+        key = (id(w), w.data_ptr(), w._version, w.device, x.dtype, size, kernel == _COLS)
         cache = self._cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                a = _normalized_weight(w, self.mode, self.size, size, x.dtype, channels_last)
+                a = _normalized_weight(w, self.mode, self.size, size, x.dtype, kernel)
             self._cache = cache = (key, a)
         return cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx_symbolic_tracing():
             # FX proxies carry no shapes: record the native-size NCHW form.
-            a = _normalized_weight(self.weight, self.mode, self.size, self.size, x.dtype, False)
-            y = _weighted_sum(x, a, False, self.flatten)
+            a = _normalized_weight(self.weight, self.mode, self.size, self.size, x.dtype)
+            y = _weighted_sum(x, a, _ROWS, self.flatten)
             return self.drop(y) if self.training and self.drop.p > 0 else y
-        compiling = _compiling()
         _check_input(x, self.weight)
-        if x.shape[-2] == 1 and x.shape[-1] == 1 and not self._warned_1x1 and not compiling:
+        if x.shape[-2] == 1 and x.shape[-1] == 1 and not self._warned_1x1 and not _compiling():
             self._warned_1x1 = True
             warnings.warn(
                 f"FlexPool got a 1x1 feature map (input {tuple(x.shape)}): it is a no-op at this "
@@ -244,8 +292,8 @@ class FlexPool(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        channels_last = _is_channels_last(x)
-        y = _weighted_sum(x, self._weights_for(x, channels_last, compiling), channels_last, self.flatten)
+        kernel = _training_kernel(x) if _records_graph(x, self.weight) else _inference_kernel(x)
+        y = _weighted_sum(x, self._weights_for(x, kernel), kernel, self.flatten)
         return self.drop(y) if self.training and self.drop.p > 0 else y
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature

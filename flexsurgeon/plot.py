@@ -87,7 +87,7 @@ def pool_weights(pool):
     from .layers import _normalized_weight
 
     with torch.no_grad():
-        a = _normalized_weight(pool.weight.detach(), pool.mode, pool.size, pool.size, torch.float32, False)
+        a = _normalized_weight(pool.weight.detach(), pool.mode, pool.size, pool.size, torch.float32)
     return a.reshape(pool.channels, *pool.size).cpu()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from flexsurgeon.layers import POOL_MODES, FlexPool, SACHead, flex_pool2d
+from flexsurgeon.layers import POOL_MODES, FlexPool, SACHead, _inference_kernel, flex_pool2d
 
 LAYOUTS = ("nchw", "channels_last")
 
@@ -159,6 +159,52 @@ def test_gradients_reach_weight_and_input(layout):
     torch.testing.assert_close(pool.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
     x2 = x.detach().clone().requires_grad_(True)
     _reference(x2, pool.weight.detach(), "softmax").square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+# Inputs large enough for the CPU inference kernels (batch*H*W >= 512 for NCHW,
+# >= 2**20 elements for channels_last), small enough to stay fast.
+_LARGE = {"nchw": ((16, 6, 8, 8), "bmm"), "channels_last": ((4, 64, 64, 64), "conv")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("flatten", [True, False])
+def test_inference_kernels_match_reference_and_training_path(layout, flatten):
+    shape, kernel = _LARGE[layout]
+    x = _input(shape, layout=layout)
+    assert _inference_kernel(x) == kernel  # the kernel under test is the one picked
+    pool = FlexPool(shape[1], shape[2:], flatten=flatten).eval()
+    _perturb(pool)
+    expected = _reference(x, pool.weight.detach(), "softmax")
+    expected = expected if flatten else expected[:, :, None, None]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            y = pool(x)
+        assert y.shape == expected.shape
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        # What heads do next works on the output as it comes (bmm's is transposed).
+        head = nn.Linear(shape[1], 3)
+        with context():
+            torch.testing.assert_close(head(y.view(shape[0], -1)), head(expected.reshape(shape[0], -1)))
+    torch.testing.assert_close(pool(x).detach(), expected, rtol=1e-5, atol=1e-6)  # grad on: multiply-reduce
+    with torch.no_grad():
+        torch.testing.assert_close(flex_pool2d(x, pool.weight, flatten=flatten), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_kernels_only_without_autograd_and_in_float32(layout):
+    shape, _ = _LARGE[layout]
+    x = _input(shape, layout=layout)
+    training = "rows" if layout == "nchw" else "cols"
+    assert _inference_kernel(x.bfloat16()) == training
+    assert _inference_kernel(_input((1, shape[1], 2, 2), layout=layout)) == training  # small input
+    # A frozen FlexPool before a layer that trains still passes the gradient to its input.
+    pool = FlexPool(shape[1], shape[2:]).eval().requires_grad_(False)
+    _perturb(pool)
+    x = x.requires_grad_(True)
+    pool(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    _reference(x2, pool.weight, "softmax").square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
 
 
