@@ -447,6 +447,8 @@ def main(argv=None) -> int:
     parser.add_argument("--roundtrip", action="store_true", help="also save, load and compare each preserved model")
     parser.add_argument("--records", type=Path, default=None, help="JSON-lines results file (default: a temp file)")
     parser.add_argument("--resume", action="store_true", help="skip models already in --records")
+    parser.add_argument("--retry-skipped", action="store_true",
+                        help="with --resume, walk models recorded as skipped again (e.g. with a larger --max-params)")
     parser.add_argument("--out", type=Path, default=HERE / "zoo_coverage.md")
     parser.add_argument("--report-only", action="store_true", help="write the table from --records, walk nothing")
     args = parser.parse_args(argv)
@@ -460,8 +462,14 @@ def main(argv=None) -> int:
     records_path = args.records or Path(tempfile.mkstemp(prefix="zoo_coverage_", suffix=".jsonl")[1])
     records = []
     if args.resume and records_path.exists():
-        records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["model"] in set(walk)]
+        latest = {}  # a model walked again (--retry-skipped) has a later line; that one counts
+        for line in records_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                latest[record["model"]] = record
+        records = [r for r in latest.values() if r["model"] in set(walk)]
+        if args.retry_skipped:
+            records = [r for r in records if r["outcome"] != "skipped"]
     done = {r["model"] for r in records}
     todo = [n for n in walk if n not in done]
     print(f"{len(walk)} models to walk ({len(done)} already in {records_path}), {len(not_walked)} not walked",
@@ -480,6 +488,10 @@ def main(argv=None) -> int:
             sink.flush()
             print(f"[{len(records)}/{len(walk)}] {label}: {record['outcome']} {record['img'] or ''} "
                   f"{record['seconds']}s {record['reason']}", flush=True)
+    if args.retry_skipped:  # drop the superseded lines: one line per model again
+        tmp = records_path.with_name(records_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: walk.index(r["model"]))))
+        os.replace(tmp, records_path)
     write_table(records, not_walked, args.out, command, complete and not args.truncated)
     summary = summarize(records)
     print(f"\nwrote {args.out} (records: {records_path})")

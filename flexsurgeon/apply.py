@@ -227,6 +227,28 @@ def _add_in_place(graph: fx.Graph, model: nn.Module) -> None:
             node.target = add_into
 
 
+def keep_alive(*values) -> None:
+    """Holds references until this call; it does nothing else (see ``_keep_inputs_alive``)."""
+
+
+def _keep_inputs_alive(graph: fx.Graph, module_calls: list[tuple[tuple[str, ...], str]]) -> None:
+    """Keep each traced-through module call's inputs alive until the call's last node.
+
+    fx's generated code frees every value right after its last use, while eager Python
+    holds a module's inputs until the module returns (``x = self.layer1(x)`` keeps the
+    old ``x`` through the whole stage). Freeing in a different order made glibc's malloc
+    return memory to the OS and fault it back in more often: converted ResNets ran 1-8%
+    slower on CPU than the source. With these no-op uses the converted model frees
+    memory when the source model does (benchmarks/RESULTS.md).
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    for inputs, last in module_calls:
+        kept = tuple(nodes[name] for name in inputs if name in nodes)
+        if last in nodes and kept:
+            with graph.inserting_after(nodes[last]):
+                graph.call_function(keep_alive, kept)
+
+
 def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
     """Rewrite ``model`` as ``plan`` says. The result shares ``model``'s parameters."""
     reference = next(iter(model.parameters()), None)
@@ -246,6 +268,7 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
         traced = trace_model(model, training=training)
         _rewrite_pools(traced.graph, plan, mode)
         _add_in_place(traced.graph, model)
+        _keep_inputs_alive(traced.graph, traced.module_calls)
         graphs[mode] = traced.graph
     converted = FlexSurgeonModel(model, plan, flex_pools, sac_heads, graphs)
     converted.train(model.training)

@@ -9,7 +9,7 @@ mode separately.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
@@ -27,25 +27,49 @@ def _timm_notrace() -> tuple[list, list]:
 
 @dataclass
 class TracedGraph:
-    """A graph of one mode and, for each node name, the module path it came from."""
+    """A graph of one mode; for each node name, the module path it came from; and for
+    each submodule call traced through, its input nodes and the last node it created
+    (``module_calls``, names only, so they also apply to copies of the graph)."""
 
     graph: fx.Graph
     qualnames: dict[str, str]
     training: bool
+    module_calls: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
 
 
 class _Tracer(NodePathTracer):
-    """Remembers the innermost module being traced when tracing fails, for the error message."""
+    """Records what each traced-through module call took and made; remembers the
+    innermost module being traced when tracing fails, for the error message."""
 
     failed_in: str | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.created = 0
+        self.last_created: fx.Node | None = None
+        self.module_calls: list[tuple[tuple[str, ...], str]] = []
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        self.created += 1
+        self.last_created = node
+        return node
+
     def call_module(self, m, forward, args, kwargs):
+        before = self.created
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.path_of_module(m)
             raise
+        if self.created - before > 1:  # traced through, not a leaf
+            inputs: list[str] = []
+            fx.node.map_aggregate((args, kwargs),
+                                  lambda a: inputs.append(a.node.name) if isinstance(a, fx.Proxy) else a)
+            if inputs:
+                self.module_calls.append((tuple(dict.fromkeys(inputs)), self.last_created.name))
+        return out
 
 
 def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = ()) -> TracedGraph:
@@ -72,7 +96,7 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     finally:
         model.train(was_training)
     qualnames = {node.name: qual for node, qual in tracer.node_to_qualname.items()}
-    return TracedGraph(graph=graph, qualnames=qualnames, training=training)
+    return TracedGraph(graph=graph, qualnames=qualnames, training=training, module_calls=tracer.module_calls)
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:
