@@ -145,6 +145,8 @@ def _tv_sizes(name: str) -> list[tuple[int, int]]:
     except Exception:  # noqa: BLE001 - no weights enum: keep the defaults
         pass
     fixed = name.startswith("vit_")  # torchvision's ViTs assert their image size
+    if fixed:  # built without weights, they take the builder's default, not the weights' crop
+        native = (224, 224)
     return _ladder(native, 32, minimum, fixed)
 
 

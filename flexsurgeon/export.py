@@ -24,7 +24,7 @@ from torch import nn
 
 from .apply import FlexSurgeonModel, without_sac_heads
 from .errors import ExportError
-from .layers import FlexPool, _normalized_weight, _weighted_sum
+from .layers import _ROWS, FlexPool, _normalized_weight, _weighted_sum
 from .plan import SurgeryPlan
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
@@ -46,7 +46,7 @@ class _FrozenFlexPool(nn.Module):
         self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _weighted_sum(x, self.weights, "rows", self.flatten)
+        return _weighted_sum(x, self.weights, _ROWS, self.flatten)
 
     def extra_repr(self) -> str:
         return f"channels={self.weights.shape[1]}, size={self.size}, flatten={self.flatten}"

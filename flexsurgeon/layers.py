@@ -222,7 +222,10 @@ class FlexPool(nn.Module):
     Dropout (``drop``, identity for p=0) is applied to the pooled vector in train mode.
 
     Speed: the weighted sum is one multiply and one reduction, with the weights laid
-    out to match the input's memory format (NCHW or channels_last). When no gradient
+    out to match the input's memory format (NCHW or channels_last). At inference on
+    CPU, large float32 inputs go through a strided batched matmul (NCHW) or a whole-map
+    depthwise convolution (channels_last) instead, which read the input once; the
+    result is the same up to float rounding (see ``_inference_kernel``). When no gradient
     for ``weight`` is recorded (eval / no_grad / inference_mode) the normalised
     weights are cached, keyed on the weight's version, device, dtype, size and layout,
     so an in-place update (optimizer step, ``load_state_dict``) invalidates the cache.
