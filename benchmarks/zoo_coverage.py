@@ -462,14 +462,15 @@ def main(argv=None) -> int:
     command = "python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
     walk, not_walked = list_candidates(args)
     records_path = args.records or Path(tempfile.mkstemp(prefix="zoo_coverage_", suffix=".jsonl")[1])
-    records = []
+    records, latest = [], {}
     if args.resume and records_path.exists():
-        latest = {}  # a model walked again (--retry-skipped) has a later line; that one counts
+        # a model walked again (--retry-skipped) has a later line; that one counts
         for line in records_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 latest[record["model"]] = record
-        records = [r for r in latest.values() if r["model"] in set(walk)]
+        walking = set(walk)
+        records = [r for r in latest.values() if r["model"] in walking]
         if args.retry_skipped:
             records = [r for r in records if r["outcome"] != "skipped"]
     done = {r["model"] for r in records}
@@ -491,8 +492,9 @@ def main(argv=None) -> int:
             print(f"[{len(records)}/{len(walk)}] {label}: {record['outcome']} {record['img'] or ''} "
                   f"{record['seconds']}s {record['reason']}", flush=True)
     if args.retry_skipped:  # drop the superseded lines: one line per model again
+        latest.update((r["model"], r) for r in records)  # models outside a --filter are kept
         tmp = records_path.with_name(records_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: walk.index(r["model"]))))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in latest.values()))
         os.replace(tmp, records_path)
     write_table(records, not_walked, args.out, command, complete and not args.truncated)
     summary = summarize(records)
