@@ -289,6 +289,16 @@ def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) ->
     return finder
 
 
+def _built_for(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a model declares: timm's ``pretrained_cfg``, torchvision ViT's ``image_size``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        return int(size[1]), int(size[2])
+    size = getattr(model, "image_size", None)
+    return (size, size) if isinstance(size, int) else None
+
+
 def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             traced: TracedGraph | None = None) -> Analysis:
     """Trace ``model`` in eval mode and find its pools and stages at ``img_size``.
@@ -310,10 +320,12 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
         finder = _propagate(gm, model, img_size, in_chans)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AnalysisError(
-            f"the model fails on a {in_chans}x{img_size[0]}x{img_size[1]} input ({message}); "
-            "the input size may be too small for this network: try a larger --img-size"
-        ) from exc
+        built = _built_for(model)
+        hint = (f"the input size may be too small for this network, or not one it accepts (it was built for "
+                f"{built[0]}x{built[1]}): try --img-size {built[0]}" if built and built != tuple(img_size) else
+                "the input size may be too small for this network: try a larger --img-size")
+        raise AnalysisError(f"the model fails on a {in_chans}x{img_size[0]}x{img_size[1]} input ({message}); {hint}") \
+            from exc
 
     nodes = {n.name: n for n in traced.graph.nodes}
     candidates = finder.candidates

@@ -135,8 +135,17 @@ def test_unknown_tap_suggests_close_names():
 
 
 def test_too_small_input_says_so():
-    with pytest.raises(AnalysisError, match="too small"):
+    with pytest.raises(AnalysisError, match="too small.*built for 299x299.*--img-size 299"):
         analyse(timm.create_model("inception_v3"), (16, 16))
+
+
+def test_a_model_of_one_input_size_is_told_its_size():
+    import torchvision
+
+    vit = torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=1, num_heads=2,
+                                               hidden_dim=32, mlp_dim=32)
+    with pytest.raises(AnalysisError, match="Wrong image height.*built for 64x64.*--img-size 64"):
+        analyse(vit, (96, 96))
 
 
 def test_untraceable_model_names_the_construct_and_the_leaf_fix():
