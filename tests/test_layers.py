@@ -266,6 +266,25 @@ def test_cache_keys_on_dtype_and_layout():
         assert pool(x).dtype == torch.float32
 
 
+def test_repeated_inference_calls_follow_every_change():
+    """The inference fast path reuses the last call's decisions; any change must show."""
+    pool = FlexPool(6, (8, 8)).eval()
+    _perturb(pool)
+    small, large = _input((2, 6, 8, 8)), _input((16, 6, 8, 8))  # rows, then bmm
+    with torch.no_grad():
+        for x in (small, small, large, large, small, large.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(pool(x), _reference(x, pool.weight, "softmax"), rtol=1e-5, atol=1e-6)
+        pool(small)
+        pool.weight.data = torch.zeros(6, 8, 8)  # new storage, same Parameter
+        torch.testing.assert_close(pool(small), small.mean((2, 3)), rtol=0, atol=1e-6)
+        pool.weight.mul_(2.0).add_(1.0)  # in place: a new version
+        torch.testing.assert_close(pool(small), small.mean((2, 3)), rtol=0, atol=1e-6)
+        _perturb(pool)
+        torch.testing.assert_close(pool(small.double()), _reference(small.double(), pool.weight.double(), "softmax"))
+    torch.testing.assert_close(pool(small).detach(), _reference(small, pool.weight.detach(), "softmax"),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_cache_not_in_state_dict_and_not_pickled():
     pool = FlexPool(5, (4, 6)).eval()
     with torch.no_grad():
@@ -273,8 +292,9 @@ def test_cache_not_in_state_dict_and_not_pickled():
     assert pool._cache is not None
     assert list(pool.state_dict()) == ["weight"]
     assert list(SACHead(5, 4, 3).state_dict()) == ["pool.weight", "fc.weight", "fc.bias"]
-    assert pickle.loads(pickle.dumps(pool))._cache is None
-    assert copy.deepcopy(pool)._cache is None
+    assert pool._fast is not None
+    assert pickle.loads(pickle.dumps(pool))._cache is None and pickle.loads(pickle.dumps(pool))._fast is None
+    assert copy.deepcopy(pool)._cache is None and copy.deepcopy(pool)._fast is None
 
 
 def test_dropout_only_in_train():
