@@ -46,8 +46,9 @@ def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fork(child) -> int:
-    """Run ``child()`` in a forked process; return its wait status. The child never returns into pytest."""
+def _fork(child, kill_after: float | None = None) -> int:
+    """Run ``child()`` in a forked process, SIGKILL it after ``kill_after`` seconds if given;
+    return its wait status. The child never returns into pytest."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -59,6 +60,9 @@ def _fork(child) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1]
 
 
@@ -238,16 +242,7 @@ def test_saves_killed_at_random_moments_leave_old_or_new(checkpoints, tmp_path):
                 for model in (new, old):
                     flexsurgeon.save(model, ck, force=True)
 
-        pid = os.fork()
-        if pid == 0:
-            try:
-                torch.set_num_threads(1)
-                child()
-            finally:
-                os._exit(1)
-        time.sleep(rng.uniform(0.05, 0.5))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _fork(child, kill_after=rng.uniform(0.05, 0.5))
         caught_mid_save += bool(_leftovers(ck))
         state = _state(ck)
         assert _same(state, checkpoints["old"]) or _same(state, checkpoints["new"]), f"kill {attempt}"
@@ -340,19 +335,7 @@ def test_finetune_killed_at_random_moments_and_mid_save_resumes_to_the_same_weig
     ]
     for kind, install in plan:
         child = _finetune_child(reference, out, install)
-        if kind == "point":
-            status = _fork(child)
-        else:
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    torch.set_num_threads(1)
-                    child()
-                finally:
-                    os._exit(0)
-            time.sleep(rng.uniform(0.1, 0.5) * reference["seconds"])
-            os.kill(pid, signal.SIGKILL)
-            status = os.waitpid(pid, 0)[1]
+        status = _fork(child, kill_after=None if kind == "point" else rng.uniform(0.1, 0.5) * reference["seconds"])
         if kind == "point":
             assert _killed(status), "the run was not killed at the planned point"
         _assert_consistent(out, reference)
