@@ -242,11 +242,18 @@ def _keep_inputs_alive(graph: fx.Graph, module_calls: list[tuple[tuple[str, ...]
     memory when the source model does (benchmarks/RESULTS.md).
     """
     nodes = {n.name: n for n in graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    until: dict[str, str] = {}  # each input is kept until the furthest call that took it ends
     for inputs, last in module_calls:
-        kept = tuple(nodes[name] for name in inputs if name in nodes)
-        if last in nodes and kept:
-            with graph.inserting_after(nodes[last]):
-                graph.call_function(keep_alive, kept)
+        for name in inputs:
+            if last in nodes and name in nodes and order[last] > order[until.get(name, name)]:
+                until[name] = last
+    kept_at: dict[str, list[fx.Node]] = {}
+    for name, last in until.items():
+        kept_at.setdefault(last, []).append(nodes[name])
+    for last, kept in kept_at.items():
+        with graph.inserting_after(nodes[last]):
+            graph.call_function(keep_alive, tuple(kept))
 
 
 def apply_plan(model: nn.Module, plan: SurgeryPlan) -> FlexSurgeonModel:
