@@ -24,7 +24,10 @@ weights come from the cache; weights perturbed away from the uniform init), eage
 median over rounds of a block of calls; the printed Markdown table gives the medians
 and the ratio flexpool / mean, which formulation the eager FlexPool used (see
 ``flexsurgeon.layers._inference_kernel``) and, for comparison, the bare multiply-reduce
-that it uses in training and for small inputs. Float32 on CPU. Target: eager ratio <= 2.
+that it uses in training. Float32 on CPU. Target: eager ratio <= 2.
+The eager FlexPool uses the fused CPU kernel (``flexsurgeon.cpu_kernel``) where it is
+built; to measure what a machine without a C++ compiler gets (ATen formulations):
+    FLEXSURGEON_CPU_KERNEL=0 .venv/bin/python benchmarks/overhead.py --no-model
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from flexsurgeon import cpu_kernel  # noqa: E402
 from flexsurgeon.layers import FlexPool, _inference_kernel, _training_kernel, _weighted_sum  # noqa: E402
 
 # ResNet-50's head at batch 1, 8 and 128; a 14x14 map; EfficientNet-B0's head; a small net.
@@ -256,6 +260,7 @@ def main() -> None:
         print()
     if args.model_only:
         return
+    print(f"fused CPU kernel: {'in use' if cpu_kernel.available() else cpu_kernel.unavailable_reason()}\n")
     head = ("| shape | layout | eager kernel | mean (us) | FlexPool (us) | eager ratio | target "
             "| multiply-reduce ratio |")
     sep = "|---|---|---|---|---|---|---|---|"

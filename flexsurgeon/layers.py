@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernel
 from .pool_kinds import BASELINE_POOLS, POOL_KINDS, POOL_MODES
 
 __all__ = ["POOL_KINDS", "POOL_MODES", "FlexPool", "GlobalPool", "SACHead", "flex_pool2d", "make_pool"]
@@ -39,10 +40,12 @@ def _check_mode(mode: str) -> str:
 
 
 # How the weighted sum is computed. "rows" and "cols" (one multiply, one reduction) run
-# everywhere and under autograd; "bmm" and "conv" read x only once and are used for
-# inference on CPU where they measured faster (benchmarks/overhead.py, RESULTS.md).
+# everywhere and under autograd. For inference on CPU in float32 the fused kernels
+# (cpu_kernel.py) read x once; where that kernel cannot be built, "bmm" and "conv" do so
+# for large inputs (benchmarks/overhead.py, RESULTS.md).
 _ROWS, _COLS, _BMM, _CONV = "rows", "cols", "bmm", "conv"
-# Below these sizes the plain multiply-reduce was faster on the CPU we measured.
+_FUSED_ROWS, _FUSED_COLS = "fused-rows", "fused-cols"
+# Below these sizes the plain multiply-reduce was faster than bmm / conv on the CPU we measured.
 _BMM_MIN_COLUMNS = 512  # batch * H * W of an NCHW input
 _CONV_MIN_NUMEL = 1 << 20  # elements of a channels_last input
 
@@ -56,20 +59,37 @@ def _training_kernel(x: torch.Tensor) -> str:
 def _inference_kernel(x: torch.Tensor) -> str:
     """The fastest form when no autograd graph is recorded.
 
-    On CPU in float32, large inputs avoid the multiply's temporary the size of ``x``
-    (up to 17x of the mean at batch 128 from the page faults alone): NCHW goes through
-    one strided (1 x H*W) @ (H*W x B) matmul per channel, which reads x's memory in
-    place; channels_last through a depthwise convolution whose kernel is the whole map
-    (oneDNN). Their backward is 4-80x slower than the multiply-reduce's, hence inference only.
+    On CPU in float32: the fused kernel (one pass over x, 0.5-1.4x of the mean's time),
+    or without it ``_aten_inference_kernel``'s choice. Elsewhere the multiply-reduce.
     """
     kernel = _training_kernel(x)
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous(memory_format=_FORMATS[kernel]):
         return kernel
+    if cpu_kernel.available():
+        return _FUSED_COLS if kernel == _COLS else _FUSED_ROWS
+    return _aten_inference_kernel(x)
+
+
+def _aten_inference_kernel(x: torch.Tensor) -> str:
+    """The fastest ATen form for a float32 CPU input, when the fused kernel is not built.
+
+    Large inputs avoid the multiply's temporary the size of ``x`` (up to 17x of the mean
+    at batch 128 from the page faults alone): NCHW goes through one strided
+    (1 x H*W) @ (H*W x B) matmul per channel, which reads x's memory in place;
+    channels_last through a depthwise convolution whose kernel is the whole map (oneDNN).
+    Their backward is 4-80x slower than the multiply-reduce's, hence inference only.
+    """
+    kernel = _training_kernel(x)
     if kernel == _ROWS and x.shape[0] * x.shape[2] * x.shape[3] >= _BMM_MIN_COLUMNS:
         return _BMM
     if kernel == _COLS and x.numel() >= _CONV_MIN_NUMEL:
         return _CONV
     return kernel
+
+
+_FORMATS = {_ROWS: torch.contiguous_format, _COLS: torch.channels_last}
+# Kernels that take the weights as (1, H*W, C), matching channels_last input.
+_COLS_WEIGHTS = (_COLS, _FUSED_COLS)
 
 
 def _normalized_weight(
@@ -109,7 +129,7 @@ def _normalized_weight(
             scale = torch.where(ok, old_sum / torch.where(ok, new_sum, 1.0), area)
             a = resampled * scale
     a = a.to(dtype)
-    if kernel == _COLS:
+    if kernel in _COLS_WEIGHTS:
         a = a.transpose(1, 2).contiguous()
     return a
 
@@ -121,12 +141,15 @@ def _weighted_sum(x: torch.Tensor, a: torch.Tensor, kernel: str, flatten: bool) 
     memory layout ((B, C, H*W) rows for NCHW, (B, H*W, C) for channels_last), so the
     product, the reduction and the backward's broadcasts all stream through memory in
     order (the 4-D ``(x * a).sum((2, 3))`` is as fast forward but 3-7x slower backward).
-    "bmm"/"conv": see ``_inference_kernel``.
+    "fused-rows"/"fused-cols": ``cpu_kernel.weighted_sum``. "bmm"/"conv": see
+    ``_aten_inference_kernel``.
     """
     if kernel == _ROWS:
         y = (x.flatten(2) * a).sum(-1)
     elif kernel == _COLS:
         y = (x.permute(0, 2, 3, 1).flatten(1, 2) * a).sum(1)
+    elif kernel in (_FUSED_ROWS, _FUSED_COLS):
+        y = cpu_kernel.weighted_sum(x, a, kernel == _FUSED_COLS)
     elif kernel == _BMM:
         b, c = x.shape[:2]
         # (C, 1, HW) @ (C, HW, B): x's NCHW memory is a column-major (HW x B) matrix per
@@ -276,7 +299,7 @@ class FlexPool(nn.Module):
         # _compiling() first: dynamo cannot trace is_inference().
         if _compiling() or (torch.is_grad_enabled() and w.requires_grad) or _transformed(w) or w.is_inference():
             return _normalized_weight(w, self.mode, self.size, size, x.dtype, kernel)
-        key = (id(w), w.data_ptr(), w._version, w.device, x.dtype, size, kernel == _COLS)
+        key = (id(w), w.data_ptr(), w._version, w.device, x.dtype, size, kernel in _COLS_WEIGHTS)
         cache = self._cache
         if cache is None or cache[0] != key:
             with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from flexsurgeon import cpu_kernel
 from flexsurgeon.layers import POOL_MODES, FlexPool, SACHead, _inference_kernel, flex_pool2d
 
 LAYOUTS = ("nchw", "channels_last")
@@ -162,17 +163,29 @@ def test_gradients_reach_weight_and_input(layout):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
 
 
-# Inputs large enough for the CPU inference kernels (batch*H*W >= 512 for NCHW,
+# Inputs large enough for the ATen inference kernels (batch*H*W >= 512 for NCHW,
 # >= 2**20 elements for channels_last), small enough to stay fast.
-_LARGE = {"nchw": ((16, 6, 8, 8), "bmm"), "channels_last": ((4, 64, 64, 64), "conv")}
+_LARGE = {"nchw": ((16, 6, 8, 8), "bmm", "fused-rows"), "channels_last": ((4, 64, 64, 64), "conv", "fused-cols")}
+
+
+@pytest.fixture(params=["fused", "aten"])
+def inference_kernels(request, monkeypatch):
+    """Run a test with the fused CPU kernel, and again as a machine without it would."""
+    if request.param == "fused":
+        if not cpu_kernel.available():
+            pytest.skip(f"fused CPU kernel not available: {cpu_kernel.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    return request.param
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("flatten", [True, False])
-def test_inference_kernels_match_reference_and_training_path(layout, flatten):
-    shape, kernel = _LARGE[layout]
+def test_inference_kernels_match_reference_and_training_path(layout, flatten, inference_kernels):
+    shape, aten_kernel, fused_kernel = _LARGE[layout]
     x = _input(shape, layout=layout)
-    assert _inference_kernel(x) == kernel  # the kernel under test is the one picked
+    # the kernel under test is the one picked
+    assert _inference_kernel(x) == (fused_kernel if inference_kernels == "fused" else aten_kernel)
     pool = FlexPool(shape[1], shape[2:], flatten=flatten).eval()
     _perturb(pool)
     expected = _reference(x, pool.weight.detach(), "softmax")
@@ -192,12 +205,14 @@ def test_inference_kernels_match_reference_and_training_path(layout, flatten):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_inference_kernels_only_without_autograd_and_in_float32(layout):
-    shape, _ = _LARGE[layout]
+def test_inference_kernels_only_without_autograd_and_in_float32(layout, inference_kernels):
+    shape, _, fused_kernel = _LARGE[layout]
     x = _input(shape, layout=layout)
     training = "rows" if layout == "nchw" else "cols"
     assert _inference_kernel(x.bfloat16()) == training
-    assert _inference_kernel(_input((1, shape[1], 2, 2), layout=layout)) == training  # small input
+    assert _inference_kernel(x[:, :, ::2]) == "rows"  # strided: no kernel reads it in place
+    small = _input((1, shape[1], 2, 2), layout=layout)  # ATen: the multiply-reduce is faster
+    assert _inference_kernel(small) == (fused_kernel if inference_kernels == "fused" else training)
     # A frozen FlexPool before a layer that trains still passes the gradient to its input.
     pool = FlexPool(shape[1], shape[2:]).eval().requires_grad_(False)
     _perturb(pool)
