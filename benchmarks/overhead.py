@@ -19,7 +19,9 @@ FlexPool op:
 For each shape and memory layout (NCHW, channels_last) it times, interleaved in one
 run, ``x.mean((2, 3))`` and ``FlexPool`` (eval mode under no_grad, so the normalised
 weights come from the cache; weights perturbed away from the uniform init), eager and
-``torch.compile`` (both sides compiled), and eager forward+backward in train mode
+``torch.compile`` (both sides compiled; once with inductor's defaults, once with
+``freezing``, its inference setting, which folds the softmax of the weights into a
+constant), and eager forward+backward in train mode
 (gradients for the input, and for FlexPool also its weight). Each measurement is the
 median over rounds of a block of calls; the printed Markdown table gives the medians
 and the ratio flexpool / mean, which formulation the eager FlexPool used (see
@@ -157,7 +159,9 @@ def _summary(times: dict[str, list[float]], prefix: str = "") -> dict[str, float
     disturbed by other load on the machine than a ratio of two medians.
     """
     out = {prefix + k: statistics.median(v) for k, v in times.items()}
-    for f, m, r in (("flex", "mean", "ratio"), ("flex_c", "mean_c", "ratio_c"), ("flex_mr", "mean", "ratio_mr")):
+    pairs = (("flex", "mean", "ratio"), ("flex_c", "mean_c", "ratio_c"), ("flex_f", "mean_f", "ratio_f"),
+             ("flex_mr", "mean", "ratio_mr"))
+    for f, m, r in pairs:
         if f in times:
             out[prefix + r] = statistics.median(a / b for a, b in zip(times[f], times[m], strict=True))
     return out
@@ -190,6 +194,23 @@ def _case(shape: tuple[int, int, int, int], channels_last: bool, args: argparse.
             torch.testing.assert_close(pool_c(x), pool(x), rtol=1e-5, atol=1e-6)
         fns["mean_c"] = lambda: mean_c(x)
         fns["flex_c"] = lambda: pool_c(x)
+        # Inductor's inference setting: parameters become constants, so the softmax of
+        # FlexPool's weights is computed once at compile time instead of on every call.
+        # Own functions, so dynamo does not reuse the graphs compiled above; freezing is read
+        # when the first call compiles (torch.compile's `options` does not reach it).
+        def mean_frozen(t: torch.Tensor) -> torch.Tensor:
+            return t.mean((2, 3))
+
+        def flex_frozen(t: torch.Tensor) -> torch.Tensor:
+            return pool(t)
+
+        mean_f = torch.compile(mean_frozen, dynamic=False)
+        pool_f = torch.compile(flex_frozen, dynamic=False)
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            mean_f(x)
+            torch.testing.assert_close(pool_f(x), pool(x), rtol=1e-5, atol=1e-6)
+        fns["mean_f"] = lambda: mean_f(x)
+        fns["flex_f"] = lambda: pool_f(x)
     with torch.no_grad():
         res = _summary(_time_interleaved(fns, args.rounds, args.block_ms / 1e3))
     res["kernel"] = _inference_kernel(x)
@@ -265,8 +286,9 @@ def main() -> None:
             "| multiply-reduce ratio |")
     sep = "|---|---|---|---|---|---|---|---|"
     if args.compile:
-        head += " compiled mean (us) | compiled FlexPool (us) | compiled ratio |"
-        sep += "---|---|---|"
+        head += (" compiled mean (us) | compiled FlexPool (us) | compiled ratio "
+                 "| compiled+freezing mean (us) | compiled+freezing FlexPool (us) | compiled+freezing ratio |")
+        sep += "---|---|---|---|---|---|"
     head += " train fwd+bwd mean (us) | train fwd+bwd FlexPool (us) | train ratio |"
     sep += "---|---|---|"
     print(head)
@@ -281,6 +303,7 @@ def main() -> None:
             )
             if args.compile:
                 row += f" {r['mean_c'] * 1e6:.1f} | {r['flex_c'] * 1e6:.1f} | {r['ratio_c']:.2f} |"
+                row += f" {r['mean_f'] * 1e6:.1f} | {r['flex_f'] * 1e6:.1f} | {r['ratio_f']:.2f} |"
             row += f" {r['fb_mean'] * 1e6:.0f} | {r['fb_flex'] * 1e6:.0f} | {r['fb_ratio']:.2f} |"
             print(row, flush=True)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")

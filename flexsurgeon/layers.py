@@ -65,7 +65,8 @@ def _inference_kernel(x: torch.Tensor) -> str:
     kernel = _training_kernel(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous(memory_format=_FORMATS[kernel]):
         return kernel
-    if cpu_kernel.available():
+    # The kernel reads memory directly: plain tensors only (not fake, functional or distributed ones).
+    if type(x) is torch.Tensor and cpu_kernel.available():
         return _FUSED_COLS if kernel == _COLS else _FUSED_ROWS
     return _aten_inference_kernel(x)
 
@@ -244,11 +245,12 @@ class FlexPool(nn.Module):
 
     Dropout (``drop``, identity for p=0) is applied to the pooled vector in train mode.
 
-    Speed: the weighted sum is one multiply and one reduction, with the weights laid
-    out to match the input's memory format (NCHW or channels_last). At inference on
-    CPU, large float32 inputs go through a strided batched matmul (NCHW) or a whole-map
-    depthwise convolution (channels_last) instead, which read the input once; the
-    result is the same up to float rounding (see ``_inference_kernel``). When no gradient
+    Speed: in training the weighted sum is one multiply and one reduction, with the
+    weights laid out to match the input's memory format (NCHW or channels_last). At
+    inference on CPU in float32, a fused C++ kernel (``flexsurgeon.cpu_kernel``, compiled
+    on first use) reads the input once; where it cannot be built, large inputs go through
+    a strided batched matmul (NCHW) or a whole-map depthwise convolution (channels_last).
+    The result is the same up to float rounding (see ``_inference_kernel``). When no gradient
     for ``weight`` is recorded (eval / no_grad / inference_mode) the normalised
     weights are cached, keyed on the weight's version, device, dtype, size and layout,
     so an in-place update (optimizer step, ``load_state_dict``) invalidates the cache.

@@ -105,3 +105,15 @@ def test_environment_variable_turns_the_kernel_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"bmm turned off by {cpu_kernel.ENV_VAR}=0"
     assert "compiling" not in out.stderr
+
+
+@needs_kernel
+def test_fake_tensors_never_reach_the_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pool = FlexPool(6, (8, 8)).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        x = mode.from_tensor(torch.randn(16, 6, 8, 8))
+        assert _inference_kernel(x) != "fused-rows"
+        y = pool(x)
+    assert y.shape == (16, 6)
