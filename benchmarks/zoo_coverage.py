@@ -260,10 +260,22 @@ def _verify(source, converted, size) -> str | None:
     if not diff <= PRESERVATION_TOLERANCE * scale:
         return f"eval output differs from the source's by {diff:.3g} (scale {scale:.3g})"
     converted.zero_grad(set_to_none=True)
-    converted(x).float().square().sum().backward()
-    # None: autograd never reached the weight. (A zero gradient is reachable: a random-init
-    # LeViT's last map is constant over positions, where every weighting gives the same mean.)
-    dead = [n for n, p in converted.flex_pools.named_parameters() if p.grad is None]
+    # Only FlexPool's weights take gradients here: autograd then keeps no backbone
+    # activations, so the check costs a forward pass even for the largest models
+    # (with every parameter training, maxvit_xlarge_tf_512 ran out of 24 GB).
+    trainable = {p: p.requires_grad for p in converted.parameters()}
+    for p in trainable:
+        p.requires_grad_(False)
+    for p in converted.flex_pools.parameters():
+        p.requires_grad_(True)
+    try:
+        converted(x).float().square().sum().backward()
+        # None: autograd never reached the weight. (A zero gradient is reachable: a random-init
+        # LeViT's last map is constant over positions, where every weighting gives the same mean.)
+        dead = [n for n, p in converted.flex_pools.named_parameters() if p.grad is None]
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
     converted.zero_grad(set_to_none=True)
     if dead:
         return f"FlexPool {dead[0]} gets no gradient from the output"
