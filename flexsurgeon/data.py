@@ -566,12 +566,14 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int 
 
     The sample order comes from a generator seeded by ``(seed, epoch)`` (``DistributedSampler``
     with ``seed`` and ``set_epoch(epoch)`` when ``distributed``; ``num_replicas`` / ``rank``
-    default to the process group's). Every sample's augmentation runs with torch's, Python's
-    and numpy's RNGs seeded from ``(seed, epoch, index)`` and restored afterwards, so a batch
-    is the same whatever ``num_workers`` is, and a loader rebuilt after a resume repeats the
-    uninterrupted run. ``loader.sampler.set_epoch(e)`` moves a loader (and its persistent
-    workers) to epoch ``e``. ``drop_last`` defaults to ``train``, but never drops every batch.
-    Iterable datasets (streaming timm sets) get a plain loader; their order is the reader's.
+    default to the process group's; a distributed evaluation loader gives each rank every
+    ``num_replicas``-th sample, unpadded, so summed metrics count every sample once). Every
+    sample's augmentation runs with torch's, Python's and numpy's RNGs seeded from
+    ``(seed, epoch, index)`` and restored afterwards, so a batch is the same whatever
+    ``num_workers`` is, and a loader rebuilt after a resume repeats the uninterrupted run.
+    ``loader.sampler.set_epoch(e)`` moves a loader (and its persistent workers) to epoch
+    ``e``. ``drop_last`` defaults to ``train``, but never drops every batch. Iterable
+    datasets (streaming timm sets) get a plain loader; their order is the reader's.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
@@ -582,9 +584,17 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int 
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=batch_size, drop_last=bool(drop_last), **worker_args)
-    if distributed:
-        sampler = _KeyedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=train, seed=seed,
+    if distributed and train:
+        sampler = _KeyedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                            drop_last=False)
+    elif distributed:
+        # Evaluation: each sample on exactly one rank. DistributedSampler would pad the
+        # shards to equal length by repeating samples, which the summed metrics count twice.
+        import torch.distributed as tdist
+
+        world = num_replicas if num_replicas is not None else tdist.get_world_size()
+        sampler = _KeyedSampler(len(dataset), shuffle=False, seed=seed,
+                                shard=(rank if rank is not None else tdist.get_rank(), world))
     else:
         sampler = _KeyedSampler(len(dataset), shuffle=train, seed=seed)
     sampler.set_epoch(epoch)
@@ -648,23 +658,27 @@ class _SeededView(Dataset):
 
 
 class _KeyedSampler(Sampler):
-    """Shuffled (or sequential) indices, as ``(index, epoch)``; the order depends on ``(seed, epoch)`` only."""
+    """Shuffled (or sequential) indices, as ``(index, epoch)``; the order depends on ``(seed, epoch)`` only.
 
-    def __init__(self, length, shuffle, seed):
+    ``shard=(rank, world)`` keeps every ``world``-th position of that order from ``rank`` on.
+    """
+
+    def __init__(self, length, shuffle, seed, shard: tuple[int, int] = (0, 1)):
         self.length, self.shuffle, self.seed, self.epoch = length, shuffle, seed, 0
+        self.rank, self.world = shard
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
-        return self.length
+        return len(range(self.rank, self.length, self.world))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
         else:
             order = torch.arange(self.length)
-        return ((i, self.epoch) for i in order.tolist())
+        return ((i, self.epoch) for i in order[self.rank::self.world].tolist())
 
 
 class _KeyedDistributedSampler(DistributedSampler):

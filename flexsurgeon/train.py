@@ -161,7 +161,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in _batches(loader, "evaluating"):
             x, y = _to_device(x, y, device)
             try:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -174,6 +174,24 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     model.train(was_training)
     tally.reduce(dist)
     return tally.summary()
+
+
+def _batches(loader, doing: str):
+    """``loader``'s batches; a worker process that died (the OS's out-of-memory killer, most
+    often) becomes a TrainingError that says what to try, not an unexplained RuntimeError."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0]
+            raise TrainingError(f"a data loader worker died while {doing} ({reason}); this is usually the "
+                                "system running out of memory: try fewer --workers or a smaller --batch-size") from exc
+        yield batch
 
 
 def _raise_if_out_of_memory(exc: RuntimeError, batch_size: int, doing: str) -> None:
@@ -429,7 +447,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         started, seen = time.perf_counter(), 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}{' (head only)' if frozen else ''}",
                    disable=not (progress and dist.main), leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        for x, y in _batches(bar, "training"):
             x, y = _to_device(x, y, device, cuda and recipe.channels_last)
             target = y
             if mixup is not None:

@@ -350,6 +350,20 @@ def test_make_loader_distributed_shards_the_data():
     assert len(seen[0]) == len(seen[1]) == 6 and sorted(seen[0] + seen[1]) == list(range(12))
 
 
+def test_make_loader_distributed_evaluation_counts_every_sample_once():
+    # 7 samples on 3 ranks: DistributedSampler would pad to 9 and score two samples twice.
+    bundle = load_data("synthetic:classes=3,train=12,val=7", data_config=CFG)
+    shards = []
+    for rank in range(3):
+        loader = make_loader(bundle.val, batch_size=2, train=False, seed=0, distributed=True, num_replicas=3,
+                             rank=rank)
+        labels = torch.cat([y for _, y in loader])
+        shards.append([int(i) for i, _ in loader.sampler])
+        assert len(labels) == len(loader.sampler) == len(shards[-1])
+    assert [len(s) for s in shards] == [3, 2, 2]
+    assert sorted(shards[0] + shards[1] + shards[2]) == list(range(7))
+
+
 # ------------------------------------------------------------------------------------------- timm passthrough
 
 def test_timm_passthrough_torchvision_name(tmp_path):

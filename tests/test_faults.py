@@ -503,3 +503,26 @@ def test_other_runtime_errors_are_not_reported_as_out_of_memory(reference, tmp_p
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "16", "-o", tmp_path / "run")
     assert code == 1 and "memory" not in output and "shapes cannot be multiplied" in output
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    """A data set whose loader worker is killed (as the OOM killer would) at its first image."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(3, 8, 8), 0
+
+
+def test_a_killed_loader_worker_is_a_clear_training_error():
+    from flexsurgeon.data import make_loader
+    from flexsurgeon.errors import TrainingError
+    from flexsurgeon.train import evaluate
+
+    loader = make_loader(_KilledInWorker(), batch_size=4, train=False, seed=0, num_workers=1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    with pytest.raises(TrainingError, match="data loader worker died while evaluating .*fewer --workers"):
+        evaluate(model, loader)

@@ -164,7 +164,8 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "flexsurgeon", "finetune", str(converted), "--data", DATA, "--recipe", "smoke",
+           "-m", "flexsurgeon", "finetune", str(converted), "--data", "synthetic:classes=4,train=96,val=63",
+           "--recipe", "smoke",
            "--batch-size", "16", "--device", "cpu", "-o", str(run)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,7 +174,8 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["world_size"] == 2
     val = records[-1]["val"]
     assert len(val["per_rank"]) == 2
-    assert sum(r["count"] for r in val["per_rank"]) == val["count"] == 64
+    # 63 samples: each counted once (shards of 32 and 31), not padded to 64
+    assert [r["count"] for r in val["per_rank"]] == [32, 31] and val["count"] == 63
     hits = sum(r["main_top1_hits"] for r in val["per_rank"])
     assert val["top1"]["main"] == pytest.approx(100.0 * hits / val["count"])
     flexsurgeon.load(run / "last")
