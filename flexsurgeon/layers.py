@@ -314,7 +314,7 @@ class FlexPool(nn.Module):
         # choice (4-8 us of Python; the mean at batch 1 takes 8 us). `is` before `_version`:
         # a tensor the cache did not see may be an inference tensor, which has no version.
         fast = self._fast
-        if (fast is not None and not torch.is_grad_enabled() and isinstance(x, torch.Tensor)
+        if (fast is not None and not torch.is_grad_enabled() and type(x) is torch.Tensor
                 and not _compiling() and not _transformed(x)):
             w = self.weight
             if (fast[0] is w and fast[1] == w._version and fast[2] == w.data_ptr() and fast[3] == x.shape
