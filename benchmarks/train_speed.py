@@ -10,7 +10,9 @@ weights: ``original`` (timm ``resnet50``, random init, 10 classes, global averag
 ``model.forward_train(x)`` and the weighted cross-entropy over heads + main, as
 ``flexsurgeon.train.finetune`` computes it). A training step is forward, loss,
 ``zero_grad(set_to_none=True)``, backward and an SGD step (timm's ``create_optimizer_v2``,
-momentum 0.9, weight decay 1e-4, label smoothing 0.1), float32, CPU, train mode, NCHW.
+momentum 0.9, weight decay 1e-4, label smoothing 0.1), train mode. On the CPU (default):
+float32, NCHW. With ``--device cuda``: what ``finetune`` does there, bfloat16 autocast,
+channels_last and TF32, with the GPU synchronised around every timed step.
 
 After warm-up steps the three models take turns, one step each per round, the order
 rotated every round. Each model's time is the median over rounds; each ratio is the
@@ -65,21 +67,25 @@ def _build(name: str, num_classes: int, img_size: int):
 def _step_fn(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     from timm.optim import create_optimizer_v2
 
+    cuda = x.device.type == "cuda"
     model.train()
     optimizer = create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     weights = list(getattr(model, "sac_weights", (1.0,)))
 
     def step():
-        if kind == "flexpool+sac":
-            out, sac = model.forward_train(x)
-            outputs = [*sac, out]
-            loss = sum(w * criterion(o.float(), y) for w, o in zip(weights, outputs))
-        else:
-            loss = criterion(model(x).float(), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if kind == "flexpool+sac":
+                out, sac = model.forward_train(x)
+                outputs = [*sac, out]
+                loss = sum(w * criterion(o.float(), y) for w, o in zip(weights, outputs))
+            else:
+                loss = criterion(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
         return loss
 
     return step
@@ -92,6 +98,13 @@ def time_training(args) -> dict:
                                   "mean": models["original"].pretrained_cfg["mean"],
                                   "std": models["original"].pretrained_cfg["std"]})
     x, y = next(iter(make_loader(data.train, batch_size=args.batch_size, train=True, seed=0)))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        x = x.contiguous(memory_format=torch.channels_last)
+        for m in models.values():
+            m.to(device, memory_format=torch.channels_last)
+    x, y = x.to(device), y.to(device)
     steps = {kind: _step_fn(kind, m, x, y) for kind, m in models.items()}
     kinds = list(steps)
     for _ in range(args.warmup):
@@ -198,7 +211,11 @@ def main() -> None:
                         help="what to time: steps (the interleaved training steps), added (the added work "
                              "alone), loader")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the training steps run (cuda: bf16 autocast, channels_last, TF32)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     for key, full, quick in (("rounds", 12, 5), ("warmup", 2, 1), ("loader_images", 512, 256)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
@@ -206,7 +223,9 @@ def main() -> None:
 
     load_start = os.getloadavg()
     print(f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, {args.num_classes} classes, "
-          f"float32 CPU, {torch.get_num_threads()} torch threads; {args.rounds} rounds after {args.warmup} warm-up")
+          + (f"bf16 autocast on {torch.cuda.get_device_name()}" if args.device == "cuda" else
+             f"float32 CPU, {torch.get_num_threads()} torch threads")
+          + f"; {args.rounds} rounds after {args.warmup} warm-up")
     sections = set(args.sections.split(","))
     train = time_training(args) if "steps" in sections else None
     added = time_added_work(args, flexsurgeon.convert(args.model, num_classes=args.num_classes,

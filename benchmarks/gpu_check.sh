@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The CUDA checks of issue 3 in one prepared run, for a session that is lent a GPU (about
+# 8 minutes on one H100; everything it needs is in the device machine's image: torch, timm,
+# safetensors, click, tqdm, pyyaml). From the repository root:
+#     OUT=/some/folder bash benchmarks/gpu_check.sh      # $OUT is set by the device tool
+# What it shows, each step logged to $OUT/gpu_check.log:
+#   1. the test suite passes on that machine's Python and torch (3.12 / 2.11 there);
+#   2. `flexsurgeon finetune --device cuda` runs the quick recipe (bf16 autocast,
+#      channels_last, TF32, pinned memory, EMA), then again with torch.compile, and the best
+#      checkpoint loads through timm on the GPU;
+#   3. torchrun with the NCCL backend (one process: the machine has one GPU);
+#   4. training-step time, FlexPool (+ SAC) against the original, on the GPU.
+# A dry run of the script itself on a CPU, small and fast (the suite runs in CI anyway):
+#     DEVICE=cpu MODEL=test_resnet IMG=64 DATA=synthetic:classes=10,train=256,val=64 BATCH=32 \
+#         SKIP_TESTS=1 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-resnet50} IMG=${IMG:-224} BATCH=${BATCH:-128}
+DATA=${DATA:-synthetic:classes=10,train=4096,val=1024}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+LOG=$OUT/gpu_check.log
+RUNS=$(mktemp -d)
+failed=0
+step() {  # step NAME COMMAND...: run, log, and remember a failure without stopping the rest
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$LOG"
+  local start=$SECONDS
+  if "$@" >>"$LOG" 2>&1; then echo "   ok ($((SECONDS - start)) s)" | tee -a "$LOG"
+  else echo "   FAILED ($((SECONDS - start)) s)" | tee -a "$LOG"; failed=1; fi
+}
+
+{ date -u; nvidia-smi -L 2>/dev/null; $PY -c "import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__, torch.cuda.is_available())"; } | tee -a "$LOG"
+
+[ -n "${SKIP_TESTS:-}" ] || step tests $PY -m pytest -q -x -p no:cacheprovider tests
+step convert $PY -m flexsurgeon convert "$MODEL" --random-init --num-classes 10 --img-size "$IMG" -o "$RUNS/model"
+step finetune $PY -m flexsurgeon finetune "$RUNS/model" --data "$DATA" --recipe quick --epochs 2 \
+  --batch-size "$BATCH" --workers 8 --device "$DEVICE" -o "$RUNS/ft"
+if [ "$DEVICE" = cuda ]; then  # what finetune says it runs with
+  step bf16-channels-last grep -q "fine-tuning on cuda (bf16 autocast" "$LOG"
+fi
+step finetune-compiled $PY -m flexsurgeon finetune "$RUNS/model" --data "$DATA" --recipe quick --epochs 2 \
+  --batch-size "$BATCH" --workers 8 --device "$DEVICE" --set compile=true -o "$RUNS/ft-compiled"
+step logs-and-load $PY - "$RUNS" "$DEVICE" "$IMG" <<'EOF'
+import json, math, sys
+from pathlib import Path
+import timm, torch
+import flexsurgeon  # registers local-dir: loading of converted models
+runs, device, img = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for run in ("ft", "ft-compiled"):
+    records = [json.loads(line) for line in (runs / run / "log.jsonl").read_text().splitlines()]
+    last = records[-1]
+    print(run, json.dumps({k: last[k] for k in ("epoch", "images_per_s", "lr") if k in last}), last["val"]["top1"])
+    assert len(records) == 2 and all(math.isfinite(v) for r in records for v in r["train"]["loss"].values())
+model = timm.create_model(f"local-dir:{runs / 'ft' / 'best'}", pretrained=True).to(device).eval()
+x = torch.randn(4, 3, img, img, device=device).contiguous(memory_format=torch.channels_last)
+with torch.no_grad():
+    full = model(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        half = model(x).float()
+print("best/ via timm:", tuple(full.shape), "bf16 vs float32 max abs diff", (half - full).abs().max().item())
+assert full.shape == (4, 10) and torch.isfinite(full).all()
+EOF
+step torchrun-nccl $PY -m torch.distributed.run --nproc-per-node 1 -m flexsurgeon finetune "$RUNS/model" \
+  --data synthetic:classes=10,train=512,val=128 --recipe smoke --batch-size "$BATCH" --device "$DEVICE" -o "$RUNS/ddp"
+step train-speed $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
+  --batch-size "$BATCH" --rounds 20 --warmup 5 --sections steps
+
+cp -r "$RUNS/ft/log.jsonl" "$OUT/finetune_log.jsonl" 2>/dev/null
+cp -r "$RUNS/ft-compiled/log.jsonl" "$OUT/finetune_compiled_log.jsonl" 2>/dev/null
+echo "gpu_check: $([ $failed = 0 ] && echo 'all steps passed' || echo 'some steps FAILED'); log: $LOG" | tee -a "$LOG"
+exit $failed
