@@ -80,6 +80,7 @@ def test_flexpool_falls_back_to_aten_with_one_warning_when_the_build_fails(monke
     def fail():
         raise OSError("no C++ compiler found\ndetails")
 
+    monkeypatch.delenv(cpu_kernel.ENV_VAR, raising=False)
     monkeypatch.setattr(cpu_kernel, "_module", None)
     monkeypatch.setattr(cpu_kernel, "_error", None)
     monkeypatch.setattr(cpu_kernel, "_build", fail)
