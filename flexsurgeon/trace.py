@@ -9,6 +9,7 @@ mode separately.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -72,6 +73,18 @@ class _Tracer(NodePathTracer):
         return out
 
 
+def _default_inputs(model: nn.Module) -> dict[str, object]:
+    """Forward inputs after the first that have defaults (Hiera's ``mask=None``, a ViT's
+    ``attn_mask=None, is_causal=False``), fixed at those defaults: the path ``model(x)`` takes.
+
+    A traced argument is a proxy, never None, so ``if mask is not None:`` would otherwise
+    record the masked branch, which fails when the model is called without a mask.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = ()) -> TracedGraph:
     """Trace ``model`` in the given mode; the model's own mode is restored afterwards.
 
@@ -83,7 +96,7 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     was_training = model.training
     model.train(training)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_default_inputs(model))
     except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
         where = tracer.failed_in or "the top-level forward"
         module = model.get_submodule(tracer.failed_in) if tracer.failed_in else model

@@ -165,3 +165,16 @@ def test_untraceable_model_names_the_construct_and_the_leaf_fix():
 
     with pytest.raises(TraceError, match=r"in 'block' \(DataDependent\).*register_notrace_module"):
         trace_model(Net(), training=False)
+
+
+def test_forward_inputs_with_defaults_trace_at_their_defaults():
+    # timm's Hiera: forward(x, mask=None). Traced with mask as a proxy, `if mask is not None`
+    # recorded the masked branch, and every call without a mask failed ("'NoneType' object
+    # has no attribute 'view'"), which read as an input-size problem. Now it gets the real
+    # reason; a ViT (forward(x, attn_mask=None, is_causal=False)) still traces.
+    import flexsurgeon
+
+    with pytest.raises(AnalysisError, match="pools tokens"):
+        flexsurgeon.convert(timm.create_model("hiera_tiny_224", num_classes=5), img_size=224)
+    with pytest.raises(AnalysisError, match="pools tokens"):
+        flexsurgeon.convert(timm.create_model("vit_tiny_patch16_224", num_classes=5), img_size=224)
