@@ -28,7 +28,29 @@ from .recipe import Recipe
 LAST, BEST = "last", "best"
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 LOG_NAME, RECIPE_NAME = "log.jsonl", "recipe.yaml"
-_SYNC_EVERY = 10  # on CUDA, steps between reads of the loss (NaN check, progress bar)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What fine-tuning does differently on a GPU, decided in one place.
+
+    The loop reads only these fields, never the device type, so a CPU test can run the
+    GPU's code path (bf16 autocast, channels_last, pinned loader, deferred loss reads).
+    """
+    autocast: bool = False  # bfloat16 autocast
+    channels_last: bool = False  # model and batches in NHWC
+    pin_memory: bool = False  # loader pins batches; copies are non_blocking
+    tf32: bool = False  # TF32 matmuls and convolutions, cudnn autotuning
+    sync_every: int = 1  # steps between reads of the loss (NaN check, progress bar); each read waits for the GPU
+
+
+def device_settings(device: torch.device, recipe: Recipe) -> DeviceSettings:
+    """CUDA: the recipe's ``amp`` and ``channels_last``, pinned memory, TF32, a loss read every
+    10 steps. Anything else: float32, NCHW, every step checked."""
+    if device.type != "cuda":
+        return DeviceSettings()
+    return DeviceSettings(autocast=recipe.amp, channels_last=recipe.channels_last, pin_memory=True, tf32=True,
+                          sync_every=10)
 
 
 @dataclass
@@ -149,7 +171,7 @@ def _loss_weights(model, recipe: Recipe) -> list[float]:
 
 
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist: _Dist | None = None,
-             autocast: bool = False) -> dict:
+             autocast: bool = False, channels_last: bool = False) -> dict:
     """Top-1 / top-5 accuracy and cross-entropy of the main classifier and every SAC head.
 
     A model flexsurgeon did not convert (no ``forward_train``) is scored on its output alone.
@@ -162,9 +184,9 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
     model.eval()
     with torch.no_grad():
         for x, y in _batches(loader, "evaluating"):
-            x, y = _to_device(x, y, device)
+            x, y = _to_device(x, y, device, channels_last)
             try:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out, sac = model.forward_train(x) if hasattr(model, "forward_train") else (model(x), [])
             except RuntimeError as exc:
                 _raise_if_out_of_memory(exc, getattr(loader, "batch_size", None) or x.shape[0], "evaluating")
@@ -370,8 +392,8 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     output = Path(output)
     device = _resolve_device(recipe.device)
     dist = _init_distributed(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    settings = device_settings(device, recipe)
+    if settings.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -381,7 +403,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                             f"{data.num_classes}; convert with --num-classes {data.num_classes}")
 
     model.to(device)
-    if cuda and recipe.channels_last:
+    if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     weights = _loss_weights(model, recipe)
     heads = head_names(model)
@@ -393,7 +415,8 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
 
     def loader(split, epoch):  # built once; set_epoch moves it (and its persistent workers) on
         return make_loader(split, batch_size=recipe.batch_size, train=split is data.train, seed=recipe.seed,
-                           epoch=epoch, num_workers=recipe.workers, distributed=dist.enabled, pin_memory=cuda)
+                           epoch=epoch, num_workers=recipe.workers, distributed=dist.enabled,
+                           pin_memory=settings.pin_memory)
 
     train_loader, val_loader = loader(data.train, 0), loader(data.val, 0)
     steps_per_epoch = len(train_loader)
@@ -428,15 +451,17 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_forward = DistributedDataParallel(train_forward, device_ids=[device.index] if cuda else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_forward = DistributedDataParallel(train_forward, device_ids=device_ids)
     if recipe.compile:
         train_forward = torch.compile(train_forward)
-    autocast = cuda and recipe.amp
+    autocast = settings.autocast
     if dist.main:
         output.mkdir(parents=True, exist_ok=True)
         _write_recipe(output / RECIPE_NAME, recipe)
-        log(f"fine-tuning on {device} ({'bf16 autocast' if autocast else 'float32'}"
-            f"{f', {dist.world} processes' if dist.enabled else ''}): {data.description}")
+        how = ["bf16 autocast" if autocast else "float32", "channels_last" if settings.channels_last else "",
+               "compiled" if recipe.compile else "", f"{dist.world} processes" if dist.enabled else ""]
+        log(f"fine-tuning on {device} ({', '.join(filter(None, how))}): {data.description}")
 
     for epoch in range(start_epoch, recipe.epochs):
         frozen = recipe.freeze_backbone or epoch < recipe.freeze_epochs
@@ -448,12 +473,12 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}{' (head only)' if frozen else ''}",
                    disable=not (progress and dist.main), leave=False, dynamic_ncols=True)
         for x, y in _batches(bar, "training"):
-            x, y = _to_device(x, y, device, cuda and recipe.channels_last)
+            x, y = _to_device(x, y, device, settings.channels_last)
             target = y
             if mixup is not None:
                 x, target = mixup(x, y)
             try:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out, sac = train_forward(x)
                 outputs = [*sac, out]
                 losses = [criterion(o.float(), target) for o in outputs]
@@ -478,7 +503,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
             tally.add(outputs, losses, y)
             seen += x.shape[0]
             # Reading the loss waits for the GPU, so it happens every few steps, not every step.
-            if not cuda or step % _SYNC_EVERY == 0:
+            if step % settings.sync_every == 0:
                 _check_finite(loss, epoch, step, output)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{tally.summary()['top1']['main']:.1f}",
                                 img_s=f"{seen / (time.perf_counter() - started):.0f}")
@@ -488,7 +513,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tally.reduce(dist)
         train = tally.summary()
         evaluated = ema.module if ema is not None else model
-        val = evaluate(evaluated, val_loader, device, dist, autocast)
+        val = evaluate(evaluated, val_loader, device, dist, autocast, settings.channels_last)
         top1 = val["top1"]["main"]
         improved = top1 > best_top1
         if improved:

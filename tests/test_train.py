@@ -1,6 +1,7 @@
 """Fine-tuning end to end on CPU with synthetic data: checkpoints, logs, determinism,
 resume after SIGKILL, freeze schedule, NaN stop, and 2-process DDP on gloo."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -200,3 +201,50 @@ def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     log.write_text("".join(json.dumps({"epoch": e, "val": {}}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "va')
     _truncate_log(log, 2)  # last/ holds epoch 2: epochs 3 and 4 will be redone and logged again
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32():
+    from flexsurgeon.train import DeviceSettings, device_settings
+
+    quick = load_recipe("quick")
+    assert device_settings(torch.device("cuda", 0), quick) == DeviceSettings(
+        autocast=True, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
+    plain = device_settings(torch.device("cuda"), quick.replace(amp=False, channels_last=False))
+    assert not plain.autocast and not plain.channels_last and plain.pin_memory
+    assert device_settings(torch.device("cpu"), quick) == DeviceSettings()  # the recipe's amp is for CUDA
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compiled):
+    """What finetune does on CUDA (bf16 autocast, channels_last, pinned batches, loss read every
+    few steps, optionally torch.compile), run here so CI covers that branch of the loop. The
+    CUDA kernels themselves are checked by benchmarks/gpu_check.sh on a GPU machine."""
+    from flexsurgeon import train
+
+    gpu = train.device_settings(torch.device("cuda"), load_recipe("quick"))
+    # TF32 is a CUDA switch: setting it here would only leak global state into other tests
+    monkeypatch.setattr(train, "device_settings", lambda device, recipe: gpu.__class__(
+        **{**gpu.__dict__, "tf32": False, "sync_every": 2}))
+    model = flexsurgeon.load(converted)
+    seen = []  # what reaches FlexPool during training: dtype and layout
+    if not compiled:  # a hook inside a compiled graph is traced, not run
+        model.flex_pools.global_pool_pool.register_forward_hook(lambda module, args, out: seen.append(
+            (args[0].dtype, args[0].is_contiguous(memory_format=torch.channels_last), module.training)))
+    lines = []
+    recipe = load_recipe("smoke").replace(batch_size=16, compile=compiled)
+    data = load_data(DATA, data_config=timm.data.resolve_data_config(model=model))
+    finetune(model, data, recipe, tmp_path / "run", progress=False, log=lines.append)
+
+    assert any(f"bf16 autocast, channels_last{', compiled' if compiled else ''}):" in line for line in lines), lines
+    if not compiled:
+        assert {s for s in seen if s[2]} == {(torch.bfloat16, True, True)}  # every training step
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    records = _log(tmp_path / "run")
+    assert len(records) == 2 and all(math.isfinite(v) for r in records for v in r["train"]["loss"].values())
+    assert records[-1]["val"]["count"] == 64
+    best = timm.create_model(f"local-dir:{tmp_path / 'run' / 'best'}", pretrained=True).eval()
+    assert best.conv1.weight.dtype == torch.float32  # autocast never changes the stored weights
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(best(x), best(x.contiguous(memory_format=torch.channels_last)),
+                                   rtol=1e-4, atol=1e-4)
