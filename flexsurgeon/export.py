@@ -24,7 +24,7 @@ from torch import nn
 
 from .apply import FlexSurgeonModel, without_sac_heads
 from .errors import ExportError
-from .layers import _ROWS, FlexPool, _normalized_weight, _weighted_sum
+from .layers import FlexPool
 from .plan import SurgeryPlan
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
@@ -39,17 +39,16 @@ _EXAMPLE_BATCH = 2  # a batch of 1 would let torch.export specialise the batch d
 class _FrozenFlexPool(nn.Module):
     """A FlexPool with its normalised weights fixed for one feature-map size (inference only)."""
 
-    def __init__(self, weights: torch.Tensor, size: tuple[int, int], flatten: bool):
+    def __init__(self, weights: torch.Tensor, flatten: bool):
         super().__init__()
-        self.register_buffer("weights", weights)  # (1, C, H*W), sums to one per channel in softmax mode
-        self.size = size
+        self.register_buffer("weights", weights)  # (C, H, W), sums to one per channel in softmax mode
         self.flatten = flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _weighted_sum(x, self.weights, _ROWS, self.flatten)
+        return (x * self.weights).sum((2, 3), keepdim=not self.flatten)
 
     def extra_repr(self) -> str:
-        return f"channels={self.weights.shape[1]}, size={self.size}, flatten={self.flatten}"
+        return f"channels={self.weights.shape[0]}, size={tuple(self.weights.shape[1:])}, flatten={self.flatten}"
 
 
 def _plan_of(model) -> SurgeryPlan:
@@ -130,8 +129,8 @@ def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
             continue
         size, dtype = seen[name]
         with torch.no_grad():
-            weights = _normalized_weight(pool.weight, pool.mode, pool.size, size, dtype)
-        frozen[name] = _FrozenFlexPool(weights.detach().clone(), size, pool.flatten)
+            weights = pool.pooling_weights(size).to(dtype)
+        frozen[name] = _FrozenFlexPool(weights.detach().clone(), pool.flatten)
     stripped.flex_pools = nn.ModuleDict({name: frozen.get(name, pool) for name, pool in stripped.flex_pools.items()})
     return stripped
 

@@ -294,6 +294,14 @@ class FlexPool(nn.Module):
             return self.weight.new_zeros(())
         return (self.weight.sum((1, 2)) - 1.0).square().sum()
 
+    def pooling_weights(self, size: tuple[int, int] | int | None = None) -> torch.Tensor:
+        """The weights ``A`` (C, H, W) this pool applies to an H x W map (default: its own
+        size), in float32: each channel's softmax in softmax mode, the weights resampled
+        with their sum kept in linear mode. Differentiable; ``y[b, c] = (A[c] * x[b, c]).sum()``."""
+        size = self.size if size is None else _pair(size)
+        a = _normalized_weight(self.weight, self.mode, self.size, size, torch.float32)
+        return a.view(self.channels, *size)
+
     def _weights_for(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         """Normalised weights for ``x``. Cached unless a graph records the weight: the
         key holds the weight's in-place version and the input's dtype, size and layout."""

@@ -84,11 +84,8 @@ def pool_weights(pool):
     """
     import torch
 
-    from .layers import _normalized_weight
-
     with torch.no_grad():
-        a = _normalized_weight(pool.weight.detach(), pool.mode, pool.size, pool.size, torch.float32)
-    return a.reshape(pool.channels, *pool.size).cpu()
+        return pool.pooling_weights().cpu()
 
 
 def channel_spread(a):

@@ -72,7 +72,7 @@ def test_frozen_pools_give_the_models_outputs_at_native_and_other_sizes(converte
         assert model.training and all(m.training for m in model.modules())  # the mode is restored
         assert not len(frozen.sac_heads) and len(model.sac_heads) == 2  # the model keeps its heads
         (fixed,) = frozen.flex_pools.values()
-        assert fixed.weights.shape == (1, 512, (size // 32) ** 2)
+        assert fixed.weights.shape == (512, size // 32, size // 32)
         assert torch.allclose(got, _expected(model, x), atol=1e-6)
         model.train()
     model.eval()
@@ -93,7 +93,7 @@ def test_onnx_gives_pytorchs_outputs_without_sac_heads(converted, tmp_path):
     ops = {n.op_type for n in graph.node}
     assert not ops & {"Softmax", "Resize"}  # FlexPool weights are a constant, not recomputed
     (weights,) = [i for i in graph.initializer if i.name.startswith("flex_pools.")]
-    assert list(weights.dims) == [1, 512, 4]  # 2x2 map at 64
+    assert list(weights.dims) == [512, 2, 2]  # 2x2 map at 64
     for batch in (1, 3):  # the batch dimension is dynamic
         x = _x(batch, 64)
         assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE
@@ -104,7 +104,7 @@ def test_onnx_at_another_size_carries_weights_for_that_size(converted, tmp_path)
     model, _ = converted
     path = export_onnx(model, tmp_path / "m96.onnx", img_size=96)
     (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith("flex_pools.")]
-    assert list(weights.dims) == [1, 512, 9]  # 3x3 map at 96: resampled from the 2x2 weights
+    assert list(weights.dims) == [512, 3, 3]  # 3x3 map at 96: resampled from the 2x2 weights
     x = _x(2, 96)
     assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE
 
@@ -119,7 +119,7 @@ def test_torchvision_model_exports(tmp_path):
             p.normal_()
     path = export_onnx(model, tmp_path / "tv.onnx", img_size=(64, 96))
     (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith("flex_pools.")]
-    assert list(weights.dims) == [1, 3, 15]
+    assert list(weights.dims) == [3, 3, 5]
     x = torch.randn(2, 3, 64, 96)
     assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE
 

@@ -96,6 +96,21 @@ def test_trained_weight_matches_naive_reference_at_native_size(mode, layout):
     torch.testing.assert_close(flex_pool2d(x, pool.weight.detach(), mode=mode), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", POOL_MODES)
+def test_pooling_weights_are_what_the_pool_applies(mode):
+    pool = FlexPool(5, (4, 6), mode=mode).eval()
+    torch.testing.assert_close(pool.pooling_weights(), torch.full((5, 4, 6), 1 / 24))  # average pooling
+    _perturb(pool)
+    for size in ((4, 6), (7, 3)):
+        a = pool.pooling_weights(size)
+        assert a.shape == (5, *size) and a.dtype == torch.float32
+        x = _input((2, 5, *size))
+        torch.testing.assert_close(pool(x), (x * a).sum((2, 3)), rtol=1e-5, atol=1e-6)
+    if mode == "softmax":
+        torch.testing.assert_close(pool.pooling_weights().sum((1, 2)), torch.ones(5))
+    assert pool.pooling_weights().requires_grad  # a penalty on the weights can train them
+
+
 def test_softmax_resampling_follows_bilinear_logits():
     pool = FlexPool(5, (4, 6)).eval()
     _perturb(pool)
