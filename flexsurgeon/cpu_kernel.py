@@ -38,15 +38,17 @@ def _build_options() -> tuple[str, list[str], list[str]]:
 
     The name carries the instruction set, so a cache folder shared between machines never
     hands one a binary it cannot run. OpenMP is torch's own thread pool on Linux (the
-    extension links the libgomp torch already loaded); elsewhere the kernel runs on one thread.
+    extension links the libgomp torch already loaded); elsewhere the kernel runs on one
+    thread. Windows builds with MSVC, which spells its flags differently.
     """
-    cflags, ldflags, isa = ["-O3"], [], "generic"
+    msvc = sys.platform == "win32"
+    cflags, ldflags, isa = ["/O2" if msvc else "-O3"], [], "generic"
     if sys.platform.startswith("linux"):
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
-        cflags += ["-mavx2", "-mfma"]
+        cflags += ["/arch:AVX2"] if msvc else ["-mavx2", "-mfma"]
         isa = "avx2"
     return f"flexsurgeon_flex_pool_{isa}", cflags, ldflags
 
@@ -67,7 +69,7 @@ def _build() -> ModuleType:
     # One folder per Python and torch version: a binary is only valid for the torch it was built against.
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}".replace("+", "-")
     build_dir = Path(root) / f"{name}-{tag}"
-    if not (build_dir / f"{name}.so").exists():
+    if not (build_dir / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}").exists():  # cpp_extension's names
         _log.warning("FlexPool: compiling its fused CPU kernel into %s, once (about 20 s; %s=0 skips it)",
                      build_dir, ENV_VAR)
     build_dir.mkdir(parents=True, exist_ok=True)

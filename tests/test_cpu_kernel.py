@@ -98,6 +98,22 @@ def test_flexpool_falls_back_to_aten_with_one_warning_when_the_build_fails(monke
     assert cpu_kernel.unavailable_reason() == "OSError: no C++ compiler found"
 
 
+@pytest.mark.parametrize("system,machine,capability,expected", [
+    ("linux", "x86_64", "AVX512", ("flexsurgeon_flex_pool_avx2", ["-O3", "-fopenmp", "-mavx2", "-mfma"], ["-fopenmp"])),
+    ("linux", "x86_64", "DEFAULT", ("flexsurgeon_flex_pool_generic", ["-O3", "-fopenmp"], ["-fopenmp"])),
+    ("linux", "aarch64", "DEFAULT", ("flexsurgeon_flex_pool_generic", ["-O3", "-fopenmp"], ["-fopenmp"])),
+    ("darwin", "arm64", "DEFAULT", ("flexsurgeon_flex_pool_generic", ["-O3"], [])),
+    ("win32", "AMD64", "AVX2", ("flexsurgeon_flex_pool_avx2", ["/O2", "/arch:AVX2"], [])),
+])
+def test_build_flags_suit_the_compiler_and_instruction_set(monkeypatch, system, machine, capability, expected):
+    """A binary built for AVX2 is named for it, so a shared cache never hands it to a CPU
+    without; MSVC gets its own spelling of the flags (gcc's would be ignored, unoptimised)."""
+    monkeypatch.setattr(cpu_kernel.sys, "platform", system)
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_kernel._build_options() == expected
+
+
 def test_environment_variable_turns_the_kernel_off():
     code = ("import warnings; warnings.simplefilter('error');"
             "import torch; from flexsurgeon import cpu_kernel; from flexsurgeon.layers import _inference_kernel;"
