@@ -62,8 +62,9 @@ OUTCOMES = ("preserved", "refused", "timm-untraceable", "wrong", "skipped", "not
 _SIZE_PROBLEMS = ("no global average pool", "fails on a", "is not an average", "not a spatial")
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: flexsurgeon's own ``except Exception`` (analysis retries a size it
+    cannot run) would swallow it, and the one-shot alarm would never fire again."""
 
 
 @contextlib.contextmanager
