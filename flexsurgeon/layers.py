@@ -201,9 +201,13 @@ _st = torch.fx._symbolic_trace
 _fx_symbolic_tracing = getattr(_st, "is_fx_symbolic_tracing", _st.is_fx_tracing)
 
 
+# torch < 2.5 has no is_exporting; its export is strict (dynamo) only, which is_compiling sees.
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
 def _compiling() -> bool:
     """True under torch.compile, torch.export (strict or not) or torch.jit.trace."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
 
 
 def _transformed(t: torch.Tensor) -> bool:
