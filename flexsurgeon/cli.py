@@ -215,8 +215,9 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
     result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
                  weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
                  replace_gating=replace_gating, log=click.echo)
-    click.echo(f"done: best val top-1 {result.best_top1:.2f} at epoch {result.best_epoch}; "
-               f"checkpoints in {result.output}/best and {result.output}/last")
+    if result.main:
+        click.echo(f"done: best val top-1 {result.best_top1:.2f} at epoch {result.best_epoch}; "
+                   f"checkpoints in {result.output}/best and {result.output}/last")
 
 
 @main.command()

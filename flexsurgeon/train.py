@@ -267,7 +267,9 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 def _json_ready(value):
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        # Older torch keeps functions in some scheduler states (OneCycleLR's anneal_func in 2.3,
+        # not in 2.11); the rebuilt scheduler already has them, so they are left out, not saved as None.
+        return {str(k): _json_ready(v) for k, v in value.items() if not callable(v)}
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -346,6 +348,7 @@ class FinetuneResult:
     best_top1: float
     best_epoch: int
     last: dict  # the last epoch's log record
+    main: bool = True  # False on the other ranks of a torchrun job, which write and print nothing
 
 
 def _make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
@@ -546,7 +549,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
 
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=best_top1, best_epoch=best_epoch,
-                          last=last_record)
+                          last=last_record, main=dist.main)
 
 
 def _truncate_log(path: Path, epochs: int) -> None:

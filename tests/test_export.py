@@ -9,9 +9,19 @@ from safetensors import safe_open
 import flexsurgeon
 from flexsurgeon.cli import main
 from flexsurgeon.errors import CheckpointError, ExportError
-from flexsurgeon.export import _EvalMode, _frozen_for_export, _write_atomic_file, export_inference_folder, export_onnx
+from flexsurgeon.export import (
+    _MIN_TORCH,
+    _EvalMode,
+    _frozen_for_export,
+    _write_atomic_file,
+    export_inference_folder,
+    export_onnx,
+)
 
 TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, float32
+# Older torch gets a one-line "needs torch>=2.6" instead (test_onnx_export_on_old_torch_is_one_line).
+needs_onnx_exporter = pytest.mark.skipif(torch.__version__ < _MIN_TORCH,
+                                         reason=f"ONNX export needs torch>={_MIN_TORCH}")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +88,7 @@ def test_frozen_pools_give_the_models_outputs_at_native_and_other_sizes(converte
     model.eval()
 
 
+@needs_onnx_exporter
 def test_onnx_gives_pytorchs_outputs_without_sac_heads(converted, tmp_path):
     model, _ = converted
     path = tmp_path / "m.onnx"
@@ -100,6 +111,7 @@ def test_onnx_gives_pytorchs_outputs_without_sac_heads(converted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary leftovers
 
 
+@needs_onnx_exporter
 def test_onnx_at_another_size_carries_weights_for_that_size(converted, tmp_path):
     model, _ = converted
     path = export_onnx(model, tmp_path / "m96.onnx", img_size=96)
@@ -109,6 +121,7 @@ def test_onnx_at_another_size_carries_weights_for_that_size(converted, tmp_path)
     assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE
 
 
+@needs_onnx_exporter
 def test_torchvision_model_exports(tmp_path):
     """SqueezeNet pools after its classifier conv, keeping dims (FlexPool flatten=False); a 3x3
     map at 64, 3x5 at the exported 64x96."""
@@ -141,6 +154,7 @@ def test_writes_land_with_their_side_files_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
 
 
+@needs_onnx_exporter
 def test_missing_onnx_packages_are_one_line_naming_the_extra(converted, tmp_path, monkeypatch):
     import importlib.util
 
@@ -185,6 +199,7 @@ def _cli(*args):
     return result.exit_code, result.output
 
 
+@needs_onnx_exporter
 def test_cli_exports_onnx_and_refuses_to_overwrite(converted, tmp_path):
     model, folder = converted
     out = tmp_path / "m.onnx"
@@ -222,3 +237,13 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(converted, tmp_path, args,
     assert message in output, output
     assert "Traceback" not in output
     assert not (tmp_path / "x").exists()
+
+
+def test_onnx_export_on_old_torch_is_one_line(monkeypatch, tmp_path):
+    import flexsurgeon.export as export
+
+    monkeypatch.setattr(export.torch, "__version__", torch.torch_version.TorchVersion("2.3.1"))
+    model = flexsurgeon.convert("resnet18", img_size=64, num_classes=4).eval()
+    with pytest.raises(ExportError, match=r"^ONNX export needs torch>=2.6 \(installed: 2.3.1\): pip install -U torch$"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())

@@ -180,6 +180,7 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
     hits = sum(r["main_top1_hits"] for r in val["per_rank"])
     assert val["top1"]["main"] == pytest.approx(100.0 * hits / val["count"])
     flexsurgeon.load(run / "last")
+    assert result.stdout.count("done: best val top-1") == 1  # rank 1 prints nothing
 
 
 def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
@@ -248,3 +249,28 @@ def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compi
     with torch.no_grad():
         torch.testing.assert_close(best(x), best(x.contiguous(memory_format=torch.channels_last)),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_steps():
+    """torch 2.3's OneCycleLR keeps its annealing function in its state; JSON cannot hold it,
+    and loading it back as None would break the scheduler."""
+    from flexsurgeon.train import _json_ready
+
+    def make():
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+
+    original = make()
+    if not hasattr(original, "anneal_func"):  # newer torch: put a function in the state as 2.3 does
+        original.anneal_func = original._annealing_cos
+    for _ in range(3):
+        original.optimizer.step()
+        original.step()
+    state = json.loads(json.dumps(_json_ready(original.state_dict())))
+    assert "anneal_func" not in state
+    restored = make()
+    restored.load_state_dict(state)
+    for scheduler in (original, restored):
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert restored.get_last_lr() == original.get_last_lr()
