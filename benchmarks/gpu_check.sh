@@ -38,7 +38,7 @@ step convert $PY -m flexsurgeon convert "$MODEL" --random-init --num-classes 10 
 step finetune $PY -m flexsurgeon finetune "$RUNS/model" --data "$DATA" --recipe quick --epochs 2 \
   --batch-size "$BATCH" --workers 8 --device "$DEVICE" -o "$RUNS/ft"
 if [ "$DEVICE" = cuda ]; then  # what finetune says it runs with
-  step bf16-channels-last grep -q "fine-tuning on cuda (bf16 autocast" "$LOG"
+  step bf16-channels-last grep -q "fine-tuning on cuda (bf16 autocast, channels_last)" "$LOG"
 fi
 step finetune-compiled $PY -m flexsurgeon finetune "$RUNS/model" --data "$DATA" --recipe quick --epochs 2 \
   --batch-size "$BATCH" --workers 8 --device "$DEVICE" --set compile=true -o "$RUNS/ft-compiled"
