@@ -65,8 +65,9 @@ def _inference_kernel(x: torch.Tensor) -> str:
     kernel = _training_kernel(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous(memory_format=_FORMATS[kernel]):
         return kernel
-    # The kernel reads memory directly: plain tensors only (not fake, functional or distributed ones).
-    if type(x) is torch.Tensor and cpu_kernel.available():
+    # The kernel reads memory directly: plain tensors only (not fake, functional or distributed
+    # ones), and not under a dispatch mode (FlopCounterMode, a user's tracer), which sees ATen ops only.
+    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack() and cpu_kernel.available():
         return _FUSED_COLS if kernel == _COLS else _FUSED_ROWS
     return _aten_inference_kernel(x)
 
@@ -327,7 +328,7 @@ class FlexPool(nn.Module):
         # a tensor the cache did not see may be an inference tensor, which has no version.
         fast = self._fast
         if (fast is not None and not torch.is_grad_enabled() and type(x) is torch.Tensor
-                and not _compiling() and not _transformed(x)):
+                and not _compiling() and not torch._C._len_torch_dispatch_stack() and not _transformed(x)):
             w = self.weight
             if (fast[0] is w and fast[1] == w._version and fast[2] == w.data_ptr() and fast[3] == x.shape
                     and fast[4] == x.stride() and fast[5] == x.dtype and fast[6] == x.device):

@@ -136,3 +136,28 @@ def test_fake_tensors_never_reach_the_kernel():
         assert _inference_kernel(x) != "fused-rows"
         y = pool(x)
     assert y.shape == (16, 6)
+
+
+@needs_kernel
+def test_dispatch_modes_see_flexpool_as_aten_ops():
+    """FlopCounterMode, memory trackers and a user's own TorchDispatchMode see ATen calls only:
+    under one, FlexPool must not hide its work inside the fused kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    pool = FlexPool(6, (8, 8)).eval()
+    x = torch.randn(16, 6, 8, 8)
+    with torch.no_grad():
+        expected = pool(x)  # the inference fast path now holds the fused kernel
+        with Recorder() as recorder:
+            got = pool(x)
+    assert recorder.calls and any(name.startswith(("aten.mul", "aten.bmm")) for name in recorder.calls)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
