@@ -140,7 +140,7 @@ def convert(model, output, weights, weights_file, force, **params):
     if Path(output).exists() and not force:  # refuse before spending time on the model
         raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
     source = weights_file if weights_file else weights
-    converted = convert_model(model, weights=source, **_surgery_kwargs(params))
+    converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
     path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
     pools = ", ".join(f"{p.node} ({p.channels}x{p.size[0]}x{p.size[1]})" for p in plan.pools)

@@ -101,28 +101,45 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
 
 def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int | None = None,
             pool: str = "softmax", dropout: float = 0.0, sac_stages=None, sac_weights=None,
-            replace_gating: bool = False, weights: str | Path = "random", check: bool = True) -> nn.Module:
+            replace_gating: bool = False, weights: str | Path = "random", check: bool = True,
+            progress: bool = False) -> nn.Module:
     """Convert a model (a timm name, ``tv:NAME``, or an instance) to FlexPool + SAC heads.
 
     The result shares the source's parameters. With ``check`` (default) its eval output is
     compared with the source's on a random input and a mismatch is an error. ``pool`` is a
     FlexPool mode (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
-    simpool change the output from the start, so they are not checked).
+    simpool change the output from the start, so they are not checked). ``progress`` shows
+    the step under way on a terminal (a large model at a large size takes a minute on a CPU).
     """
+    from tqdm import tqdm
+
     from .apply import apply_plan
     from .io import make_pretrained_cfg
 
-    model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
-    size = _as_size(img_size) if img_size is not None else _default_img_size(model)
-    analysis = analyse(model, size, in_chans=in_chans)
-    plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
-                     sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
-    converted = apply_plan(model, plan)
-    converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(getattr(model, "pretrained_cfg", None),
-                                                                           plan)
-    if check and plan.pool_mode in PRESERVING_KINDS:
-        _check_preserved(model, converted, plan)
+    label = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
+    steps = tqdm(total=4, desc=f"building {label}", bar_format="{desc} (step {n_fmt}/{total_fmt}, {elapsed})",
+                 leave=False, disable=None if progress else True)
+    with steps:
+        model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
+        size = _as_size(img_size) if img_size is not None else _default_img_size(model)
+        _next_step(steps, f"analysing at {size[0]}x{size[1]} and {2 * size[0]}x{2 * size[1]}")
+        analysis = analyse(model, size, in_chans=in_chans)
+        _next_step(steps, "applying the plan")
+        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
+                         sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
+        converted = apply_plan(model, plan)
+        converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(
+            getattr(model, "pretrained_cfg", None), plan)
+        _next_step(steps, "checking that the outputs are unchanged")
+        if check and plan.pool_mode in PRESERVING_KINDS:
+            _check_preserved(model, converted, plan)
+        steps.update()
     return converted
+
+
+def _next_step(steps, desc: str) -> None:
+    steps.update()
+    steps.set_description_str(desc)
 
 
 def _check_preserved(source: nn.Module, converted: nn.Module, plan: SurgeryPlan) -> None:

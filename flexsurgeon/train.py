@@ -647,5 +647,5 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
         seed_everything(recipe.seed)
         model = convert(source, weights=weights, num_classes=data.num_classes, img_size=recipe.img_size,
                         in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
-                        sac_weights=recipe.sac_weights, replace_gating=replace_gating)
+                        sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
     return finetune(model, data, recipe, output, progress=progress, log=log)

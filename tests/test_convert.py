@@ -243,3 +243,31 @@ def test_converted_model_frees_activations_when_the_source_does(resnet, x64):
 
     assert stage_input_alive_in_last_block(reference)
     assert stage_input_alive_in_last_block(converted)
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so tqdm draws."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_names_each_step_on_a_terminal_and_nothing_elsewhere(monkeypatch, capsys):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    flexsurgeon.convert("resnet18", img_size=64, num_classes=4, progress=True)
+    for step in ("building resnet18 (step 0/4", "analysing at 64x64 and 128x128 (step 1/4",
+                 "applying the plan (step 2/4", "checking that the outputs are unchanged (step 3/4"):
+        assert step in terminal.text, terminal.text
+    monkeypatch.undo()
+    flexsurgeon.convert("resnet18", img_size=64, num_classes=4, progress=True)  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
