@@ -223,9 +223,23 @@ def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compi
     from flexsurgeon import train
 
     gpu = train.device_settings(torch.device("cuda"), load_recipe("quick"))
-    # TF32 is a CUDA switch: setting it here would only leak global state into other tests
     monkeypatch.setattr(train, "device_settings", lambda device, recipe: gpu.__class__(
-        **{**gpu.__dict__, "tf32": False, "sync_every": 2}))
+        **{**gpu.__dict__, "sync_every": 2}))
+    # finetune turns TF32 and cudnn autotuning on: global switches (no effect on a CPU), put back below
+    switches = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cudnn, "benchmark")]
+    before = [getattr(module, name) for module, name in switches]
+    for module, name in switches:
+        setattr(module, name, False)
+    try:
+        _train_with_gpu_settings(converted, tmp_path, compiled)
+        assert all(getattr(module, name) for module, name in switches)
+    finally:
+        for (module, name), value in zip(switches, before):
+            setattr(module, name, value)
+
+
+def _train_with_gpu_settings(converted, tmp_path, compiled):
     model = flexsurgeon.load(converted)
     seen = []  # what reaches FlexPool during training: dtype and layout
     if not compiled:  # a hook inside a compiled graph is traced, not run
