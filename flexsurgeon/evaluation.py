@@ -53,10 +53,12 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
     accuracies in percent; heads are the SAC heads by module path, then ``main``.
     """
+    import torch
     from tqdm import tqdm
 
     from .data import load_data, make_loader
-    from .train import _resolve_device, evaluate
+    from .recipe import Recipe
+    from .train import _resolve_device, device_settings, evaluate
 
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans)
@@ -67,11 +69,14 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
         raise DataError(f"{label} has {outputs} outputs but the data has {data.num_classes} classes; "
                         "evaluate a model trained on these classes")
     torch_device = _resolve_device(device)
+    settings = device_settings(torch_device, Recipe())  # what finetune's default recipe would use here
     model.to(torch_device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
     loader = make_loader(data.val, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
-                         pin_memory=torch_device.type == "cuda")
+                         pin_memory=settings.pin_memory)
     bar = tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
-    summary = evaluate(model, bar, torch_device, autocast=torch_device.type == "cuda")
+    summary = evaluate(model, bar, torch_device, autocast=settings.autocast, channels_last=settings.channels_last)
     heads = {h: {"top1": summary["top1"][h], "top5": summary["top5"][h], "loss": summary["loss"][h]}
              for h in summary["top1"]}
     return {"model": label, "data": data.description, "count": summary["count"], "heads": heads}

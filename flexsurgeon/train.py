@@ -45,12 +45,22 @@ class DeviceSettings:
 
 
 def device_settings(device: torch.device, recipe: Recipe) -> DeviceSettings:
-    """CUDA: the recipe's ``amp`` and ``channels_last``, pinned memory, TF32, a loss read every
-    10 steps. Anything else: float32, NCHW, every step checked."""
+    """CUDA: the recipe's ``amp`` (where the GPU has bfloat16: Ampere and newer) and
+    ``channels_last``, pinned memory, TF32, a loss read every 10 steps. Anything else:
+    float32, NCHW, every step checked."""
     if device.type != "cuda":
         return DeviceSettings()
-    return DeviceSettings(autocast=recipe.amp, channels_last=recipe.channels_last, pin_memory=True, tf32=True,
-                          sync_every=10)
+    return DeviceSettings(autocast=recipe.amp and _native_bf16(), channels_last=recipe.channels_last,
+                          pin_memory=True, tf32=True, sync_every=10)
+
+
+def _native_bf16() -> bool:
+    """True on GPUs with bfloat16 arithmetic (Ampere and newer); older ones (V100, T4) would
+    emulate it slowly, so they train in float32 instead."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch has no emulation and no such argument
+        return torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -462,7 +472,9 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     if dist.main:
         output.mkdir(parents=True, exist_ok=True)
         _write_recipe(output / RECIPE_NAME, recipe)
-        how = ["bf16 autocast" if autocast else "float32", "channels_last" if settings.channels_last else "",
+        no_bf16 = recipe.amp and device.type == "cuda" and not autocast
+        how = ["bf16 autocast" if autocast else "float32 (this GPU has no bfloat16)" if no_bf16 else "float32",
+               "channels_last" if settings.channels_last else "",
                "compiled" if recipe.compile else "", f"{dist.world} processes" if dist.enabled else ""]
         log(f"fine-tuning on {device} ({', '.join(filter(None, how))}): {data.description}")
 

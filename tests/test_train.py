@@ -204,15 +204,20 @@ def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32():
+def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32(monkeypatch):
+    from flexsurgeon import train
     from flexsurgeon.train import DeviceSettings, device_settings
 
+    monkeypatch.setattr(train, "_native_bf16", lambda: True)  # an Ampere or newer GPU
     quick = load_recipe("quick")
     assert device_settings(torch.device("cuda", 0), quick) == DeviceSettings(
         autocast=True, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
     plain = device_settings(torch.device("cuda"), quick.replace(amp=False, channels_last=False))
     assert not plain.autocast and not plain.channels_last and plain.pin_memory
     assert device_settings(torch.device("cpu"), quick) == DeviceSettings()  # the recipe's amp is for CUDA
+    monkeypatch.setattr(train, "_native_bf16", lambda: False)  # V100, T4: float32, everything else as before
+    assert device_settings(torch.device("cuda"), quick) == DeviceSettings(
+        autocast=False, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -222,6 +227,7 @@ def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compi
     CUDA kernels themselves are checked by benchmarks/gpu_check.sh on a GPU machine."""
     from flexsurgeon import train
 
+    monkeypatch.setattr(train, "_native_bf16", lambda: True)
     gpu = train.device_settings(torch.device("cuda"), load_recipe("quick"))
     monkeypatch.setattr(train, "device_settings", lambda device, recipe: gpu.__class__(
         **{**gpu.__dict__, "sync_every": 2}))
