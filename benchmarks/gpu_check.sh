@@ -9,7 +9,9 @@
 #      channels_last, TF32, pinned memory, EMA), then again with torch.compile, and the best
 #      checkpoint loads through timm on the GPU;
 #   3. torchrun with the NCCL backend (one process: the machine has one GPU);
-#   4. training-step time, FlexPool (+ SAC) against the original, on the GPU.
+#   4. training-step time, FlexPool (+ SAC) against the original, on the GPU;
+#   5. inference images/s, converted against original, bf16 + channels_last, eager and
+#      compiled with freezing (last: if the time limit cuts it, the rest is already logged).
 # A dry run of the script itself on a CPU, small and fast (the suite runs in CI anyway):
 #     DEVICE=cpu MODEL=test_resnet IMG=64 DATA=synthetic:classes=10,train=256,val=64 BATCH=32 \
 #         SKIP_TESTS=1 bash benchmarks/gpu_check.sh
@@ -64,10 +66,12 @@ assert full.shape == (4, 10) and torch.isfinite(full).all()
 EOF
 step torchrun-nccl $PY -m torch.distributed.run --nproc-per-node 1 -m flexsurgeon finetune "$RUNS/model" \
   --data synthetic:classes=10,train=512,val=128 --recipe smoke --batch-size "$BATCH" --device "$DEVICE" -o "$RUNS/ddp"
-step train-speed $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
-  --batch-size "$BATCH" --rounds 20 --warmup 5 --sections steps
-
 cp -r "$RUNS/ft/log.jsonl" "$OUT/finetune_log.jsonl" 2>/dev/null
 cp -r "$RUNS/ft-compiled/log.jsonl" "$OUT/finetune_compiled_log.jsonl" 2>/dev/null
+step train-speed $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
+  --batch-size "$BATCH" --rounds 20 --warmup 5 --sections steps
+step infer-throughput $PY benchmarks/infer_throughput.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
+  --batch "$((BATCH * 2))" --rounds 10
+
 echo "gpu_check: $([ $failed = 0 ] && echo 'all steps passed' || echo 'some steps FAILED'); log: $LOG" | tee -a "$LOG"
 exit $failed
