@@ -127,11 +127,15 @@ def main(debug: bool) -> None:
               help="Folder to write config.json and model.safetensors to.")
 @_surgery_options
 @_weight_options
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for the new SAC heads' initial weights (and the model's, with --random-init).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_friendly_errors
-def convert(model, output, weights, weights_file, force, **params):
+def convert(model, output, weights, weights_file, seed, force, **params):
     """Convert MODEL (a timm name, or tv:NAME for torchvision) and save it to OUTPUT."""
     from pathlib import Path
+
+    import torch
 
     from .errors import CheckpointError
     from .io import save
@@ -140,6 +144,7 @@ def convert(model, output, weights, weights_file, force, **params):
     if Path(output).exists() and not force:  # refuse before spending time on the model
         raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
     source = weights_file if weights_file else weights
+    torch.manual_seed(seed)  # the same command writes the same weights
     converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
     path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan

@@ -33,6 +33,19 @@ def test_convert_random_init_writes_a_loadable_folder(tmp_path):
     assert flexsurgeon.load(out).num_classes == 5
 
 
+def test_the_same_convert_command_writes_the_same_weights_and_seed_changes_them(tmp_path):
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        code, output = _run("convert", "resnet18", "--random-init", "--img-size", "64", "--num-classes", "4",
+                            "--seed", seed, "-o", str(tmp_path / name))
+        assert code == 0, output
+        weights[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(weights["a"][k].equal(weights["b"][k]) for k in weights["a"])
+    assert not all(weights["a"][k].equal(weights["c"][k]) for k in weights["a"])
+
+
 def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
