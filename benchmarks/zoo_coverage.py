@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import datetime
 import fnmatch
 import json
@@ -50,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import flexsurgeon  # noqa: E402
+from flexsurgeon.apply import new_parameter_names  # noqa: E402
 from flexsurgeon.errors import AnalysisError, FlexSurgeonError, TraceError  # noqa: E402
 from flexsurgeon.io import ARCHITECTURE  # noqa: E402
 from flexsurgeon.models import build_source, parse_source  # noqa: E402
@@ -267,13 +269,14 @@ def _verify(source, converted, size) -> str | None:
     trainable = {p: p.requires_grad for p in converted.parameters()}
     for p in trainable:
         p.requires_grad_(False)
-    for p in converted.flex_pools.parameters():
+    pools = {n: converted.get_parameter(n) for n in new_parameter_names(converted) if not n.startswith("sac_heads.")}
+    for p in pools.values():
         p.requires_grad_(True)
     try:
         converted(x).float().square().sum().backward()
         # None: autograd never reached the weight. (A zero gradient is reachable: a random-init
         # LeViT's last map is constant over positions, where every weighting gives the same mean.)
-        dead = [n for n, p in converted.flex_pools.named_parameters() if p.grad is None]
+        dead = [n for n, p in pools.items() if p.grad is None]
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
@@ -317,8 +320,8 @@ def check_model(label: str, args) -> dict:
             refusals = {}
             for size in sizes:
                 record["img"] = f"{size[0]}x{size[1]}"
-                try:
-                    converted = flexsurgeon.convert(source, img_size=size, num_classes=NUM_CLASSES)
+                try:  # conversion changes the model it is given: the source stays as it was, to compare
+                    converted = flexsurgeon.convert(copy.deepcopy(source), img_size=size, num_classes=NUM_CLASSES)
                 except TraceError as exc:
                     if library == "timm":
                         traces, why = _timm_traces(source)
@@ -342,6 +345,11 @@ def check_model(label: str, args) -> dict:
                 problem = _verify(source, converted, size)
                 plan = converted.flexsurgeon_plan
                 record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
+                record["method"] = "graph rewrite" if any(p.method == "graph_rewrite" for p in plan.pools) \
+                    else "in place"
+                if type(converted) is not type(source):
+                    return done("wrong", f"the converted model is a {type(converted).__name__}, not a "
+                                         f"{type(source).__name__}")
                 if problem:
                     return done("wrong", problem)
                 if args.roundtrip:
@@ -398,7 +406,10 @@ def summarize(records: list[dict]) -> dict:
               for src in ("timm", "torchvision")}
     reasons = collections.Counter((r["outcome"], _reason_key(r["reason"])) for r in records
                                   if r["outcome"] in ("refused", "wrong", "timm-untraceable", "skipped"))
-    return {"counts": counts, "reasons": reasons}
+    methods = {src: collections.Counter(r.get("method") for r in records
+                                        if r["source"] == src and r["outcome"] == "preserved")
+               for src in ("timm", "torchvision")}
+    return {"counts": counts, "reasons": reasons, "methods": methods}
 
 
 def write_table(records: list[dict], not_walked: dict[str, str], path: Path, command: str,
@@ -427,16 +438,23 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
         if counter:
             lines.append(f"| {src} | " + " | ".join(str(counter.get(o, 0)) for o in OUTCOMES)
                          + f" | {sum(counter.values())} |")
+    lines += ["", "How the preserved models were converted: `in place` (the pool module swapped on its parent) or "
+              "`graph rewrite` (the forward of the one module holding a pool written as code regenerated); "
+              "both keep the model's class.", "", "| source | in place | graph rewrite |", "|---|---|---|"]
+    for src, counter in summary["methods"].items():
+        if counter:
+            lines.append(f"| {src} | {counter.get('in place', 0)} | {counter.get('graph rewrite', 0)} |")
     lines += ["", "## Reasons, by kind", "", "| outcome | models | reason (names and numbers elided) |",
               "|---|---|---|"]
     for (outcome, reason), n in summary["reasons"].most_common():
         lines.append(f"| {outcome} | {n} | {_md(reason)} |")
-    lines += ["", "## Models", "", "| model | family | outcome | input | FlexPool | params (M) | s | reason |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Models", "", "| model | family | outcome | how | input | FlexPool | params (M) | s | reason |",
+              "|---|---|---|---|---|---|---|---|---|"]
     order = {o: i for i, o in enumerate(OUTCOMES)}
     for r in sorted(rows, key=lambda r: (r["source"] != "timm", order[r["outcome"]] == order["not-walked"],
                                          r["family"], r["model"])):
-        lines.append(f"| {r['model']} | {r['family']} | {r['outcome']} | {r['img'] or ''} | {r['pool'] or ''} "
+        lines.append(f"| {r['model']} | {r['family']} | {r['outcome']} | {r.get('method') or ''} | {r['img'] or ''} "
+                     f"| {r['pool'] or ''} "
                      f"| {'' if r['params_m'] is None else r['params_m']} | "
                      f"{'' if r.get('seconds') is None else r['seconds']} | {_md(r['reason'])} |")
     path.write_text("\n".join(lines) + "\n")
@@ -515,7 +533,8 @@ def main(argv=None) -> int:
     for src, counter in summary["counts"].items():
         if counter:
             print(f"{src}: " + ", ".join(f"{o} {counter.get(o, 0)}" for o in OUTCOMES[:-1])
-                  + f" (walked {sum(counter.values())})")
+                  + f" (walked {sum(counter.values())}); preserved in place {summary['methods'][src]['in place']}, "
+                  f"by graph rewrite {summary['methods'][src]['graph rewrite']}")
     print(f"not walked: {len(not_walked)}")
     for (outcome, reason), n in summary["reasons"].most_common(12):
         print(f"  {n:4d} {outcome}: {reason}")

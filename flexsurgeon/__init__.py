@@ -1,9 +1,10 @@
 """flexsurgeon: replace a CNN's global average pooling with FlexPool and attach SAC heads.
 
-Public API: ``convert``, ``inspect``, ``save``, ``load``, ``FlexPool``, ``SACHead``,
-``SurgeryPlan``, ``FlexSurgeonError``. Heavy modules (torch, timm) load on first use, so
-``flexsurgeon --help`` stays instant; the timm architecture ``flexsurgeon`` (used by
-``timm.create_model('local-dir:DIR')``) is registered as soon as timm is imported.
+Public API: ``convert``, ``inspect``, ``save``, ``load``, ``forward_with_sac``,
+``strip_sac_heads``, ``FlexPool``, ``SACHead``, ``SurgeryPlan``, ``FlexSurgeonError``.
+Heavy modules (torch, timm) load on first use, so ``flexsurgeon --help`` stays instant;
+the timm architecture ``flexsurgeon`` (used by ``timm.create_model('local-dir:DIR')``) is
+registered as soon as timm is imported.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ _LAZY = {
     "SACHead": ".layers",
     "flex_pool2d": ".layers",
     "SurgeryPlan": ".plan",
-    "FlexSurgeonModel": ".apply",
+    "forward_with_sac": ".sac",
+    "strip_sac_heads": ".sac",
 }
 __all__ = [*_LAZY, "FlexSurgeonError", "__version__"]
 

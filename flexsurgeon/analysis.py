@@ -15,15 +15,16 @@ module types or names:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
 
 from .errors import AnalysisError
+from .locate import PoolModule, RewriteSite, TapHook, find_pool_module, find_rewrite_site, find_tap_hook
+from .shapeprop import PoolFinder, is_map
 from .trace import TracedGraph, node_shape, trace_model
-
-_FLATTEN_TARGETS = ("flatten", torch.flatten)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class PoolSite:
     size: tuple[int, int]
     keepdim: bool  # output is (B, C, 1, 1) (or (B, 1, 1, C) for nhwc) rather than (B, C)
     layout: str = "nchw"  # "nhwc": the map is (B, H, W, C), as in channels-last blocks (Swin, MambaOut)
+    pool_module: PoolModule | None = None  # the module that computes exactly this pool, when one does
+    rewrite: RewriteSite | None = None  # otherwise: where a rewrite of one module's forward replaces it
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class StageSite:
     channels: int
     size: tuple[int, int]
     reduction: int
+    hook: TapHook | None = None  # where a forward hook reads this tensor, when a module carries it
 
 
 @dataclass
@@ -73,91 +77,12 @@ class Analysis:
         }
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    shape: torch.Size
-    dtype: torch.dtype
-
-
-def _tensor_meta(value):
-    """What shape propagation records: tensor metadata, or a tuple of it for tuples of tensors."""
-    if isinstance(value, torch.Tensor):
-        return TensorMeta(value.shape, value.dtype)
-    if isinstance(value, (tuple, list)):
-        metas = tuple(_tensor_meta(v) for v in value)
-        return metas if any(m is not None for m in metas) else None
-    return None
-
-
-class _PoolFinder(fx.Interpreter):
-    """Shape propagation (``node.meta['tensor_meta']``, as torch.fx's ShapeProp writes it)
-    that also checks each candidate reduction against the mean."""
-
-    def __init__(self, gm: fx.GraphModule, img_size):
-        super().__init__(gm)
-        self.img_size = img_size
-        self.candidates: dict[str, tuple[str, str, bool, str]] = {}  # node -> (input, kind, keepdim, layout)
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        meta = _tensor_meta(result)
-        if meta is not None:
-            n.meta["tensor_meta"] = meta
-        if isinstance(result, torch.Tensor) and n.op != "placeholder":
-            found = self._check_pool(n, result)
-            if found is not None:
-                self.candidates[n.name] = found
-        return result
-
-    def _check_pool(self, n: fx.Node, out: torch.Tensor):
-        if not n.args or not isinstance(n.args[0], fx.Node) or out.dim() not in (2, 4):
-            return None
-        if n.op == "call_module" and any(True for _ in self.module.get_submodule(n.target).parameters()):
-            return None  # a learned layer (conv, linear), not a pool
-        source = n.args[0]
-        value = self.env.get(source)
-        if not isinstance(value, torch.Tensor):
-            return None
-        if value.dim() == 3 and _is_flatten(source):  # x.flatten(2).mean(-1)
-            source = source.args[0]  # its value may be freed already; its shape is in meta
-            shape = node_shape(source)
-            value = value.unflatten(2, shape[2:]) if shape is not None and len(shape) == 4 else value
-        if value.dim() != 4:
-            return None
-        b = value.shape[0]
-        if value.shape[2] * value.shape[3] > 1 and tuple(out.shape) in ((b, value.shape[1]), (b, value.shape[1], 1, 1)):
-            layout, dims = "nchw", (2, 3)
-        elif (_is_map(int(value.shape[1]), int(value.shape[2]), self.img_size)
-              and tuple(out.shape) in ((b, value.shape[3]), (b, 1, 1, value.shape[3]))):
-            layout, dims = "nhwc", (1, 2)  # a channels-last block: x.mean((1, 2)) on (B, H, W, C)
-        else:
-            return None
-        pooled = out.detach().float().reshape(b, -1)
-        mean = value.detach().float().mean(dims)
-        kind = "avg" if torch.allclose(pooled, mean, rtol=1e-4, atol=1e-5) else "other"
-        return source.name, kind, out.dim() == 4, layout
-
-
-def _is_flatten(node: fx.Node) -> bool:
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    return node.target in _FLATTEN_TARGETS and start == 2
-
-
-def _is_map(h: int, w: int, img_size) -> bool:
-    """True when (h, w) can be the spatial size of a map of an ``img_size`` input.
-
-    Both sides must be reduced by the same factor; this tells the (H, W) of an NCHW
-    tensor from the (W, C) of a channels-last one that a block permuted to.
-    """
-    return h * w > 1 and abs(h * img_size[1] - w * img_size[0]) <= max(img_size)
-
-
 def _spatial(shape, img_size) -> tuple[int, int] | None:
     """(H, W) of an NCHW feature map, or None when ``shape`` is not one."""
     if shape is None or len(shape) != 4:
         return None
     h, w = int(shape[2]), int(shape[3])
-    return (h, w) if h * w == 1 or _is_map(h, w, img_size) else None
+    return (h, w) if h * w == 1 or is_map(h, w, img_size) else None
 
 
 def _broadcasts_back(node: fx.Node, img_size) -> bool:
@@ -170,7 +95,7 @@ def _broadcasts_back(node: fx.Node, img_size) -> bool:
         seen.add(user)
         shape = node_shape(user)
         if shape is not None and len(shape) == 4 and (
-                _is_map(int(shape[2]), int(shape[3]), img_size) or _is_map(int(shape[1]), int(shape[2]), img_size)):
+                is_map(int(shape[2]), int(shape[3]), img_size) or is_map(int(shape[1]), int(shape[2]), img_size)):
             return True
         todo.extend(user.users)
     return False
@@ -217,8 +142,9 @@ def cut_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for i, n in enumerate(live) if i == 0 or reach[i - 1] <= i]
 
 
-def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | None,
+def _find_stages(cuts: list[fx.Node], traced: TracedGraph, img_size, stop: str | None,
                  model: nn.Module) -> list[StageSite]:
+    qualnames = traced.qualnames
     groups: list[list[fx.Node]] = []
     for n in cuts:
         if n.op == "placeholder":
@@ -251,6 +177,7 @@ def _find_stages(cuts: list[fx.Node], qualnames: dict, img_size, stop: str | Non
             channels=int(shape[1]),
             size=size,
             reduction=max(1, round(img_size[0] / size[0])),
+            hook=find_tap_hook(traced, last.name),
         ))
     return stages
 
@@ -275,9 +202,9 @@ def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict,
     return ""
 
 
-def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> _PoolFinder:
+def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> PoolFinder:
     """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
-    finder = _PoolFinder(gm, img_size)
+    finder = PoolFinder(gm, img_size)
     was_training = model.training
     model.eval()
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
@@ -300,8 +227,9 @@ def _built_for(model: nn.Module) -> tuple[int, int] | None:
 
 
 def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
-            traced: TracedGraph | None = None) -> Analysis:
-    """Trace ``model`` in eval mode and find its pools and stages at ``img_size``.
+            traced: TracedGraph | None = None, replace_gating: bool = False) -> Analysis:
+    """Trace ``model`` in eval mode and find its pools and stages at ``img_size``; for the
+    head pools (and the gating ones with ``replace_gating``), how each can be replaced.
 
     The model's parameters, buffers and train/eval mode are left as they were.
     """
@@ -341,10 +269,22 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             role="gating" if _broadcasts_back(nodes[name], img_size) else "head",
             channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim, layout=layout,
         ))
+        if kind == "avg" and (pools[-1].role == "head" or replace_gating):
+            pools[-1] = _replacement(model, traced, pools[-1], node_shape(nodes[source]), img_size, in_chans)
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None
-    stages = _find_stages(cut_nodes(traced.graph), traced.qualnames, img_size, stop, model)
+    stages = _find_stages(cut_nodes(traced.graph), traced, img_size, stop, model)
     return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced)
+
+
+def _replacement(model, traced, site: PoolSite, shape, img_size, in_chans) -> PoolSite:
+    """``site`` with how it can be replaced: its module in place, or else by rewriting the
+    method that holds it."""
+    found = find_pool_module(model, traced, site.node, site.input, shape, site.layout)
+    if found is not None:
+        return dataclasses.replace(site, pool_module=found)
+    return dataclasses.replace(site, rewrite=find_rewrite_site(model, traced, site.node, img_size, in_chans,
+                                                               site.channels, site.layout))
 
 
 def find_tap(analysis: Analysis, name: str) -> StageSite:
@@ -369,4 +309,5 @@ def find_tap(analysis: Analysis, name: str) -> StageSite:
         raise AnalysisError(f"'{name}' is not a spatial feature map (its shape is {list(shape)}); "
                             "a SAC head needs a (B, C, H, W) tap with H*W > 1")
     return StageSite(node=match.name, module=qualnames.get(match.name, ""), channels=int(shape[1]),
-                     size=size, reduction=max(1, round(analysis.img_size[0] / size[0])))
+                     size=size, reduction=max(1, round(analysis.img_size[0] / size[0])),
+                     hook=find_tap_hook(analysis.traced, match.name))

@@ -13,7 +13,7 @@ import sys
 import click
 
 from .errors import FlexSurgeonError
-from .pool_kinds import POOL_KINDS, pool_label
+from .pool_kinds import POOL_KINDS
 
 
 def _friendly_errors(command):
@@ -106,6 +106,23 @@ def _weight_options(command):
     return command
 
 
+_MODEL_CODE_HELP = ("FILE.py:FACTORY that builds the source model of a folder converted from your own model "
+                    "(flexsurgeon never imports code a folder names)")
+
+
+def _model_code(ctx, param, value):
+    from .models import is_model_code
+
+    if value is not None and not is_model_code(value):
+        raise click.BadParameter(f"'{value}' is not FILE.py:FACTORY")
+    return value
+
+
+def _model_code_option(command):
+    return click.option("--model-code", callback=_model_code, metavar="FILE.py:FACTORY", help=_MODEL_CODE_HELP)(
+        command)
+
+
 def _surgery_kwargs(params: dict) -> dict:
     return {
         "img_size": params["img_size"], "in_chans": params["in_chans"], "num_classes": params["num_classes"],
@@ -132,13 +149,15 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_friendly_errors
 def convert(model, output, weights, weights_file, seed, force, **params):
-    """Convert MODEL (a timm name, or tv:NAME for torchvision) and save it to OUTPUT."""
+    """Convert MODEL (a timm name, tv:NAME for torchvision, or FILE.py:FACTORY for your own
+    model) and save it to OUTPUT."""
     from pathlib import Path
 
     import torch
 
     from .errors import CheckpointError
     from .io import save
+    from .report import converted_line
     from .surgery import convert as convert_model
 
     if Path(output).exists() and not force:  # refuse before spending time on the model
@@ -148,9 +167,7 @@ def convert(model, output, weights, weights_file, seed, force, **params):
     converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
     path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
-    pools = ", ".join(f"{p.node} ({p.channels}x{p.size[0]}x{p.size[1]})" for p in plan.pools)
-    heads = ", ".join(t.module or t.node for t in plan.sac) or "none"
-    click.echo(f"converted {plan.source.label}: {pool_label(plan.pool_mode)} at {pools}; SAC heads: {heads}")
+    click.echo(converted_line(plan))
     click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
                "pretrained=True) after import flexsurgeon)")
 
@@ -161,14 +178,15 @@ def convert(model, output, weights, weights_file, seed, force, **params):
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @_friendly_errors
 def inspect(model, as_json, **params):
-    """Show MODEL's global pools and stages, and what convert would do."""
+    """Show MODEL's global pools and stages, and what convert would do (MODEL as for convert)."""
+    from .report import inspection_report
     from .surgery import inspect as inspect_model
 
     found = inspect_model(model, weights="random", **_surgery_kwargs(params))
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
-        click.echo(_report(model, found))
+        click.echo(inspection_report(model, found))
     if found.plan is None:
         sys.exit(1)
 
@@ -202,10 +220,12 @@ def inspect(model, as_json, **params):
 @click.option("--replace-gating", is_flag=True, help="Also replace gating pools when converting.")
 @_weight_options
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last/ checkpoint.")
+@_model_code_option
 @_friendly_errors
 def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
-             resume, **overrides):
-    """Fine-tune SOURCE (a folder written by convert, or a model name to convert first)."""
+             resume, model_code, **overrides):
+    """Fine-tune SOURCE (a folder written by convert, or a model to convert first: a timm name,
+    tv:NAME or FILE.py:FACTORY)."""
     from pathlib import Path
 
     from .recipe import load_recipe, parse_override, with_overrides
@@ -219,7 +239,7 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
     output = output or str(Path("runs") / Path(source.replace(":", "_")).name)
     result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
                  weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
-                 replace_gating=replace_gating, log=click.echo)
+                 replace_gating=replace_gating, model_code=model_code, log=click.echo)
     if result.main:
         click.echo(f"done: best val top-1 {result.best_top1:.2f} at epoch {result.best_epoch}; "
                    f"checkpoints in {result.output}/best and {result.output}/last")
@@ -231,14 +251,15 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
               help="Folder for the PNGs [default: DIR/plots].")
 @click.option("--top", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channels per weight map: those with the largest spread (max - min of the weights).")
+@_model_code_option
 @_friendly_errors
-def plot(path, output, top):
+def plot(path, output, top, model_code):
     """Write PNGs for DIR: FlexPool weight maps (a model folder), training curves (a finetune run,
     plus its best/ model's weight maps) or the accuracy plot (an ablation folder with results.csv).
     Needs matplotlib: pip install 'flexsurgeon[plot]'."""
     from .plot import plot_folder
 
-    for written in plot_folder(path, output, top=top):
+    for written in plot_folder(path, output, top=top, model_code=model_code):
         click.echo(f"wrote {written}")
 
 
@@ -258,25 +279,27 @@ def plot(path, output, top):
               help="Input channels for a model given by name.")
 @_weight_options
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@_model_code_option
 @_friendly_errors
 def eval_command(source, data_spec, batch_size, workers, device, val_split, seed, num_classes, img_size, in_chans,
-                 weights, weights_file, as_json):
+                 weights, weights_file, as_json, model_code):
     """Top-1, top-5 and loss of the main classifier and every SAC head on the val split.
 
     DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint);
-    MODEL is a timm name or tv:NAME, for comparison with the unconverted model."""
+    MODEL is a timm name, tv:NAME or FILE.py:FACTORY, for comparison with the unconverted model."""
     from .evaluation import evaluate_source
+    from .report import table
 
     scores = evaluate_source(source, data_spec, batch_size=batch_size, workers=workers, device=device,
                              val_split=val_split, seed=seed, weights=weights_file or weights,
-                             num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+                             num_classes=num_classes, img_size=img_size, in_chans=in_chans, model_code=model_code)
     if as_json:
         click.echo(json.dumps(scores, indent=2))
         return
     click.echo(f"{scores['model']} on {scores['data']}: {scores['count']} val images")
     rows = [("head", "top-1", "top-5", "loss")]
     rows += [(h, f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['loss']:.4f}") for h, s in scores["heads"].items()]
-    click.echo("\n".join(_table(rows)))
+    click.echo("\n".join(table(rows)))
 
 
 @main.command(name="export")
@@ -289,8 +312,9 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
               help="ONNX input size; FlexPool weights are fixed for it [default: the model's input size].")
 @click.option("--opset", type=click.IntRange(min=7), help="ONNX opset [default: torch's].")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_model_code_option
 @_friendly_errors
-def export_command(directory, fmt, output, img_size, opset, force):
+def export_command(directory, fmt, output, img_size, opset, force, model_code):
     """Export the model in DIR for inference, without SAC heads.
 
     DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint).
@@ -301,14 +325,14 @@ def export_command(directory, fmt, output, img_size, opset, force):
     from .errors import ExportError
     from .evaluation import checkpoint_folder
     from .export import export_inference_folder, export_onnx
-    from .io import load
+    from .io import load_folder
 
     if fmt == "safetensors" and (img_size or opset):
         raise click.UsageError("--img-size and --opset apply to --format onnx only")
     if Path(output).exists() and not force:  # refuse before spending time on the model
         raise ExportError(f"output {output} already exists; pass --force to replace it")
     folder = checkpoint_folder(directory)
-    model = load(folder)
+    model = load_folder(folder, model_code)
     if fmt == "onnx":
         path = export_onnx(model, output, img_size=img_size, opset=opset, force=force)
         size = img_size or model.flexsurgeon_plan.img_size
@@ -343,7 +367,8 @@ def export_command(directory, fmt, output, img_size, opset, force):
 @_weight_options
 @_friendly_errors
 def ablate(model, data_spec, variants, seeds, recipe, output, sets, in_chans, weights, weights_file, **overrides):
-    """Fine-tune pooling variants of MODEL with paired seeds and compare their accuracy.
+    """Fine-tune pooling variants of MODEL (a timm name, tv:NAME or FILE.py:FACTORY) with paired
+    seeds and compare their accuracy.
 
     Writes a Markdown table, results.csv and accuracy.png (with matplotlib) to the ablation
     folder; repeating the command skips finished runs."""
@@ -361,37 +386,6 @@ def ablate(model, data_spec, variants, seeds, recipe, output, sets, in_chans, we
                           in_chans=in_chans, log=click.echo)
     click.echo(result.table)
     click.echo(f"results in {result.output}/results.csv, summary.md" + (", accuracy.png" if result.plot else ""))
-
-
-def _report(model: str, found) -> str:
-    a = found.analysis
-    lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]
-    rows = [("node", "module", "kind", "role", "input CxHxW")]
-    rows += [(p.node, p.module, p.kind, p.role, f"{p.channels}x{p.size[0]}x{p.size[1]}") for p in a.pools]
-    lines += _table(rows) if a.pools else ["  none"]
-    lines += ["", "stages:"]
-    rows = [("#", "node", "module", "channels", "HxW", "reduction")]
-    rows += [(str(i), s.node, s.module, str(s.channels), f"{s.size[0]}x{s.size[1]}", str(s.reduction))
-             for i, s in enumerate(a.stages)]
-    lines += _table(rows) if a.stages else ["  none"]
-    lines += ["", "convert would:"]
-    if found.plan is None:
-        lines.append(f"  refuse: {found.problem}")
-    else:
-        plan = found.plan
-        for p in plan.pools:
-            lines.append(f"  replace {p.node} with {pool_label(plan.pool_mode)} {p.channels}x{p.size[0]}x{p.size[1]}"
-                         + (f", dropout {plan.dropout}" if plan.dropout else ""))
-        for t, w in zip(plan.sac, plan.sac_weights):
-            lines.append(f"  attach a SAC head at {t.node} ({t.module}), {t.channels}x{t.size[0]}x{t.size[1]}, "
-                         f"loss weight {w}")
-        lines.append(f"  main classifier loss weight {plan.sac_weights[-1]}")
-    return "\n".join(lines)
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 if __name__ == "__main__":

@@ -24,17 +24,25 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 
 def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
-               img_size=None, in_chans: int = 3):
-    """``(model, label, data_config)`` for a checkpoint folder or a model name."""
+               img_size=None, in_chans: int = 3, model_code: str | None = None):
+    """``(model, label, data_config)`` for a checkpoint folder or a model name (``FILE.py:FACTORY``
+    included); ``model_code`` builds the source of a folder converted from a custom model."""
     from timm.data import resolve_data_config
 
+    from .models import build_from_code, build_source, is_model_code, load_weights_file, parse_source
+
     if Path(source).is_dir():
-        from .io import load
+        from .io import load_folder
 
         folder = checkpoint_folder(source)
-        model = load(folder)
+        model = load_folder(folder, model_code)
         return model, str(folder), resolve_data_config(model=model)
-    from .models import build_source, parse_source
+    if is_model_code(source):
+        model = build_from_code(source, num_classes=num_classes, in_chans=in_chans)
+        if weights not in ("random", "pretrained"):
+            load_weights_file(model, Path(weights))
+        args = {"input_size": (in_chans, *img_size)} if img_size else {}
+        return model, source, resolve_data_config(args=args, model=model)
 
     if "/" in source and not source.startswith(("tv:", "torchvision:")):
         raise CheckpointError(f"no such checkpoint folder: {source}")
@@ -47,7 +55,7 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
 def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, workers: int = 2, device: str = "auto",
                     val_split: float = 0.1, seed: int = 0, weights: str | Path = "pretrained",
                     num_classes: int | None = None, img_size=None, in_chans: int = 3,
-                    progress: bool = True) -> dict:
+                    model_code: str | None = None, progress: bool = True) -> dict:
     """Score ``source`` on the val split of ``data_spec``.
 
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
@@ -61,7 +69,7 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     from .train import _resolve_device, device_settings, evaluate
 
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
-                                           in_chans=in_chans)
+                                           in_chans=in_chans, model_code=model_code)
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
     data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
     outputs = _num_outputs(model, data_config["input_size"])

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import FlexSurgeonModel, without_sac_heads
+from .apply import FlexPoolNHWC, pool_paths
 from .errors import ExportError
 from .layers import FlexPool
 from .plan import SurgeryPlan
+from .sac import strip_sac_heads
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
 
@@ -37,23 +38,28 @@ _EXAMPLE_BATCH = 2  # a batch of 1 would let torch.export specialise the batch d
 
 
 class _FrozenFlexPool(nn.Module):
-    """A FlexPool with its normalised weights fixed for one feature-map size (inference only)."""
+    """A FlexPool with its normalised weights fixed for one feature-map size (inference only),
+    returning the form the FlexPool returned."""
 
-    def __init__(self, weights: torch.Tensor, flatten: bool):
+    def __init__(self, weights: torch.Tensor, pool: FlexPool):
         super().__init__()
         self.register_buffer("weights", weights)  # (C, H, W), sums to one per channel in softmax mode
-        self.flatten = flatten
+        self.nhwc = isinstance(pool, FlexPoolNHWC)
+        self.keepdim = pool.keepdim if self.nhwc else not pool.flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.weights).sum((2, 3), keepdim=not self.flatten)
+        if self.nhwc:
+            y = (x * self.weights.permute(1, 2, 0)).sum((1, 2))
+            return y[:, None, None, :] if self.keepdim else y
+        return (x * self.weights).sum((2, 3), keepdim=self.keepdim)
 
     def extra_repr(self) -> str:
-        return f"channels={self.weights.shape[0]}, size={tuple(self.weights.shape[1:])}, flatten={self.flatten}"
+        return f"channels={self.weights.shape[0]}, size={tuple(self.weights.shape[1:])}, keepdim={self.keepdim}"
 
 
 def _plan_of(model) -> SurgeryPlan:
     plan = getattr(model, "flexsurgeon_plan", None)
-    if not isinstance(model, FlexSurgeonModel) or not isinstance(plan, SurgeryPlan):
+    if not isinstance(plan, SurgeryPlan):
         raise ExportError("only models returned by flexsurgeon.convert or flexsurgeon.load can be exported")
     return plan
 
@@ -75,44 +81,29 @@ def _example_input(model: nn.Module, plan: SurgeryPlan, size: tuple[int, int]) -
     return torch.randn(_EXAMPLE_BATCH, plan.in_chans, *size, generator=generator).to(device=device, dtype=dtype)
 
 
-class _EvalMode:
-    """Put every module in eval mode and restore each one's own mode on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for module, training in self.modes:
-            module.training = training
-
-
 def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
     """An eval-mode copy of ``model`` for export: no SAC heads, every FlexPool frozen at the
-    feature-map size ``example`` gives it.
+    feature-map size ``example`` gives it. ``model`` itself is left as it was."""
+    import copy
 
-    The copy shares ``model``'s parameters (``model`` itself is left as it was); call it
-    inside ``_EvalMode(model)``, since submodules are shared and must be in eval mode.
-    """
-    stripped = without_sac_heads(model)
-    pools = {name: pool for name, pool in stripped.flex_pools.items() if isinstance(pool, FlexPool)}
+    frozen_model = copy.deepcopy(strip_sac_heads(model)).eval()
+    pools = {path: frozen_model.get_submodule(path) for path in pool_paths(frozen_model.flexsurgeon_plan)}
+    pools = {path: pool for path, pool in pools.items() if isinstance(pool, FlexPool)}
     seen: dict[str, tuple[tuple[int, int], torch.dtype]] = {}
 
-    def record(name):
+    def record(name, nhwc):
         def hook(module, args):
-            size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+            shape = args[0].shape
+            size = (int(shape[1]), int(shape[2])) if nhwc else (int(shape[-2]), int(shape[-1]))
             if seen.setdefault(name, (size, args[0].dtype))[0] != size:
                 raise ExportError(f"FlexPool {name} sees two feature-map sizes in one forward; it cannot be frozen")
         return hook
 
-    handles = [pool.register_forward_pre_hook(record(name)) for name, pool in pools.items()]
+    handles = [pool.register_forward_pre_hook(record(name, isinstance(pool, FlexPoolNHWC)))
+               for name, pool in pools.items()]
     try:
         with torch.no_grad():
-            stripped(example)
+            frozen_model(example)
     except ExportError:
         raise
     except Exception as exc:
@@ -123,16 +114,16 @@ def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
-    frozen = {}
     for name, pool in pools.items():
         if name not in seen:  # never reached in eval mode: nothing to freeze
             continue
         size, dtype = seen[name]
         with torch.no_grad():
             weights = pool.pooling_weights(size).to(dtype)
-        frozen[name] = _FrozenFlexPool(weights.detach().clone(), pool.flatten)
-    stripped.flex_pools = nn.ModuleDict({name: frozen.get(name, pool) for name, pool in stripped.flex_pools.items()})
-    return stripped
+        parent, _, attr = name.rpartition(".")
+        setattr(frozen_model.get_submodule(parent) if parent else frozen_model, attr,
+                _FrozenFlexPool(weights.detach().clone(), pool))
+    return frozen_model
 
 
 def _check_onnx_exporter() -> None:
@@ -195,21 +186,20 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
     _check_onnx_exporter()
     path = _check_output_file(path, force)  # refuse before spending time on the model
     example = _example_input(model, plan, size)
-    with _EvalMode(model):
-        frozen = _frozen_for_export(model, example)
-        try:
-            program = torch.onnx.export(
-                frozen, (example,), dynamo=True, opset_version=opset, verbose=False,
-                input_names=[ONNX_INPUT_NAME], output_names=[ONNX_OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-            )
-        except ImportError as exc:  # e.g. an onnxscript older than this torch's exporter needs
-            raise ExportError(f"torch.onnx could not import {exc.name or exc}; onnx/onnxscript may be too old for "
-                              f"torch {torch.__version__}: pip install -U onnx onnxscript") from exc
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx could not export {plan.source.label if plan.source else 'the model'}: "
-                              f"{first[:300]}") from exc
+    frozen = _frozen_for_export(model, example)
+    try:
+        program = torch.onnx.export(
+            frozen, (example,), dynamo=True, opset_version=opset, verbose=False,
+            input_names=[ONNX_INPUT_NAME], output_names=[ONNX_OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+    except ImportError as exc:  # e.g. an onnxscript older than this torch's exporter needs
+        raise ExportError(f"torch.onnx could not import {exc.name or exc}; onnx/onnxscript may be too old for "
+                          f"torch {torch.__version__}: pip install -U onnx onnxscript") from exc
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx could not export {plan.source.label if plan.source else 'the model'}: "
+                          f"{first[:300]}") from exc
     written = program.model.opset_imports.get("")
     if opset is not None and written != opset:  # torch falls back to its own opset when converting down fails
         raise ExportError(f"torch.onnx could not write ONNX opset {opset} for this model (it wrote {written}); "
@@ -223,4 +213,4 @@ def export_inference_folder(model, out_dir, force: bool = False) -> Path:
     from .io import save
 
     _plan_of(model)
-    return save(without_sac_heads(model), out_dir, force=force)
+    return save(strip_sac_heads(model), out_dir, force=force)

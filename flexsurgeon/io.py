@@ -8,6 +8,7 @@ renamed into place, so a crash never leaves a half-written checkpoint under DIR.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -229,9 +230,6 @@ def save(model, directory, force: bool = False, extra_files=None) -> Path:
     plan = getattr(model, "flexsurgeon_plan", None)
     if not isinstance(plan, SurgeryPlan):
         raise CheckpointError("only models returned by flexsurgeon.convert or flexsurgeon.load can be saved")
-    if plan.source is None:
-        raise CheckpointError("this model was converted from an instance flexsurgeon cannot rebuild; "
-                              "convert it by name (a timm name or tv:NAME) to save it")
     config = {
         "architecture": ARCHITECTURE,
         "num_classes": plan.num_classes,
@@ -321,19 +319,23 @@ def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str
     return shapes
 
 
-def build_from_plan(plan: SurgeryPlan):
-    """A converted model with fresh weights: the source rebuilt at random init, the plan applied."""
+def build_from_plan(plan: SurgeryPlan, **builder_kwargs):
+    """A converted model with fresh weights: the source rebuilt at random init (with
+    ``builder_kwargs`` on top of the plan's), the plan applied."""
     from .apply import apply_plan
     from .models import build_source
 
-    if plan.source is None:
-        raise PlanError("the plan has no source model to rebuild")
-    return apply_plan(build_source(plan.source, "random"), plan)
+    if plan.source is None or plan.source.library == "custom":
+        raise PlanError("the plan has no source model flexsurgeon can build")
+    spec = dataclasses.replace(plan.source, kwargs={**plan.source.kwargs, **builder_kwargs})
+    return apply_plan(build_source(spec, "random"), plan)
 
 
 def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) -> None:
+    from collections import OrderedDict
+
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     if shapes is None:
         shapes = read_weights_header(path)
@@ -345,33 +347,61 @@ def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) 
         raise CheckpointError(f"{path} does not match the model its plan builds: {name} has shape {theirs} in the "
                               f"file but {ours} in the model{more}")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        state = OrderedDict(load_file(str(path)))
+        # safetensors keeps no module versions; a model that checks its own (torchvision's MNASNet) gets them
+        state._metadata = getattr(own, "_metadata", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {path}: {reason[:200]}") from exc
+    # tied tensors are saved once (safetensors' save_model): a key missing here that shares memory with a loaded
+    # one was loaded through it
+    loaded = {own[k].data_ptr() for k in state if k in own and own[k].numel()}
+    missing = [k for k in missing if not (own[k].numel() and own[k].data_ptr() in loaded)]
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise CheckpointError(f"{path} does not match the model its plan builds: {detail}")
 
 
-def load(directory):
-    """Rebuild the converted model saved in ``directory`` and load its weights."""
+def load(directory, model=None):
+    """Rebuild the converted model saved in ``directory`` and load its weights.
+
+    ``model``: the unconverted source, built by the caller; needed for a folder converted
+    from a custom model (any ``nn.Module``), optional otherwise. The plan is applied to that
+    object itself and the weights are loaded strictly.
+    """
     directory = Path(directory)
     config = read_config(directory)
     from .models import check_source
 
     try:  # the plan is validated, and its source looked up, before anything is built
         plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
-        if plan.source is not None:
+        if model is None:
             check_source(plan.source)
     except FlexSurgeonError as exc:
         raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from exc
     _check_config_matches_plan(config, plan, directory)
     shapes = read_weights_header(directory / WEIGHTS_NAME, plan)
-    model = build_from_plan(plan)
+    if model is None:
+        model = build_from_plan(plan)
+    else:
+        from .apply import apply_plan
+
+        apply_plan(model, plan)
     load_weights(model, directory / WEIGHTS_NAME, shapes)
     model.pretrained_cfg = model.default_cfg = _as_tuples(config.get("pretrained_cfg") or {})
     return model
+
+
+def load_folder(directory, model_code: str | None = None):
+    """``load``, with the source built from ``FILE.py:FACTORY`` when the command line names one."""
+    model = None
+    if model_code is not None:
+        from .models import build_from_code
+
+        plan = SurgeryPlan.from_dict(read_config(directory)["model_args"]["plan"])
+        model = build_from_code(model_code, num_classes=plan.num_classes, in_chans=plan.in_chans)
+    return load(directory, model=model)
 
 
 def _as_tuples(cfg: dict) -> dict:
@@ -379,17 +409,49 @@ def _as_tuples(cfg: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
+# timm keyword arguments the plan fixes: given, they must agree with it
+_PLAN_FIXED = {"num_classes": lambda plan: plan.num_classes, "in_chans": lambda plan: plan.in_chans}
+# timm keyword arguments that cannot apply to a converted model
+_REFUSED = {
+    "features_only": "features_only is not supported for a converted model; call its forward_intermediates() "
+                     "or forward_features() instead",
+    "out_indices": "out_indices applies with features_only, which a converted model does not support; "
+                   "use forward_intermediates(indices=...)",
+    "global_pool": "global_pool cannot change on a converted model: its global pool is FlexPool",
+    "img_size": "img_size is fixed by the conversion (FlexPool resamples its weights for other input sizes); "
+                "convert again with --img-size to change it",
+}
+# what timm's create_model passes to every entrypoint, and what we set ourselves
+_TIMM_PLUMBING = ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args", "pretrained_strict")
+
+
 def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, **kwargs):
-    """timm entrypoint for ``architecture: flexsurgeon`` (reached through ``local-dir:DIR``)."""
+    """timm entrypoint for ``architecture: flexsurgeon`` (reached through ``local-dir:DIR``).
+
+    Other keyword arguments go to the source model's builder (``drop_rate``,
+    ``drop_path_rate``, ...), as ``timm.create_model`` would pass them to the source; those
+    the plan fixes must agree with it, and those that cannot apply are refused.
+    """
     if plan is None:
         raise PlanError("the flexsurgeon architecture needs the plan from a checkpoint's config.json "
                         "(timm.create_model('local-dir:DIR', pretrained=True))")
     plan = SurgeryPlan.from_dict(plan)
-    extra = {k: v for k, v in kwargs.items()
-             if v is not None and k not in ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")}
-    if extra.get("num_classes", plan.num_classes) != plan.num_classes:
-        raise PlanError(f"this checkpoint has {plan.num_classes} classes; reconvert to change num_classes")
-    model = build_from_plan(plan)
+    extra = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_PLUMBING}
+    for key, message in _REFUSED.items():
+        if extra.get(key) not in (None, False):
+            raise PlanError(message)
+        extra.pop(key, None)
+    for key, fixed in _PLAN_FIXED.items():
+        if key in extra and extra.pop(key) != fixed(plan):
+            raise PlanError(f"this checkpoint has {key}={fixed(plan)}; convert again to change it")
+    if plan.source is not None and plan.source.library == "custom":
+        raise PlanError(f"this checkpoint was converted from a custom model ({plan.source.name}), which timm cannot "
+                        "build: use flexsurgeon.load(DIR, model=YOUR_MODEL)")
+    try:
+        model = build_from_plan(plan, **extra)
+    except TypeError as exc:
+        raise PlanError(f"the source model {plan.source.label} does not take {', '.join(sorted(extra))}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from exc
     cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg or {})
     if pretrained:
         location = cfg.get("file")
@@ -415,4 +477,4 @@ def register_timm_architecture() -> None:
     register_model(entry)
 
 
-__all__ = ["save", "load", "read_config", "build_from_plan", "register_timm_architecture"]
+__all__ = ["save", "load", "load_folder", "read_config", "build_from_plan", "register_timm_architecture"]

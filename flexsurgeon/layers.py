@@ -226,7 +226,21 @@ def _records_graph(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-class FlexPool(nn.Module):
+class _TimmPoolInterface:
+    """What timm's model code reads from the ``global_pool`` it built (``SelectAdaptivePool2d``),
+    so a pool swapped in for one keeps ``reset_classifier`` and friends working. ``pool_type``
+    is what timm rebuilds in its place on ``reset_classifier``; flexsurgeon then puts it back."""
+
+    pool_type = "avg"
+
+    def feat_mult(self) -> int:
+        return 1
+
+    def is_identity(self) -> bool:
+        return False
+
+
+class FlexPool(_TimmPoolInterface, nn.Module):
     """FlexPool: global pooling with a learned weight per channel and position.
 
     ``y[b, c] = sum_{h,w} A[c, h, w] * x[b, c, h, w]`` where, for the parameter
@@ -374,7 +388,7 @@ class FlexPool(nn.Module):
         return s
 
 
-class GlobalPool(nn.Module):
+class GlobalPool(_TimmPoolInterface, nn.Module):
     """A global pool that is not FlexPool, with FlexPool's interface, for ablation baselines.
 
     kind "avg": ``x.mean((2, 3))`` (what the source did; no parameters); "lse": timm's

@@ -8,6 +8,7 @@ with ``torch.load(weights_only=True)``, so a file cannot run code).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import torch
@@ -81,6 +82,10 @@ def check_source(spec: SourceSpec) -> None:
     elif spec.library == "torchvision":
         if spec.name not in _torchvision_models():
             raise ModelNotFoundError(f"unknown torchvision model '{spec.name}' ({_REGISTRY_ONLY})")
+    elif spec.library == "custom":
+        raise ModelNotFoundError(f"this checkpoint was converted from a custom model ({spec.name}), which "
+                                 "flexsurgeon does not build: pass it, flexsurgeon.load(DIR, model=YOUR_MODEL), "
+                                 "or on the command line --model-code FILE.py:FACTORY")
     else:
         raise ModelNotFoundError(f"unknown model library '{spec.library}'")
 
@@ -181,3 +186,57 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 
         warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape and were left at random init: "
                       f"{', '.join(resized[:4])}", stacklevel=2)
+
+
+_MODEL_CODE = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def is_model_code(text) -> bool:
+    """True for ``FILE.py:FACTORY``, the command line's way to name a model in the user's own code."""
+    return isinstance(text, str) and _MODEL_CODE.match(text) is not None
+
+
+def build_from_code(text: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    """Import ``FILE.py`` and call its ``FACTORY`` (with ``num_classes`` / ``in_chans`` where it
+    takes them). Only for code the user named on the command line or in a call."""
+    import importlib.util
+    import inspect
+    import sys
+
+    match = _MODEL_CODE.match(text)
+    if match is None:
+        raise ModelNotFoundError(f"'{text}' is not FILE.py:FACTORY")
+    path, name = Path(match["file"]), match["name"]
+    if not path.is_file():
+        raise ModelNotFoundError(f"model code file not found: {path}")
+    module_name = f"flexsurgeon_model_code.{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so classes defined there pickle and unpickle (torch.save of a model)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ModelNotFoundError(f"importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelNotFoundError(f"{path} has no function '{name}'")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    wanted = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in params)}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelNotFoundError(f"{text} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelNotFoundError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

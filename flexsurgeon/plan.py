@@ -16,10 +16,14 @@ from .analysis import Analysis, StageSite, find_tap
 from .errors import AnalysisError, PlanError
 from .pool_kinds import POOL_KINDS
 
-PLAN_VERSION = 1
-LIBRARIES = ("timm", "torchvision")
+PLAN_VERSION = 2
+LIBRARIES = ("timm", "torchvision", "custom")  # custom: the user's own nn.Module, rebuilt by the user
+METHODS = ("in_place", "graph_rewrite")
+FORWARDS = ("forward", "forward_head")  # the methods a graph rewrite may regenerate
+READS = ("output", "input")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
 _NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODULE_PATH = re.compile(r"^([A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)?$")
 _SCALAR = (str, int, float, bool, type(None))
 # builder arguments that fetch or read weights: a plan never sets them (weights come from the checkpoint)
 _LOADER_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
@@ -28,7 +32,8 @@ _LOADER_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pre
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """How to build the unconverted model: a timm name or a torchvision builder, and its arguments."""
+    """How to build the unconverted model: a timm name or a torchvision builder, and its
+    arguments; for a custom model, its class name (for information: the user builds it)."""
 
     library: str
     name: str
@@ -36,12 +41,19 @@ class SourceSpec:
 
     @property
     def label(self) -> str:
-        return self.name if self.library == "timm" else f"tv:{self.name}"
+        return {"timm": self.name, "torchvision": f"tv:{self.name}"}.get(self.library, f"custom {self.name}")
 
 
 @dataclass(frozen=True)
 class PoolEdit:
-    """Replace the pool at ``node`` (reading ``input``) with FlexPool sized ``channels x size``."""
+    """Replace a pool with FlexPool sized ``channels x size``.
+
+    ``in_place``: the module at ``module`` is the pool; a FlexPool returning the same form
+    (``keepdim``, ``layout``) takes its place on its parent. ``graph_rewrite``: the pool is
+    code inside the forward of the module at ``module`` ("" for the model itself); that one
+    module's forward is regenerated with the pool node ``node`` (reading ``input``, names
+    in that module's own trace) replaced.
+    """
 
     node: str
     input: str
@@ -49,16 +61,21 @@ class PoolEdit:
     size: tuple[int, int]
     keepdim: bool = False
     layout: str = "nchw"  # or "nhwc": the input map is (B, H, W, C)
+    module: str = ""
+    method: str = "in_place"
+    forward: str = "forward"  # graph_rewrite: the method regenerated, forward or timm's forward_head
 
 
 @dataclass(frozen=True)
 class SacTap:
-    """Attach a SAC head to the feature map at ``node``."""
+    """A SAC head on the feature map at ``node``, read by a forward hook on the module at
+    ``module``: its output, or (``read="input"``) its first input."""
 
     node: str
     channels: int
     size: tuple[int, int]
     module: str = ""
+    read: str = "output"
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,8 @@ class SurgeryPlan:
     def validate(self) -> None:
         """Raise PlanError naming the first bad field; a plan is checked before any model is built."""
         if self.version != PLAN_VERSION:
-            raise PlanError(f"plan version {self.version!r} is not supported (this flexsurgeon reads {PLAN_VERSION})")
+            raise PlanError(f"plan version {self.version!r} is not supported (this flexsurgeon reads {PLAN_VERSION}); "
+                            "convert the source model again with this version")
         if self.source is not None:
             if self.source.library not in LIBRARIES:
                 raise PlanError(f"plan source.library {self.source.library!r} is not one of {', '.join(LIBRARIES)}")
@@ -119,7 +137,19 @@ class SurgeryPlan:
                 raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
             if pool.layout not in ("nchw", "nhwc"):
                 raise PlanError(f"plan pool layout {pool.layout!r} is not one of nchw, nhwc")
-        names = [p.node for p in self.pools] + [t.node for t in self.sac]
+            if pool.method not in METHODS:
+                raise PlanError(f"plan pool method {pool.method!r} is not one of {', '.join(METHODS)}")
+            if pool.method == "in_place" and not pool.module:
+                raise PlanError(f"plan pool {pool.node!r} is replaced in place but names no module")
+            if pool.forward not in FORWARDS:
+                raise PlanError(f"plan pool forward {pool.forward!r} is not one of {', '.join(FORWARDS)}")
+        for site in (*self.pools, *self.sac):
+            if not _MODULE_PATH.match(site.module):
+                raise PlanError(f"plan module path {site.module!r} is not a module path")
+        for tap in self.sac:
+            if tap.read not in READS or not tap.module:
+                raise PlanError(f"plan SAC tap {tap.node!r} must name a module and read its output or input")
+        names = [(p.module, p.forward, p.node) for p in self.pools] + [("sac_heads", "", t.node) for t in self.sac]
         if len(set(names)) != len(names):
             raise PlanError("plan names the same node twice")
         weights = self.sac_weights
@@ -156,9 +186,9 @@ class SurgeryPlan:
             if source is not None:
                 _check_keys(source, {"library", "name", "kwargs"}, "source")
                 source = SourceSpec(**source)
-            pool_keys = {"node", "input", "channels", "size", "keepdim", "layout"}
+            pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "method", "forward"}
             pools = tuple(PoolEdit(**_sized(_check_keys(p, pool_keys, "pools"))) for p in _list(data["pools"], "pools"))
-            sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module"}, "sac")))
+            sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module", "read"}, "sac")))
                         for t in _list(data.get("sac", []), "sac"))
             return cls(
                 source=source, num_classes=data["num_classes"], in_chans=data["in_chans"],
@@ -227,8 +257,8 @@ def default_sac_weights(num_heads: int) -> tuple[float, ...]:
 
 def _resolve_taps(analysis: Analysis, sac_stages) -> list[StageSite]:
     stages = analysis.stages
-    if sac_stages is None:  # the paper's layout: heads on the two stages before the last
-        return stages[-3:-1]
+    if sac_stages is None:  # the paper's layout: heads on the two stages before the last (that a hook can read)
+        return [s for s in stages[:-1] if s.hook is not None][-2:]
     taps = []
     for item in sac_stages:
         if isinstance(item, int) or (isinstance(item, str) and re.fullmatch(r"-?\d+", item)):
@@ -240,8 +270,24 @@ def _resolve_taps(analysis: Analysis, sac_stages) -> list[StageSite]:
             taps.append(stages[index])
         else:
             taps.append(find_tap(analysis, str(item)))
+    for tap in taps:
+        if tap.hook is None:
+            raise AnalysisError(f"no module returns or takes the tensor at '{tap.module or tap.node}', so a SAC head "
+                                "cannot read it with a hook; choose a block's output (see `flexsurgeon inspect`)")
     order = {n.name: i for i, n in enumerate(analysis.traced.graph.nodes)}
     return sorted({t.node: t for t in taps}.values(), key=lambda t: order[t.node])
+
+
+def _pool_edit(site) -> PoolEdit:
+    common = {"channels": site.channels, "size": tuple(site.size), "layout": site.layout}
+    if site.pool_module is not None:
+        return PoolEdit(node=site.node, input=site.input, keepdim=site.pool_module.keepdim,
+                        module=site.pool_module.path, method="in_place", **common)
+    if site.rewrite is not None:
+        return PoolEdit(node=site.rewrite.node, input=site.rewrite.input, keepdim=site.rewrite.keepdim,
+                        module=site.rewrite.holder, method="graph_rewrite", forward=site.rewrite.forward, **common)
+    raise AnalysisError(f"the pool at '{site.module or site.node}' is neither a module of its own nor in a module "
+                        "that traces on its own, so it cannot be replaced")
 
 
 def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *, pool_mode: str = "softmax",
@@ -267,8 +313,8 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
     weights = tuple(sac_weights) if sac_weights is not None else default_sac_weights(len(taps))
     return SurgeryPlan(
         source=source, num_classes=num_classes, in_chans=analysis.in_chans, img_size=tuple(analysis.img_size),
-        pools=tuple(PoolEdit(node=p.node, input=p.input, channels=p.channels, size=tuple(p.size), keepdim=p.keepdim,
-                             layout=p.layout) for p in pools),
-        sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.module) for t in taps),
+        pools=tuple(_pool_edit(p) for p in pools),
+        sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.hook.path, read=t.hook.read)
+                  for t in taps),
         sac_weights=weights, pool_mode=pool_mode, dropout=float(dropout),
     )

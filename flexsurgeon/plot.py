@@ -106,9 +106,9 @@ def top_channels(a, top: int) -> list[int]:
 def flex_pools_of(model) -> list[tuple[str, str, object]]:
     """``(file stem, label, FlexPool)`` for every FlexPool in ``model``, in module order.
 
-    The converted model's pools (``flex_pools.NODE``) and SAC heads' pools
-    (``sac_heads.NODE.pool``) are named after their graph node; other pool kinds
-    (average, LSE, SimPool baselines) have no weight map and are skipped.
+    The converted model's pools are named after their module path, the SAC heads' pools
+    (``sac_heads.NODE.pool``) after the module they read; other pool kinds (average, LSE,
+    SimPool baselines) have no weight map and are skipped.
     """
     from .layers import FlexPool
 
@@ -119,14 +119,12 @@ def flex_pools_of(model) -> list[tuple[str, str, object]]:
         if not isinstance(module, FlexPool):
             continue
         parts = path.split(".")
-        if len(parts) == 2 and parts[0] == "flex_pools":
-            stem, label = f"weights-{parts[1]}", f"pool {parts[1]}"
-        elif len(parts) == 3 and parts[0] == "sac_heads" and parts[2] == "pool":
+        if len(parts) == 3 and parts[0] == "sac_heads" and parts[2] == "pool":
             where = modules.get(parts[1])
             stem = f"weights-sac-{parts[1]}"
             label = f"SAC head at {where} (node {parts[1]})" if where else f"SAC head at node {parts[1]}"
         else:
-            stem, label = f"weights-{path}", path or "FlexPool"
+            stem, label = f"weights-{path}", f"pool at {path}" if path else "FlexPool"
         found.append((_file_name(stem), label, module))
     return found
 
@@ -377,7 +375,7 @@ def plot_ablation(rows: Iterable[Mapping], out_path, baseline: str = "avg") -> P
 
 # ---------------------------------------------------------------- folders
 
-def plot_folder(path, out_dir=None, top: int = 8) -> list[Path]:
+def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None) -> list[Path]:
     """Plot whatever ``path`` holds; PNGs go to ``out_dir`` (default ``path/plots``).
 
     A model folder (config.json): weight maps. A finetune run (log.jsonl): training curves and
@@ -404,19 +402,21 @@ def plot_folder(path, out_dir=None, top: int = 8) -> list[Path]:
         written.append(plot_training_curves(path / RUN_LOG, out / CURVES_NAME))
         model_dir = next((path / d for d in ("best", "last") if (path / d / MODEL_CONFIG).is_file()), None)
         if model_dir is not None:
-            written += _plot_model_folder(model_dir, out, top, required=False, source=f"{path.name}/{model_dir.name}")
+            written += _plot_model_folder(model_dir, out, top, required=False, source=f"{path.name}/{model_dir.name}",
+                                          model_code=model_code)
     elif (path / MODEL_CONFIG).is_file():
-        written += _plot_model_folder(path, out, top, required=True)
+        written += _plot_model_folder(path, out, top, required=True, model_code=model_code)
     if not written and not (path / RUN_LOG).is_file() and not (path / ABLATION_RESULTS).is_file():
         raise PlotError(f"nothing to plot in {path}: it has no {MODEL_CONFIG} (a model folder), "
                         f"{RUN_LOG} (a finetune run) or {ABLATION_RESULTS} (an ablation)")
     return written
 
 
-def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, source: str | None = None) -> list[Path]:
-    from .io import load
+def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, source: str | None = None,
+                       model_code: str | None = None) -> list[Path]:
+    from .io import load_folder
 
-    model = load(directory)
+    model = load_folder(directory, model_code)
     written = plot_weight_maps(model, out, top=top, source=source or directory.resolve().name)
     if required and not written:
         kind = getattr(getattr(model, "flexsurgeon_plan", None), "pool_mode", "another kind")

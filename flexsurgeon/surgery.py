@@ -32,19 +32,25 @@ class Inspection:
 
 
 def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.Module, SourceSpec | None]:
-    from .models import build_source, parse_source
+    from .models import build_from_code, build_source, is_model_code, load_weights_file, parse_source
 
-    if isinstance(model_or_name, str):
+    if is_model_code(model_or_name):  # the user's own code, named by the user
+        model_or_name = build_from_code(model_or_name, num_classes=num_classes, in_chans=in_chans)
+        if weights not in ("random", "pretrained"):
+            load_weights_file(model_or_name, Path(weights))
+    elif isinstance(model_or_name, str):
         spec = parse_source(model_or_name, num_classes=num_classes, in_chans=in_chans)
         return build_source(spec, weights), spec
     if not isinstance(model_or_name, nn.Module):
         raise FlexSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_name).__name__}")
     model = model_or_name
+    if getattr(model, "flexsurgeon_plan", None) is not None:
+        raise FlexSurgeonError("this model has been converted already")
     if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
         if not hasattr(model, "reset_classifier"):
             raise FlexSurgeonError("this model has no reset_classifier(); build it with the classes you want")
         model.reset_classifier(num_classes)
-    return model, _timm_spec_of(model)
+    return model, _timm_spec_of(model) or SourceSpec("custom", type(model).__name__, {})
 
 
 def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
@@ -90,7 +96,7 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     """Trace and analyse a model, and plan its surgery without changing it."""
     model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
     size = _as_size(img_size) if img_size is not None else _default_img_size(model)
-    analysis = analyse(model, size, in_chans=in_chans)
+    analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)
     try:
         plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
@@ -105,8 +111,10 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
             progress: bool = False) -> nn.Module:
     """Convert a model (a timm name, ``tv:NAME``, or an instance) to FlexPool + SAC heads.
 
-    The result shares the source's parameters. With ``check`` (default) its eval output is
-    compared with the source's on a random input and a mismatch is an error. ``pool`` is a
+    The surgery happens inside the model: given an instance, that very object is changed
+    and returned (like peft's ``get_peft_model``), keeping its class and methods. With
+    ``check`` (default) its eval output is compared with the output it gave before the
+    surgery on a random input, and a mismatch is an error. ``pool`` is a
     FlexPool mode (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
     simpool change the output from the start, so they are not checked). ``progress`` shows
     the step under way on a terminal (a large model at a large size takes a minute on a CPU).
@@ -123,16 +131,18 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
         model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
         size = _as_size(img_size) if img_size is not None else _default_img_size(model)
         _next_step(steps, f"analysing at {size[0]}x{size[1]} and {2 * size[0]}x{2 * size[1]}")
-        analysis = analyse(model, size, in_chans=in_chans)
+        analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)
         _next_step(steps, "applying the plan")
         plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
+        check = check and plan.pool_mode in PRESERVING_KINDS
+        sample, expected = _eval_output(model, plan) if check else (None, None)
         converted = apply_plan(model, plan)
         converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(
             getattr(model, "pretrained_cfg", None), plan)
         _next_step(steps, "checking that the outputs are unchanged")
-        if check and plan.pool_mode in PRESERVING_KINDS:
-            _check_preserved(model, converted, plan)
+        if check:
+            _check_preserved(expected, _eval_output(converted, plan, sample)[1])
         steps.update()
     return converted
 
@@ -142,20 +152,23 @@ def _next_step(steps, desc: str) -> None:
     steps.set_description_str(desc)
 
 
-def _check_preserved(source: nn.Module, converted: nn.Module, plan: SurgeryPlan) -> None:
-    was_training = source.training
-    source.eval()
-    converted.eval()
-    x = torch.randn(2, plan.in_chans, *plan.img_size, generator=torch.Generator().manual_seed(1))
-    reference = next(iter(source.parameters()), None)
-    if reference is not None:
-        x = x.to(reference.device)
+def _eval_output(model: nn.Module, plan: SurgeryPlan, sample: torch.Tensor | None = None):
+    """A seeded sample (unless given) and the model's eval-mode output on it; the mode is restored."""
+    if sample is None:
+        sample = torch.randn(2, plan.in_chans, *plan.img_size, generator=torch.Generator().manual_seed(1))
+        reference = next(iter(model.parameters()), None)
+        if reference is not None:
+            sample = sample.to(reference.device)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            expected, got = source(x), converted(x)
+            return sample, model(sample)
     finally:
-        source.train(was_training)
-        converted.train(was_training)
+        model.train(was_training)
+
+
+def _check_preserved(expected, got) -> None:
     if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor):
         diff = (expected.float() - got.float()).abs().max().item()
         scale = max(1.0, expected.float().abs().max().item())

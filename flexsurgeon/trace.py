@@ -26,54 +26,68 @@ def _timm_notrace() -> tuple[list, list]:
     return list(get_notrace_modules()), list(get_notrace_functions())
 
 
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a submodule during tracing: its path, the nodes of its tensor inputs
+    (``first``: its first positional argument's) and of its output (None unless the call
+    returned a single tensor). Names only, so they also apply to copies of the graph."""
+
+    path: str
+    inputs: tuple[str, ...]
+    first: str | None
+    output: str | None
+
+
 @dataclass
 class TracedGraph:
-    """A graph of one mode; for each node name, the module path it came from; and for
-    each submodule call traced through, its input nodes and the last node it created
-    (``module_calls``, names only, so they also apply to copies of the graph)."""
+    """A graph of one mode; for each node name, its qualified name (``layer3.5.act3``, or
+    ``layer1.0.add`` for an operation) and the path of the module whose code made it
+    (``owners``: a leaf module's own path, "" for the model's forward); and every submodule
+    call, leaf or traced through (``module_calls``)."""
 
     graph: fx.Graph
     qualnames: dict[str, str]
     training: bool
-    module_calls: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    module_calls: list[ModuleCall] = field(default_factory=list)
+    owners: dict[str, str] = field(default_factory=dict)
 
 
 class _Tracer(NodePathTracer):
-    """Records what each traced-through module call took and made; remembers the
+    """Records every module call (what it took and what it returned); remembers the
     innermost module being traced when tracing fails, for the error message."""
 
     failed_in: str | None = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, shallow: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.created = 0
-        self.last_created: fx.Node | None = None
-        self.module_calls: list[tuple[tuple[str, ...], str]] = []
+        self.shallow = shallow
+        self.module_calls: list[ModuleCall] = []
+        self.owners: dict[str, str] = {}
 
-    def create_node(self, *args, **kwargs):
-        node = super().create_node(*args, **kwargs)
-        self.created += 1
-        self.last_created = node
-        return node
+    def is_leaf_module(self, m, module_qualname):
+        return self.shallow or super().is_leaf_module(m, module_qualname)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        self.owners[proxy.node.name] = self.current_module_qualname
+        return proxy
 
     def call_module(self, m, forward, args, kwargs):
-        before = self.created
         try:
             out = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.path_of_module(m)
             raise
-        if self.created - before > 1:  # traced through, not a leaf
-            inputs: list[str] = []
-            fx.node.map_aggregate((args, kwargs),
-                                  lambda a: inputs.append(a.node.name) if isinstance(a, fx.Proxy) else a)
-            if inputs:
-                self.module_calls.append((tuple(dict.fromkeys(inputs)), self.last_created.name))
+        inputs: list[str] = []
+        fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a.node.name) if isinstance(a, fx.Proxy) else a)
+        first = args[0].node.name if args and isinstance(args[0], fx.Proxy) else None
+        output = out.node.name if isinstance(out, fx.Proxy) else None
+        self.module_calls.append(ModuleCall(self.path_of_module(m), tuple(dict.fromkeys(inputs)), first, output))
         return out
 
 
-def _default_inputs(model: nn.Module) -> dict[str, object]:
+def default_inputs(model: nn.Module) -> dict[str, object]:
     """Forward inputs after the first that have defaults (Hiera's ``mask=None``, a ViT's
     ``attn_mask=None, is_causal=False``), fixed at those defaults: the path ``model(x)`` takes.
 
@@ -85,18 +99,25 @@ def _default_inputs(model: nn.Module) -> dict[str, object]:
             if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = ()) -> TracedGraph:
+def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = (),
+                concrete: dict | None = None, method: str = "forward", shallow: bool = False) -> TracedGraph:
     """Trace ``model`` in the given mode; the model's own mode is restored afterwards.
+    Forward inputs after the first are fixed at their defaults, or at the values in ``concrete``.
+
+    ``method``: another method to trace as if it were the forward (``forward_head``).
+    ``shallow``: every submodule is a leaf, so the graph holds only the model's own code.
 
     Tracing may attach constant tensors to ``model`` (fx's ``_tensor_constant*``); nothing
     else about the model changes.
     """
     leaves, functions = _timm_notrace()
-    tracer = _Tracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions)
-    was_training = model.training
+    tracer = _Tracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions, shallow=shallow)
+    was_training, cls = model.training, type(model)
     model.train(training)
+    if method != "forward":  # fx traces type(root).forward: a subclass whose forward is the method, for the trace
+        model.__class__ = type(cls.__name__, (cls,), {"forward": getattr(cls, method), "__module__": cls.__module__})
     try:
-        graph = tracer.trace(model, concrete_args=_default_inputs(model))
+        graph = tracer.trace(model, concrete_args={**default_inputs(model), **(concrete or {})})
     except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
         where = tracer.failed_in or "the top-level forward"
         module = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
@@ -107,9 +128,11 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
             f"(timm.layers.register_notrace_module) and try again."
         ) from exc
     finally:
+        model.__class__ = cls
         model.train(was_training)
     qualnames = {node.name: qual for node, qual in tracer.node_to_qualname.items()}
-    return TracedGraph(graph=graph, qualnames=qualnames, training=training, module_calls=tracer.module_calls)
+    return TracedGraph(graph=graph, qualnames=qualnames, training=training, module_calls=tracer.module_calls,
+                       owners=tracer.owners)
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -117,4 +140,4 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-__all__ = ["TracedGraph", "trace_model", "node_shape"]
+__all__ = ["ModuleCall", "TracedGraph", "default_inputs", "trace_model", "node_shape"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError, TrainingError
 from .recipe import Recipe
+from .sac import forward_with_sac, strip_sac_heads
 
 LAST, BEST = "last", "best"
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
@@ -106,14 +107,14 @@ def seed_everything(seed: int) -> None:
 
 
 class _TrainForward(nn.Module):
-    """Exposes ``forward_train`` as ``forward`` so DDP (and torch.compile) see the SAC path."""
+    """Exposes ``forward_with_sac`` as ``forward`` so DDP (and torch.compile) see the SAC path."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        return self.model.forward_train(x)
+        return forward_with_sac(self.model, x)
 
 
 class _Tally:
@@ -172,7 +173,7 @@ def head_names(model) -> list[str]:
 
 
 def _loss_weights(model, recipe: Recipe) -> list[float]:
-    weights = list(recipe.sac_weights) if recipe.sac_weights is not None else list(model.sac_weights)
+    weights = list(recipe.sac_weights) if recipe.sac_weights is not None else list(model.flexsurgeon_plan.sac_weights)
     needed = len(model.flexsurgeon_plan.sac) + 1
     if len(weights) != needed:
         raise TrainingError(f"recipe sac_weights has {len(weights)} values but the model has {needed - 1} SAC heads "
@@ -184,7 +185,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
              autocast: bool = False, channels_last: bool = False) -> dict:
     """Top-1 / top-5 accuracy and cross-entropy of the main classifier and every SAC head.
 
-    A model flexsurgeon did not convert (no ``forward_train``) is scored on its output alone.
+    A model flexsurgeon did not convert (no plan) is scored on its output alone.
     """
     dist = dist or _Dist()
     device = torch.device(device)
@@ -197,7 +198,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist:
             x, y = _to_device(x, y, device, channels_last)
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out, sac = model.forward_train(x) if hasattr(model, "forward_train") else (model(x), [])
+                    out, sac = forward_with_sac(model, x) if hasattr(model, "flexsurgeon_plan") else (model(x), [])
             except RuntimeError as exc:
                 _raise_if_out_of_memory(exc, getattr(loader, "batch_size", None) or x.shape[0], "evaluating")
                 raise
@@ -398,7 +399,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
-    from .apply import without_sac_heads
+    from .apply import head_parameter_names, regularizer
     from .data import make_loader
     from .io import save
 
@@ -420,7 +421,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         model.to(memory_format=torch.channels_last)
     weights = _loss_weights(model, recipe)
     heads = head_names(model)
-    head_params = set(model.head_parameter_names())
+    head_params = set(head_parameter_names(model))
     backbone = [p for n, p in model.named_parameters() if n not in head_params]
     optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
                                     momentum=recipe.momentum)
@@ -499,7 +500,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                 losses = [criterion(o.float(), target) for o in outputs]
                 loss = sum(w * part for w, part in zip(weights, losses))
                 if model.flexsurgeon_plan.pool_mode == "linear" and recipe.reg_weight > 0:
-                    loss = loss + recipe.reg_weight * model.regularizer()
+                    loss = loss + recipe.reg_weight * regularizer(model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if frozen:  # the backbone keeps its weights; cheaper than re-wrapping DDP per phase
@@ -547,7 +548,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
                 f"val top-1 {top1:.2f}{'  (best)' if improved else ''}  {sac_acc}  "
                 f"{record['images_per_s']:.0f} img/s")
             if improved:  # best first: a kill between the two writes re-runs this epoch
-                best_model = evaluated if recipe.keep_sac else without_sac_heads(evaluated)
+                best_model = evaluated if recipe.keep_sac else strip_sac_heads(evaluated)
                 save(best_model, output / BEST, force=True)
             progress_state = {"epoch": epoch + 1, "step": step, "best_top1": best_top1, "best_epoch": best_epoch}
             save(model, output / LAST, force=True,
@@ -599,8 +600,10 @@ def _data_config_for_name(name: str, img_size: int | None, in_chans: int) -> dic
     """The data config a model name implies, before the model exists (its classes come from the data)."""
     from timm.data import resolve_data_config
 
+    from .models import is_model_code
+
     cfg = {}
-    if not name.startswith(("tv:", "torchvision:")):
+    if not name.startswith(("tv:", "torchvision:")) and not is_model_code(name):
         from timm.models import get_pretrained_cfg
 
         pretrained = get_pretrained_cfg(name.split(".")[0])
@@ -627,13 +630,19 @@ def _run_data(data_spec: str, data_config: dict, in_chans: int, recipe: Recipe):
 
 def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resume: bool = False,
         overrides: dict | None = None, weights: str | Path = "random", sac_stages=None, in_chans: int = 3,
-        replace_gating: bool = False, progress: bool = True, log=print) -> FinetuneResult:
+        replace_gating: bool = False, model_code: str | None = None, progress: bool = True,
+        log=print) -> FinetuneResult:
     """``flexsurgeon finetune``: resolve the model (a converted folder or a name to convert), the
     data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
-    with ``overrides`` on top (e.g. more epochs)."""
-    from .io import load, read_config, recover
+    with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
+    source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own."""
+    from .io import load_folder, read_config, recover
+    from .models import is_model_code
     from .recipe import load_recipe, with_overrides
     from .surgery import convert
+
+    if is_model_code(source):
+        model_code = source
 
     output = Path(output)
     if resume:
@@ -643,7 +652,7 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
             raise CheckpointError(f"nothing to resume: {last} has no training state (run without --resume)")
         recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
         seed_everything(recipe.seed)
-        model = load(last)
+        model = load_folder(last, model_code)
         data = _run_data(data_spec, _data_config_for(model), model.flexsurgeon_plan.in_chans, recipe)
         return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
 
@@ -652,7 +661,7 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     seed_everything(recipe.seed)
     if Path(source).is_dir():
         read_config(source)  # a clear error for a folder that is not a checkpoint
-        model = load(source)
+        model = load_folder(source, model_code)
         data = _run_data(data_spec, _data_config_for(model), model.flexsurgeon_plan.in_chans, recipe)
     else:
         data = _run_data(data_spec, _data_config_for_name(source, recipe.img_size, in_chans), in_chans, recipe)

@@ -62,17 +62,29 @@ def test_every_way_of_writing_average_pooling_is_found_as_the_head_pool(kind):
     assert heads[0].layout == ("nhwc" if kind.startswith("nhwc") else "nchw")
 
 
-@pytest.mark.parametrize("kind", ["nhwc", "nhwc_keepdim", "flatten_mean"])
-def test_converting_each_pool_form_preserves_the_output(kind):
+@pytest.mark.parametrize("kind", ["module", "mean", "nhwc", "nhwc_keepdim", "flatten_mean"])
+def test_converting_each_pool_form_preserves_the_output_and_the_class(kind):
+    """A pool module is swapped in place; a pool written as code gets that forward regenerated."""
+    import copy
+
     import flexsurgeon
+    from flexsurgeon.layers import FlexPool
 
     torch.manual_seed(0)
     source = _Net(kind).eval()
+    reference = copy.deepcopy(source)
     converted = flexsurgeon.convert(source, img_size=32, sac_stages=[]).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert (converted(x) - source(x)).abs().max() <= 1e-5
-    assert len(converted.flex_pools) == 1
+        assert (converted(x) - reference(x)).abs().max() <= 1e-5
+    assert type(converted) is _Net
+    (edit,) = converted.flexsurgeon_plan.pools
+    if kind == "module":
+        assert (edit.method, edit.module) == ("in_place", "module_pool")
+        assert isinstance(converted.module_pool, FlexPool) and "forward" not in vars(converted)
+    else:
+        assert (edit.method, edit.module) == ("graph_rewrite", "")
+        assert len(converted.flex_pools) == 1 and "forward" in vars(converted)
 
 
 def test_max_pool_is_reported_but_not_replaceable():

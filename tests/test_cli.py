@@ -27,7 +27,7 @@ def test_convert_random_init_writes_a_loadable_folder(tmp_path):
     code, output = _run("convert", "resnet18", "--random-init", "--img-size", "64", "--num-classes", "5",
                         "-o", str(out))
     assert code == 0, output
-    assert "SAC heads: layer2.1.act2, layer3.1.act2" in output
+    assert "FlexPool[softmax] at global_pool (in place); SAC heads: layer2.1.act2, layer3.1.act2" in output
     import flexsurgeon
 
     assert flexsurgeon.load(out).num_classes == 5
@@ -96,7 +96,8 @@ def test_inspect_prints_pools_stages_and_the_plan():
     code, output = _run("inspect", "efficientnet_b0", "--img-size", "64")
     assert code == 0, output
     assert "global_pool_pool" in output and "head" in output and "gating" in output
-    assert "attach a SAC head at add_1 (blocks.2.1.add)" in output
+    assert "replace the pool at global_pool (in place) with FlexPool[softmax] 1280x2x2" in output
+    assert "attach a SAC head at add_1 (output of blocks.2.1)" in output
 
 
 def test_inspect_json_is_machine_readable():

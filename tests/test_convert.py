@@ -6,7 +6,7 @@ import timm
 import torch
 
 import flexsurgeon
-from flexsurgeon.apply import FlexSurgeonModel
+from flexsurgeon.apply import head_parameter_names, new_parameter_names, regularizer
 from flexsurgeon.errors import AnalysisError
 from flexsurgeon.layers import FlexPool, SACHead
 
@@ -31,26 +31,30 @@ def test_every_original_parameter_and_buffer_keeps_its_name(resnet):
     original, new = reference.state_dict(), converted.state_dict()
     assert set(original) <= set(new)
     added = set(new) - set(original)
-    assert added and all(k.startswith(("flex_pools.", "sac_heads.")) for k in added)
+    assert added and all(k.startswith(("global_pool.", "sac_heads.")) for k in added)
     # original weights load into the converted model with only the new keys missing
     result = converted.load_state_dict(original, strict=False)
     assert set(result.missing_keys) == added and not result.unexpected_keys
 
 
-def test_train_mode_forward_returns_main_logits_and_forward_train_adds_heads(resnet, x64):
+def test_train_mode_forward_returns_main_logits_and_forward_with_sac_adds_heads(resnet, x64):
     _, converted = resnet
     converted.train()
     try:
         out = converted(x64)
         assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
-        logits, heads = converted.forward_train(x64)
+        logits, heads = flexsurgeon.forward_with_sac(converted, x64)
         assert logits.shape == (2, 10)
         assert [h.shape for h in heads] == [(2, 10), (2, 10)]
         loss = sum(w * torch.nn.functional.cross_entropy(o, torch.tensor([1, 2]))
-                   for w, o in zip(converted.sac_weights, [*heads, logits]))
+                   for w, o in zip(converted.flexsurgeon_plan.sac_weights, [*heads, logits]))
         loss.backward()
-        for name in converted.new_parameter_names():
+        names = new_parameter_names(converted)
+        assert "global_pool.weight" in names and any(n.startswith("sac_heads.") for n in names)
+        for name in names:
             assert converted.get_parameter(name).grad is not None, name
+        # no hook stays behind: plain forwards do not run the heads
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in converted.modules())
     finally:
         converted.zero_grad(set_to_none=True)
         converted.eval()
@@ -59,11 +63,12 @@ def test_train_mode_forward_returns_main_logits_and_forward_train_adds_heads(res
 def test_new_layers_are_flexpool_and_sac_heads_sized_from_the_plan(resnet):
     _, converted = resnet
     plan = converted.flexsurgeon_plan
-    pool = converted.flex_pools[plan.pools[0].node]
+    assert plan.pools[0].method == "in_place" and plan.pools[0].module == "global_pool"
+    pool = converted.global_pool
     assert isinstance(pool, FlexPool) and tuple(pool.weight.shape) == (512, 2, 2)
     heads = [converted.sac_heads[t.node] for t in plan.sac]
     assert all(isinstance(h, SACHead) for h in heads)
-    assert [t.module for t in plan.sac] == ["layer2.1.act2", "layer3.1.act2"]
+    assert [(t.module, t.read) for t in plan.sac] == [("layer2.1.act2", "output"), ("layer3.1.act2", "output")]
     assert plan.sac_weights == (0.1, 0.2, 0.7)
 
 
@@ -92,7 +97,7 @@ def test_deepcopy_gives_an_independent_working_model(resnet, x64):
     _, converted = resnet
     clone = copy.deepcopy(converted)
     with torch.no_grad():
-        next(iter(clone.flex_pools.values())).weight.add_(1.0)  # a softmax shift: output unchanged
+        clone.global_pool.weight.add_(1.0)  # a softmax shift: output unchanged
         clone.fc.weight.add_(1.0)
         assert not torch.allclose(clone(x64), converted(x64))
 
@@ -116,16 +121,16 @@ def test_linear_mode_regulariser_and_dropout_options():
     plan = converted.flexsurgeon_plan
     assert plan.pool_mode == "linear" and plan.dropout == 0.25
     assert [t.node for t in plan.sac] == ["layer3_1_act2"] and plan.sac_weights == (0.3, 0.7)
-    assert converted.regularizer().item() == pytest.approx(0.0, abs=1e-8)  # weights start summing to one
+    assert regularizer(converted).item() == pytest.approx(0.0, abs=1e-8)  # weights start summing to one
     with torch.no_grad():
-        converted.flex_pools[plan.pools[0].node].weight.mul_(2)
-    assert converted.regularizer().item() > 0
+        converted.get_submodule(plan.pools[0].module).weight.mul_(2)
+    assert regularizer(converted).item() > 0
 
 
 def test_no_sac_heads_when_asked():
     converted = flexsurgeon.convert("resnet18", img_size=64, sac_stages=[])
     assert converted.flexsurgeon_plan.sac == () and len(converted.sac_heads) == 0
-    logits, heads = converted.forward_train(torch.randn(2, 3, 64, 64))
+    logits, heads = flexsurgeon.forward_with_sac(converted, torch.randn(2, 3, 64, 64))
     assert heads == []
 
 
@@ -146,9 +151,10 @@ def test_one_by_one_final_map_is_refused():
         flexsurgeon.convert("resnet18", img_size=32)
 
 
-def test_isinstance_and_rebuild_from_a_timm_instance():
-    converted = flexsurgeon.convert(timm.create_model("resnet18", num_classes=6), img_size=64)
-    assert isinstance(converted, FlexSurgeonModel)
+def test_an_instance_is_converted_in_place_and_keeps_its_class():
+    source = timm.create_model("resnet18", num_classes=6)
+    converted = flexsurgeon.convert(source, img_size=64)
+    assert converted is source and type(converted) is timm.models.ResNet
     assert converted.flexsurgeon_plan.source.name == "resnet18"
     assert converted.flexsurgeon_plan.source.kwargs["num_classes"] == 6
 
@@ -160,7 +166,7 @@ def test_avg_kind_keeps_the_function_and_adds_no_pool_parameters(x64):
     converted = flexsurgeon.convert(source, img_size=64, pool="avg").eval()
     with torch.no_grad():
         assert (reference(x64) - converted(x64)).abs().max().item() <= 1e-5
-    assert not list(converted.flex_pools.parameters())
+    assert not list(converted.global_pool.parameters())
     # the SAC heads pool by averaging too: a head's output is its Linear on the stage's mean
     tap = converted.flexsurgeon_plan.sac[0]
     head = converted.sac_heads[tap.node]
@@ -172,12 +178,13 @@ def test_avg_kind_keeps_the_function_and_adds_no_pool_parameters(x64):
 def test_timm_baseline_pools_install_train_and_round_trip(kind, module, tmp_path, x64):
     torch.manual_seed(0)
     converted = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5, pool=kind, sac_stages=[])
-    pool = next(iter(converted.flex_pools.values()))
+    pool = converted.global_pool
     assert type(pool.pool).__name__ == module
-    new = converted.new_parameter_names()
-    assert new and all(n.startswith("flex_pools.") for n in new)
+    new = new_parameter_names(converted)
+    assert new and all(n.startswith("global_pool.") for n in new)
+    assert set(head_parameter_names(converted)) == set(new) | {"fc.weight", "fc.bias"}
     converted.train()
-    out, heads = converted.forward_train(x64)
+    out, heads = flexsurgeon.forward_with_sac(converted, x64)
     out.sum().backward()
     assert pool.pool.parameters().__next__().grad is not None and heads == []
     flexsurgeon.save(converted, tmp_path / "m")
@@ -197,52 +204,6 @@ def test_cli_pool_choices_are_the_plan_kinds():
     plan = flexsurgeon.inspect("resnet10t", img_size=64).plan
     with pytest.raises(flexsurgeon.errors.PlanError, match="pool_mode 'max'"):
         SurgeryPlan.from_dict({**json.loads(plan.to_json()), "pool_mode": "max"})
-
-
-def test_residual_adds_write_in_place_only_without_autograd(x64):
-    """fx turns ``x += shortcut`` into a new tensor per block; the eval graph adds in place again
-    under no_grad, and gradients still flow (out of place) when autograd records."""
-    from flexsurgeon.apply import add_into
-
-    torch.manual_seed(0)
-    source = timm.create_model("resnet18", num_classes=10).eval()
-    converted = flexsurgeon.convert(copy.deepcopy(source), img_size=64).eval()
-    adds = [n for n in converted._graphs["eval"].nodes if n.target is add_into]
-    assert len(adds) == 8  # resnet18: one per basic block
-    a, b = torch.randn(2, 3), torch.randn(2, 3)
-    with torch.no_grad():
-        assert add_into(a, b) is a
-        assert (converted(x64) - source(x64)).abs().max().item() <= 1e-5
-    assert add_into(torch.randn(2, 3), torch.randn(2, 3)) is not a  # autograd on: a new tensor
-    assert add_into(torch.randn(3), torch.randn(2, 3)).shape == (2, 3)  # broadcasting grows: not in place
-    xs, xc = x64.clone().requires_grad_(True), x64.clone().requires_grad_(True)
-    source(xs).sum().backward()
-    converted(xc).sum().backward()
-    assert torch.allclose(xs.grad, xc.grad, atol=1e-6)
-
-
-def test_converted_model_frees_activations_when_the_source_does(resnet, x64):
-    """eager holds a stage's input until the stage returns (``x = self.layer1(x)``); fx's code
-    would free it after its last use inside the first block. The converted model keeps the
-    source's lifetimes, which kept glibc from returning and re-faulting memory (5% on CPU)."""
-    import weakref
-
-    reference, converted = resnet
-
-    def stage_input_alive_in_last_block(model) -> bool:
-        seen, alive = {}, []
-        hooks = [model.maxpool.register_forward_hook(lambda m, i, out: seen.update(ref=weakref.ref(out))),
-                 model.layer1[-1].conv1.register_forward_pre_hook(lambda m, i: alive.append(seen["ref"]() is not None))]
-        try:
-            with torch.no_grad():
-                model(x64)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return alive == [True]
-
-    assert stage_input_alive_in_last_block(reference)
-    assert stage_input_alive_in_last_block(converted)
 
 
 class _Terminal:

@@ -11,7 +11,6 @@ from flexsurgeon.cli import main
 from flexsurgeon.errors import CheckpointError, ExportError
 from flexsurgeon.export import (
     _MIN_TORCH,
-    _EvalMode,
     _frozen_for_export,
     _write_atomic_file,
     export_inference_folder,
@@ -19,6 +18,7 @@ from flexsurgeon.export import (
 )
 
 TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, float32
+POOL_WEIGHTS = ("global_pool.", "classifier.3.")  # the frozen FlexPool's weights, where the old pool was
 # Older torch gets a one-line "needs torch>=2.6" instead (test_onnx_export_on_old_torch_is_one_line).
 needs_onnx_exporter = pytest.mark.skipif(torch.__version__ < _MIN_TORCH,
                                          reason=f"ONNX export needs torch>={_MIN_TORCH}")
@@ -31,7 +31,7 @@ def converted(tmp_path_factory):
     torch.manual_seed(0)
     model = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5, weights="random").eval()
     with torch.no_grad():
-        for p in [*model.flex_pools.parameters(), *model.sac_heads.parameters()]:
+        for p in [*model.global_pool.parameters(), *model.sac_heads.parameters()]:
             p.normal_()
     assert len(model.flexsurgeon_plan.sac) == 2
     folder = tmp_path_factory.mktemp("src") / "resnet10t-flex"
@@ -70,18 +70,18 @@ def test_frozen_pools_give_the_models_outputs_at_native_and_other_sizes(converte
         torch.manual_seed(0)
         model = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5, pool=pool, weights="random")
         with torch.no_grad():
-            for p in model.flex_pools.parameters():
+            for p in model.global_pool.parameters():
                 p.normal_(0.3, 0.1)
     model.train()
     for size in (64, 96):
         x = _x(2, size)
-        with _EvalMode(model):
-            frozen = _frozen_for_export(model, x)
-            with torch.no_grad():
-                got = frozen(x)
-        assert model.training and all(m.training for m in model.modules())  # the mode is restored
+        frozen = _frozen_for_export(model, x)
+        with torch.no_grad():
+            got = frozen(x)
+        assert model.training and all(m.training for m in model.modules())  # the mode is left alone
         assert not len(frozen.sac_heads) and len(model.sac_heads) == 2  # the model keeps its heads
-        (fixed,) = frozen.flex_pools.values()
+        assert type(model.global_pool).__name__ == "FlexPool"  # and its FlexPool
+        fixed = frozen.global_pool
         assert fixed.weights.shape == (512, size // 32, size // 32)
         assert torch.allclose(got, _expected(model, x), atol=1e-6)
         model.train()
@@ -103,7 +103,7 @@ def test_onnx_gives_pytorchs_outputs_without_sac_heads(converted, tmp_path):
     assert not [n for n in names if "sac_heads" in n]
     ops = {n.op_type for n in graph.node}
     assert not ops & {"Softmax", "Resize"}  # FlexPool weights are a constant, not recomputed
-    (weights,) = [i for i in graph.initializer if i.name.startswith("flex_pools.")]
+    (weights,) = [i for i in graph.initializer if i.name.startswith(POOL_WEIGHTS)]
     assert list(weights.dims) == [512, 2, 2]  # 2x2 map at 64
     for batch in (1, 3):  # the batch dimension is dynamic
         x = _x(batch, 64)
@@ -115,7 +115,7 @@ def test_onnx_gives_pytorchs_outputs_without_sac_heads(converted, tmp_path):
 def test_onnx_at_another_size_carries_weights_for_that_size(converted, tmp_path):
     model, _ = converted
     path = export_onnx(model, tmp_path / "m96.onnx", img_size=96)
-    (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith("flex_pools.")]
+    (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith(POOL_WEIGHTS)]
     assert list(weights.dims) == [512, 3, 3]  # 3x3 map at 96: resampled from the 2x2 weights
     x = _x(2, 96)
     assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE
@@ -128,10 +128,10 @@ def test_torchvision_model_exports(tmp_path):
     torch.manual_seed(0)
     model = flexsurgeon.convert("tv:squeezenet1_0", img_size=64, num_classes=3, weights="random").eval()
     with torch.no_grad():
-        for p in model.flex_pools.parameters():
+        for p in model.classifier[3].parameters():
             p.normal_()
     path = export_onnx(model, tmp_path / "tv.onnx", img_size=(64, 96))
-    (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith("flex_pools.")]
+    (weights,) = [i for i in _onnx_graph(path).initializer if i.name.startswith(POOL_WEIGHTS)]
     assert list(weights.dims) == [3, 3, 5]
     x = torch.randn(2, 3, 64, 96)
     assert (_onnx_run(path, x) - _expected(model, x)).abs().max().item() <= TOLERANCE

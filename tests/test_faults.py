@@ -465,16 +465,14 @@ CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to
     (CPU_OOM, "eval", "out of CPU memory evaluating at batch size 16; try --batch-size 8"),
 ])
 def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(reference, tmp_path, monkeypatch, error, phase, message):
-    from flexsurgeon.apply import FlexSurgeonModel
+    from flexsurgeon.sac import forward_with_sac as original
 
-    original = FlexSurgeonModel.forward_train
-
-    def forward_train(self, x):
-        if self.training == (phase == "train"):
+    def forward_with_sac(model, x):
+        if model.training == (phase == "train"):
             raise error
-        return original(self, x)
+        return original(model, x)
 
-    monkeypatch.setattr(FlexSurgeonModel, "forward_train", forward_train)
+    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "16", "-o", tmp_path / "run")
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
@@ -482,24 +480,20 @@ def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(reference, tmp_pat
 
 
 def test_a_batch_of_one_that_does_not_fit_says_so(reference, tmp_path, monkeypatch):
-    from flexsurgeon.apply import FlexSurgeonModel
-
-    def forward_train(self, x):
+    def forward_with_sac(model, x):
         raise CPU_OOM
 
-    monkeypatch.setattr(FlexSurgeonModel, "forward_train", forward_train)
+    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "1", "-o", tmp_path / "run")
     assert code == 1 and "batch size is already 1: try a smaller --img-size or model" in output
 
 
 def test_other_runtime_errors_are_not_reported_as_out_of_memory(reference, tmp_path, monkeypatch):
-    from flexsurgeon.apply import FlexSurgeonModel
-
-    def forward_train(self, x):
+    def forward_with_sac(model, x):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x96 and 95x4)")
 
-    monkeypatch.setattr(FlexSurgeonModel, "forward_train", forward_train)
+    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "16", "-o", tmp_path / "run")
     assert code == 1 and "memory" not in output and "shapes cannot be multiplied" in output

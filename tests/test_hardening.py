@@ -192,7 +192,10 @@ FILE_DAMAGE = {  # name -> (damage, words the message holds); all refused before
     "plan field missing": (_edit_plan(lambda p: p.pop("pools")), "plan is missing field(s): pools"),
     "plan field extra": (_edit_plan(lambda p: p.update(evil="x")), "plan has unknown field(s): evil"),
     "plan wrong type": (_edit_plan(lambda p: p.update(num_classes="4")), "num_classes must be a positive integer"),
-    "plan version": (_edit_plan(lambda p: p.update(version=2)), "plan version 2 is not supported"),
+    "plan version": (_edit_plan(lambda p: p.update(version=3)), "plan version 3 is not supported"),
+    "plan custom source": (_set_source(library="custom", name="MyNet"), "custom model (MyNet)"),
+    "plan in-place module path": (_edit_plan(lambda p: p["pools"][0].update(module="__import__('os')")),
+                                  "is not a module path"),
     "plan lambdas not increasing": (_edit_plan(lambda p: p.update(sac_weights=[0.2, 0.1, 0.7])),
                                     "must increase with depth"),
     "plan shapes do not match the weights": (_edit_plan(lambda p: p["pools"][0].update(size=[4, 4])),
@@ -399,10 +402,11 @@ def _valid_plan() -> dict:
         "source": {"library": "timm", "name": "resnet18", "kwargs": {"num_classes": 10}},
         "num_classes": 10, "in_chans": 3, "img_size": [64, 64],
         "pools": [{"node": "global_pool_pool", "input": "layer4_1_act2", "channels": 512, "size": [2, 2],
-                   "keepdim": True, "layout": "nchw"}],
-        "sac": [{"node": "layer2_1_act2", "channels": 128, "size": [8, 8], "module": "layer2.1.act2"},
-                {"node": "layer3_1_act2", "channels": 256, "size": [4, 4], "module": ""}],
-        "sac_weights": [0.1, 0.2, 0.7], "pool_mode": "softmax", "dropout": 0.0, "version": 1,
+                   "keepdim": False, "layout": "nchw", "module": "global_pool", "method": "in_place"}],
+        "sac": [{"node": "layer2_1_act2", "channels": 128, "size": [8, 8], "module": "layer2.1.act2",
+                 "read": "output"},
+                {"node": "layer3_1_act2", "channels": 256, "size": [4, 4], "module": "layer4", "read": "input"}],
+        "sac_weights": [0.1, 0.2, 0.7], "pool_mode": "softmax", "dropout": 0.0, "version": 2,
     }
 
 

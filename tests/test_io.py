@@ -16,7 +16,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = flexsurgeon.convert("resnet18", img_size=64, num_classes=7).eval()
     with torch.no_grad():  # trained-looking FlexPool weights, so a load that drops them would show
-        for p in model.flex_pools.parameters():
+        for p in model.global_pool.parameters():
             p.normal_()
     directory = tmp_path_factory.mktemp("ckpt") / "resnet18-flex"
     flexsurgeon.save(model, directory)
@@ -40,16 +40,65 @@ def test_load_gives_the_same_outputs(saved, x64):
     loaded = flexsurgeon.load(directory).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x64), model(x64))
-        assert [h.shape for h in loaded.forward_train(x64)[1]] == [(2, 7), (2, 7)]
+        assert [h.shape for h in flexsurgeon.forward_with_sac(loaded, x64)[1]] == [(2, 7), (2, 7)]
 
 
 def test_timm_local_dir_loads_the_converted_model(saved, x64):
     model, directory = saved
     loaded = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
-    assert type(loaded).__name__ == "FlexSurgeonModel"
+    assert type(loaded) is timm.models.ResNet
     with torch.no_grad():
         assert torch.equal(loaded(x64), model(x64))
     assert timm.data.resolve_data_config(model=loaded)["input_size"] == (3, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"features_only": True}, "features_only is not supported"),
+    ({"out_indices": (1, 2)}, "out_indices applies with features_only"),
+    ({"num_classes": 3}, "has num_classes=7; convert again"),
+    ({"in_chans": 1}, "has in_chans=3; convert again"),
+    ({"img_size": 96}, "img_size is fixed by the conversion"),
+    ({"global_pool": "max"}, "global_pool cannot change"),
+    ({"no_such_argument": 1}, "does not take no_such_argument"),
+])
+def test_timm_keyword_arguments_are_refused_in_one_line_never_ignored(saved, kwargs, message):
+    _, directory = saved
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=message):
+        timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
+
+
+def test_timm_keyword_arguments_reach_the_source_builder(saved, x64):
+    model, directory = saved
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True, drop_rate=0.3, drop_path_rate=0.1,
+                               num_classes=7).eval()
+    assert loaded.drop_rate == 0.3
+    assert any(type(m).__name__ == "DropPath" for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))  # eval mode: dropout and drop-path are off
+
+
+def test_torch_save_of_the_whole_model_round_trips(saved, tmp_path, x64):
+    model, _ = saved
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))
+    loaded.reset_classifier(3)  # the re-heading hook points at the loaded object, not the saved one
+    assert loaded(x64).shape == (2, 3) and model(x64).shape == (2, 7)
+
+
+def test_a_folder_from_before_in_place_surgery_is_refused_with_what_to_do(saved, tmp_path):
+    import shutil
+
+    _, directory = saved
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    config = json.loads((old / "config.json").read_text())
+    config["model_args"]["plan"]["version"] = 1
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match="convert the source model again"):
+        flexsurgeon.load(old)
 
 
 def test_torchvision_model_round_trips(tmp_path, x64):

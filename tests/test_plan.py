@@ -9,8 +9,8 @@ from flexsurgeon.plan import PoolEdit, SacTap, SourceSpec, SurgeryPlan, default_
 def _plan(**changes):
     fields = dict(
         source=SourceSpec("timm", "resnet18", {"num_classes": 10}), num_classes=10, in_chans=3, img_size=(64, 64),
-        pools=(PoolEdit("global_pool_pool", "layer4_1_act2", 512, (2, 2), True),),
-        sac=(SacTap("layer2_1_act2", 128, (8, 8), "layer2.1.act2"), SacTap("layer3_1_act2", 256, (4, 4))),
+        pools=(PoolEdit("global_pool_pool", "layer4_1_act2", 512, (2, 2), False, module="global_pool"),),
+        sac=(SacTap("layer2_1_act2", 128, (8, 8), "layer2"), SacTap("layer3_1_act2", 256, (4, 4), "layer3.1", "input")),
         sac_weights=(0.1, 0.2, 0.7),
     )
     fields.update(changes)
@@ -20,7 +20,7 @@ def _plan(**changes):
 def test_plan_round_trips_through_json():
     plan = _plan()
     assert SurgeryPlan.from_json(plan.to_json()) == plan
-    assert json.loads(plan.to_json())["version"] == 1
+    assert json.loads(plan.to_json())["version"] == 2
 
 
 def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
@@ -43,7 +43,13 @@ def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
     ({"source": SourceSpec("os", "system", {})}, "source.library 'os'"),
     ({"source": SourceSpec("timm", "os.system; rm", {})}, "is not a model name"),
     ({"source": SourceSpec("timm", "resnet18", {"act_layer": ["x"]})}, "plain values"),
-    ({"pools": (PoolEdit("__import__('os')", "x", 1, (2, 2)),)}, "is not a graph node name"),
+    ({"pools": (PoolEdit("__import__('os')", "x", 1, (2, 2), module="m"),)}, "is not a graph node name"),
+    ({"pools": (PoolEdit("pool", "x", 1, (2, 2)),)}, "replaced in place but names no module"),
+    ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a", method="monkeypatch"),)}, "method 'monkeypatch'"),
+    ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="os.system('x')"),)}, "is not a module path"),
+    ({"sac": (SacTap("t", 1, (2, 2), "layer2", "both"), SacTap("u", 1, (2, 2), "layer3"))},
+     "read its output or input"),
+    ({"version": 1}, "convert the source model again"),
 ])
 def test_bad_plans_are_refused_with_the_field_named(changes, message):
     with pytest.raises(PlanError, match=message.replace("(", r"\(")):

@@ -42,7 +42,7 @@ def _png(path, min_side=200, max_side=4000):
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5)
-    pool = model.flex_pools["global_pool_pool"]
+    pool = model.global_pool
     with torch.no_grad():
         for strength, c in zip((6.0, 4.0, 2.0), PERTURBED):
             pool.weight[c, 0, 1] += strength  # softmax logits: one position stands out
@@ -84,7 +84,7 @@ linear,0,71.5,90.8,1.0,71.5,2,11
 
 
 def test_weights_come_from_flexpools_own_path_and_the_perturbed_channels_are_on_top(model):
-    pool = model.flex_pools["global_pool_pool"]
+    pool = model.global_pool
     a = pool_weights(pool)
     assert a.shape == (512, 2, 2)
     torch.testing.assert_close(a.sum((1, 2)), torch.ones(512))  # softmax: each channel sums to one
@@ -99,9 +99,9 @@ def test_weights_come_from_flexpools_own_path_and_the_perturbed_channels_are_on_
     assert top_channels(pool_weights(linear), 1) == [2]
 
 
-def test_weight_maps_one_png_per_flexpool_named_after_the_node(model, tmp_path):
+def test_weight_maps_one_png_per_flexpool_named_after_its_module(model, tmp_path):
     written = plot_weight_maps(model, tmp_path, top=4)
-    assert [p.name for p in written] == ["weights-global_pool_pool.png", "weights-sac-layer2_0_act2.png",
+    assert [p.name for p in written] == ["weights-global_pool.png", "weights-sac-layer2_0_act2.png",
                                          "weights-sac-layer3_0_act2.png"]
     for path in written:
         _png(path)
@@ -118,7 +118,7 @@ def test_pools_that_are_not_flexpool_are_skipped(model):
     saved = model.sac_heads["layer3_0_act2"].pool
     model.sac_heads["layer3_0_act2"].pool = Avg()
     try:
-        assert [stem for stem, _, _ in flex_pools_of(model)] == ["weights-global_pool_pool",
+        assert [stem for stem, _, _ in flex_pools_of(model)] == ["weights-global_pool",
                                                                    "weights-sac-layer2_0_act2"]
     finally:
         model.sac_heads["layer3_0_act2"].pool = saved
@@ -154,7 +154,7 @@ def test_plot_a_model_folder_and_a_run_folder_through_the_cli(model_dir, tmp_pat
     (run / "best").symlink_to(model_dir, target_is_directory=True)
     written = plot_folder(run)
     assert [p.relative_to(run).as_posix() for p in written] == [
-        "plots/curves.png", "plots/weights-global_pool_pool.png", "plots/weights-sac-layer2_0_act2.png",
+        "plots/curves.png", "plots/weights-global_pool.png", "plots/weights-sac-layer2_0_act2.png",
         "plots/weights-sac-layer3_0_act2.png"]
 
 

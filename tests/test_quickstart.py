@@ -13,7 +13,7 @@ def test_quickstart_converts_finetunes_and_loads_the_best_checkpoint_through_tim
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"timm\.create_model\('local-dir:.*/runs/quickstart/best'\): FlexSurgeonModel, "
+    match = re.fullmatch(r"timm\.create_model\('local-dir:.*/runs/quickstart/best'\): ResNet, "
                          r"val top-1 ([\d.]+)% on 128 images \(4 classes, chance 25%\)", line)
     assert match, line
     assert (tmp_path / "runs" / "quickstart" / "last" / "model.safetensors").is_file()

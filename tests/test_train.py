@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
+from flexsurgeon.apply import head_parameter_names
 from flexsurgeon.cli import main
 from flexsurgeon.data import load_data
 from flexsurgeon.recipe import load_recipe
@@ -100,7 +101,8 @@ def test_freeze_phase_trains_only_the_new_layers_and_the_classifier(converted, t
     recipe = load_recipe("smoke").replace(epochs=1, freeze_epochs=1, batch_size=32)
     data = load_data(DATA, data_config=timm.data.resolve_data_config(model=model))
     finetune(model, data, recipe, tmp_path / "run", progress=False, log=lambda *a: None)
-    heads = set(model.head_parameter_names())
+    heads = set(head_parameter_names(model))
+    assert "global_pool.weight" in heads and any(n.startswith("sac_heads.") for n in heads)
     assert "fc.weight" in heads
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
@@ -249,7 +251,7 @@ def _train_with_gpu_settings(converted, tmp_path, compiled):
     model = flexsurgeon.load(converted)
     seen = []  # what reaches FlexPool during training: dtype and layout
     if not compiled:  # a hook inside a compiled graph is traced, not run
-        model.flex_pools.global_pool_pool.register_forward_hook(lambda module, args, out: seen.append(
+        model.global_pool.register_forward_hook(lambda module, args, out: seen.append(
             (args[0].dtype, args[0].is_contiguous(memory_format=torch.channels_last), module.training)))
     lines = []
     recipe = load_recipe("smoke").replace(batch_size=16, compile=compiled)
