@@ -115,3 +115,11 @@ def test_the_command_line_converts_and_finetunes_a_factory_and_reads_its_folders
 def test_bad_model_code_is_one_line(spec, message):
     code, output = _run("inspect", spec, "--img-size", "32")
     assert code == 1 and message in output and "Traceback" not in output, output
+
+
+def test_ablate_takes_a_factory(tmp_path):
+    code, output = _run("ablate", f"{HERE}:small_cnn", "--variants", "avg,flex+sac", "--seeds", "1",
+                        "--img-size", "32", "--data", DATA, "--recipe", "smoke", "--epochs", "1",
+                        "-o", tmp_path / "ablation")
+    assert code == 0 and "results in" in output, output
+    assert (tmp_path / "ablation" / "runs" / "flex+sac" / "seed0" / "score.json").is_file()
