@@ -144,27 +144,27 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
 
     holder_path = traced.owners.get(node, "")
     holder = model.get_submodule(holder_path) if holder_path else model
+    methods = ["forward"]
+    if holder is model and all(callable(getattr(type(model), m, None)) for m in ("forward_head", "forward_features")):
+        methods.insert(0, "forward_head")
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            inputs = _inputs_of(model, holder, sample)
-            methods = ["forward"]
-            if holder is model and callable(getattr(type(model), "forward_head", None)) \
-                    and callable(getattr(type(model), "forward_features", None)):
-                methods.insert(0, "forward_head")
-            for method in methods:
-                args = inputs if method == "forward" else (model.forward_features(sample),)
-                graph = trace_model(holder, training=False, method=method, shallow=True).graph
-                finder = PoolFinder(fx.GraphModule(holder, graph), img_size)
-                finder.run(*args)
-                for name, (source, kind, keepdim, found_layout) in finder.candidates.items():
-                    shape = _shape(finder, source)
-                    if kind == "avg" and found_layout == layout and shape[3 if layout == "nhwc" else 1] == channels:
-                        return RewriteSite(holder_path, method, name, source, keepdim)
-    except Exception:  # the holder's code does not trace or run on its own
-        return None
+        for method in methods:
+            try:
+                with torch.no_grad():
+                    args = (model.forward_features(sample),) if method == "forward_head" else \
+                        _inputs_of(model, holder, sample)
+                    graph = trace_model(holder, training=False, method=method, shallow=True).graph
+                    finder = PoolFinder(fx.GraphModule(holder, graph), img_size)
+                    finder.run(*args)
+            except Exception:  # this method does not trace or run on its own: try the next
+                continue
+            for name, (source, kind, keepdim, found_layout) in finder.candidates.items():
+                shape = _shape(finder, source)
+                if kind == "avg" and found_layout == layout and shape[3 if layout == "nhwc" else 1] == channels:
+                    return RewriteSite(holder_path, method, name, source, keepdim)
     finally:
         model.train(was_training)
     return None

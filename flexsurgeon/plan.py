@@ -23,7 +23,7 @@ FORWARDS = ("forward", "forward_head")  # the methods a graph rewrite may regene
 READS = ("output", "input")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
 _NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MODULE_PATH = re.compile(r"^([A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)?$")
+_MODULE_PATH = re.compile(r"^([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)?$")  # looked up, never evaluated
 _SCALAR = (str, int, float, bool, type(None))
 # builder arguments that fetch or read weights: a plan never sets them (weights come from the checkpoint)
 _LOADER_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "checkpoint_path",
