@@ -192,3 +192,39 @@ def test_forward_inputs_with_defaults_trace_at_their_defaults():
         flexsurgeon.convert(timm.create_model("hiera_tiny_224", num_classes=5), img_size=224)
     with pytest.raises(AnalysisError, match="pools tokens"):
         flexsurgeon.convert(timm.create_model("vit_tiny_patch16_224", num_classes=5), img_size=224)
+
+
+class _ListFeatures(nn.Module):
+    """timm-style methods where forward_head iterates over a list (EfficientViM): fx cannot
+    trace forward_head alone, so the rewrite falls back to the model's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward_features(self, x):
+        return [self.body(x).flatten(2)]
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = [t.mean(-1) for t in x]
+        return x[0] if pre_logits else self.fc(x[0])
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_a_pool_in_an_untraceable_forward_head_is_rewritten_in_forward():
+    import copy
+
+    import flexsurgeon
+
+    torch.manual_seed(0)
+    source = _ListFeatures().eval()
+    reference = copy.deepcopy(source)
+    converted = flexsurgeon.convert(source, img_size=32, sac_stages=[])
+    (edit,) = converted.flexsurgeon_plan.pools
+    assert (edit.method, edit.module, edit.forward) == ("graph_rewrite", "", "forward")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(converted(x), reference(x), atol=1e-6)

@@ -47,6 +47,7 @@ def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2)),)}, "replaced in place but names no module"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a", method="monkeypatch"),)}, "method 'monkeypatch'"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="os.system('x')"),)}, "is not a module path"),
+    ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a b"),)}, "is not a module path"),
     ({"sac": (SacTap("t", 1, (2, 2), "layer2", "both"), SacTap("u", 1, (2, 2), "layer3"))},
      "read its output or input"),
     ({"version": 1}, "convert the source model again"),
@@ -74,3 +75,10 @@ def test_bad_plan_documents_are_refused(mutate, message):
 def test_plan_text_that_is_not_json_is_refused():
     with pytest.raises(PlanError, match="not valid JSON"):
         SurgeryPlan.from_json("{nope")
+
+
+def test_module_paths_are_names_not_code():
+    """torchvision's RegNet names blocks ``block2-4``: a path, looked up with get_submodule."""
+    plan = _plan(sac=(SacTap("t", 104, (8, 8), "trunk_output.block2.block2-4.activation"),
+                      SacTap("u", 256, (4, 4), "layer3")))
+    assert SurgeryPlan.from_json(plan.to_json()) == plan
