@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/infer_throughput.py --device cuda        # on a GPU machine
     .venv/bin/python benchmarks/infer_throughput.py --quick --batch 8    # a CPU dry run
+    .venv/bin/python benchmarks/infer_throughput.py --batch 8 --no-compile   # CPU inference, no compiled code
 
 The deployment a user would run: eval mode, ``torch.no_grad()``, the same random-init
 weights in both models (timm ``resnet50``, 10 classes; the converted one is
@@ -70,12 +71,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, help="forwards per timed block [default: 10; 2 with --quick]")
     parser.add_argument("--rounds", type=int, help="timed rounds [default: 15; 3 with --quick]")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     args.iters = args.iters or (2 if args.quick else 10)
     args.rounds = args.rounds or (3 if args.quick else 15)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import timm
 
@@ -91,7 +95,7 @@ def main() -> None:
     x = x.contiguous(memory_format=memory_format)
     gpu = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"{args.model} at {args.img_size}, batch {args.batch}, {args.device} ({gpu}), torch {torch.__version__}; "
-          f"{args.rounds} rounds of {args.iters} forwards")
+          f"{args.rounds} rounds of {args.iters} forwards, {torch.get_num_threads()} torch threads")
     print("| configuration | original img/s | converted img/s | converted/original (IQR) |")
     print("|---|---|---|---|")
     configs = [("eager", models, cuda)]

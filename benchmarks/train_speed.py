@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each model's forward and loss (the backward runs compiled too)")
     parser.add_argument("--target", type=float, help="print whether flexpool+sac / original is within this")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's); 1 keeps the "
+                        "ratios steady while another process shares the CPU")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the training steps run (cuda: bf16 autocast, channels_last, TF32)")
@@ -237,6 +239,8 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "original" not in args.variants or any(v not in VARIANTS for v in args.variants):
         parser.error(f"--variants: 'original' and any of {', '.join(VARIANTS[1:])}, got {args.variants}")
