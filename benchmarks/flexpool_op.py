@@ -123,7 +123,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="timing rounds per case [default: 15; 5 with --quick]")
     parser.add_argument("--block-ms", type=float, help="ms per timed block [default: 20; 5 with --quick]")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.rounds = args.rounds or (5 if args.quick else 15)
     args.block_ms = args.block_ms or (5.0 if args.quick else 20.0)
     if args.compile:  # one graph per shape, layout and mode for the same two functions
