@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 3 in one prepared run, for a session that is lent a GPU (about
-# 5 minutes on one H200 without the test suite, 10 with it; everything it needs is in the
-# device machine's image: torch, timm, safetensors, click, tqdm, pyyaml, pytest). From the
-# repository root:
+# The CUDA checks of issues 3 and 13 in one prepared run, for a session that is lent a GPU
+# (about 7 minutes on one H200 with the test suite capped at 150 s, 5 without it; everything
+# it needs is in the device machine's image: torch, timm, safetensors, click, tqdm, pyyaml,
+# pytest). From the repository root:
 #     OUT=/some/folder bash benchmarks/gpu_check.sh      # $OUT is set by the device tool
 # What it shows, each step logged to $OUT/gpu_check.log:
-#   1. `flexsurgeon finetune --device cuda` runs the quick recipe (bf16 autocast,
+#   1. first, what SAC heads cost in training (issue 13): the training step of the converted
+#      model with SAC heads against the original, resnet50 at 224, batch 128, bf16 autocast,
+#      channels_last, eager and then compiled; each prints its ratio against the target 1.03;
+#   2. `flexsurgeon finetune --device cuda` runs the quick recipe (bf16 autocast,
 #      channels_last, TF32, pinned memory, EMA), then again with torch.compile, and the best
 #      checkpoint loads through timm on the GPU;
-#   2. torchrun with the NCCL backend (one process: the machine has one GPU);
-#   3. training-step time, FlexPool (+ SAC) against the original, on the GPU;
+#   3. torchrun with the NCCL backend (one process: the machine has one GPU);
 #   4. inference images/s, converted against original, bf16 + channels_last, eager and
 #      compiled with freezing;
-#   5. last, capped by TESTS_TIMEOUT (300 s): the test suite on that machine's Python and
+#   5. last, capped by TESTS_TIMEOUT (150 s): the test suite on that machine's Python and
 #      torch, each test's name and result logged as it runs (-v). On 2026-11-27 (H200)
 #      it did not finish in 380 s and showed 3 failures whose names were not captured.
 # A dry run of the script itself on a CPU, small and fast (the suite runs in CI anyway):
 #     DEVICE=cpu MODEL=test_resnet IMG=64 DATA=synthetic:classes=10,train=256,val=64 BATCH=32 \
-#         SKIP_TESTS=1 bash benchmarks/gpu_check.sh
+#         ROUNDS=3 SKIP_TESTS=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-resnet50} IMG=${IMG:-224} BATCH=${BATCH:-128}
-DATA=${DATA:-synthetic:classes=10,train=4096,val=1024}
+DATA=${DATA:-synthetic:classes=10,train=4096,val=1024} ROUNDS=${ROUNDS:-20}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_check.log
@@ -39,6 +41,12 @@ step() {  # step NAME COMMAND...: run, log, and remember a failure without stopp
 { date -u; nvidia-smi -L 2>/dev/null; $PY -c "import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__, torch.cuda.is_available())"; } | tee -a "$LOG"
 
 step convert $PY -m flexsurgeon convert "$MODEL" --random-init --num-classes 10 --img-size "$IMG" -o "$RUNS/model"
+step sac-cost-eager $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
+  --batch-size "$BATCH" --rounds "$ROUNDS" --warmup 5 --sections steps --target 1.03
+step sac-cost-compiled $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
+  --batch-size "$BATCH" --rounds "$ROUNDS" --warmup 3 --sections steps --variants original,flexpool+sac \
+  --compile --target 1.03
+grep -h "^flexpool+sac / original = " "$LOG" | sed 's/^/   /'
 step finetune $PY -m flexsurgeon finetune "$RUNS/model" --data "$DATA" --recipe quick --epochs 2 \
   --batch-size "$BATCH" --workers 8 --device "$DEVICE" -o "$RUNS/ft"
 if [ "$DEVICE" = cuda ]; then  # what finetune says it runs with
@@ -70,14 +78,12 @@ step torchrun-nccl $PY -m torch.distributed.run --nproc-per-node 1 -m flexsurgeo
   --data synthetic:classes=10,train=512,val=128 --recipe smoke --batch-size "$BATCH" --device "$DEVICE" -o "$RUNS/ddp"
 cp -r "$RUNS/ft/log.jsonl" "$OUT/finetune_log.jsonl" 2>/dev/null
 cp -r "$RUNS/ft-compiled/log.jsonl" "$OUT/finetune_compiled_log.jsonl" 2>/dev/null
-step train-speed $PY benchmarks/train_speed.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
-  --batch-size "$BATCH" --rounds 20 --warmup 5 --sections steps
 step infer-throughput $PY benchmarks/infer_throughput.py --device "$DEVICE" --model "$MODEL" --img-size "$IMG" \
-  --batch "$((BATCH * 2))" --rounds 10
-# Last, capped: the suite takes over 6 minutes there. -v logs each result as it comes, so a
-# cut-off run still names its failures (grep FAILED). Not SIGINT: tried on the CPU, the
+  --batch "$((BATCH * 2))" --rounds "$((ROUNDS / 2 > 1 ? ROUNDS / 2 : 2))"
+# Last, capped: the suite takes over 6 minutes there (CI runs it whole). -v logs each result
+# as it comes, so a cut-off run still names its failures (grep FAILED). Not SIGINT: tried on the CPU, the
 # interrupted test failed and the session went on.
-[ -n "${SKIP_TESTS:-}" ] || step tests timeout "${TESTS_TIMEOUT:-300}" $PY -m pytest -v -p no:cacheprovider tests
+[ -n "${SKIP_TESTS:-}" ] || step tests timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -v -p no:cacheprovider tests
 
 echo "gpu_check: $([ $failed = 0 ] && echo 'all steps passed' || echo 'some steps FAILED'); log: $LOG" | tee -a "$LOG"
 exit $failed

@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/infer_throughput.py --device cuda        # on a GPU machine
     .venv/bin/python benchmarks/infer_throughput.py --quick --batch 8    # a CPU dry run
+    .venv/bin/python benchmarks/infer_throughput.py --batch 8 --no-compile   # CPU inference, no compiled code
 
 The deployment a user would run: eval mode, ``torch.no_grad()``, the same random-init
 weights in both models (timm ``resnet50``, 10 classes; the converted one is
-``flexsurgeon.convert(original, sac_stages=[])``, so FlexPool replaces the global average
+``flexsurgeon.convert(copy.deepcopy(original), sac_stages=[])`` (convert changes the model it
+is given), so FlexPool replaces the global average
 pool and nothing else changes). On CUDA: bfloat16 autocast and channels_last; each
 configuration also runs under ``torch.compile`` with inductor's ``freezing`` (FlexPool's
 softmax weights become a constant, as the README recommends for inference).
@@ -19,6 +21,7 @@ converted/original with its interquartile range. Ratio 1.0 means FlexPool costs 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -70,18 +73,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, help="forwards per timed block [default: 10; 2 with --quick]")
     parser.add_argument("--rounds", type=int, help="timed rounds [default: 15; 3 with --quick]")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     args.iters = args.iters or (2 if args.quick else 10)
     args.rounds = args.rounds or (3 if args.quick else 15)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import timm
 
     torch.manual_seed(0)
     original = timm.create_model(args.model, num_classes=10, pretrained=False).eval()
-    converted = flexsurgeon.convert(original, img_size=args.img_size, sac_stages=[]).eval()
+    converted = flexsurgeon.convert(copy.deepcopy(original), img_size=args.img_size, sac_stages=[]).eval()
     cuda = args.device == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     models = {"original": original, "converted": converted}
@@ -91,7 +97,7 @@ def main() -> None:
     x = x.contiguous(memory_format=memory_format)
     gpu = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"{args.model} at {args.img_size}, batch {args.batch}, {args.device} ({gpu}), torch {torch.__version__}; "
-          f"{args.rounds} rounds of {args.iters} forwards")
+          f"{args.rounds} rounds of {args.iters} forwards, {torch.get_num_threads()} torch threads")
     print("| configuration | original img/s | converted img/s | converted/original (IQR) |")
     print("|---|---|---|---|")
     configs = [("eager", models, cuda)]

@@ -2,17 +2,22 @@
 
     .venv/bin/python benchmarks/train_speed.py            # resnet50, 224, batch 16 (about 8 minutes on 2 busy cores)
     .venv/bin/python benchmarks/train_speed.py --quick    # a short run, noisier
+    .venv/bin/python benchmarks/train_speed.py --model resnet18 --sections steps --rounds 30   # SAC cost, CPU
+    python benchmarks/train_speed.py --device cuda --batch-size 128 --sections steps \
+        --variants original,flexpool+sac --compile --target 1.03      # the same, compiled, on a GPU
 
 One process, one machine, the same batch for every model. Three models with the same
 weights: ``original`` (timm ``resnet50``, random init, 10 classes, global average pooling),
 ``flexpool`` (``flexsurgeon.convert(..., sac_stages=[])``: FlexPool only, ``model(x)``) and
 ``flexpool+sac`` (``flexsurgeon.convert(...)`` with the default SAC heads,
-``model.forward_train(x)`` and the weighted cross-entropy over heads + main, as
+``flexsurgeon.forward_with_sac(model, x)`` and the weighted cross-entropy over heads + main, as
 ``flexsurgeon.train.finetune`` computes it). A training step is forward, loss,
 ``zero_grad(set_to_none=True)``, backward and an SGD step (timm's ``create_optimizer_v2``,
 momentum 0.9, weight decay 1e-4, label smoothing 0.1), train mode. On the CPU (default):
 float32, NCHW. With ``--device cuda``: what ``finetune`` does there, bfloat16 autocast,
-channels_last and TF32, with the GPU synchronised around every timed step.
+channels_last and TF32, with the GPU synchronised around every timed step. ``--compile``
+compiles each model's forward and loss with ``torch.compile`` (the backward runs compiled
+too; the optimizer step stays eager); ``--variants`` picks the models compared.
 
 After warm-up steps the three models take turns, one step each per round, the order
 rotated every round. Each model's time is the median over rounds; each ratio is the
@@ -43,7 +48,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import flexsurgeon  # noqa: E402
+from flexsurgeon.apply import pool_paths  # noqa: E402
 from flexsurgeon.data import load_data, make_loader  # noqa: E402
+
+VARIANTS = ("original", "flexpool", "flexpool+sac")
 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -64,23 +72,31 @@ def _build(name: str, num_classes: int, img_size: int):
     return {"original": original, "flexpool": flex_only, "flexpool+sac": with_sac}
 
 
-def _step_fn(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _step_fn(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, compile: bool = False):
     from timm.optim import create_optimizer_v2
 
     cuda = x.device.type == "cuda"
     model.train()
     optimizer = create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    weights = list(getattr(model, "sac_weights", (1.0,)))
+    plan = getattr(model, "flexsurgeon_plan", None)
+    weights = list(plan.sac_weights) if plan is not None else [1.0]
 
-    def step():
+    def forward_loss():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             if kind == "flexpool+sac":
-                out, sac = model.forward_train(x)
+                out, sac = flexsurgeon.forward_with_sac(model, x)
                 outputs = [*sac, out]
                 loss = sum(w * criterion(o.float(), y) for w, o in zip(weights, outputs))
             else:
                 loss = criterion(model(x).float(), y)
+        return loss
+
+    if compile:  # forward and loss compiled, backward through the compiled graph, optimizer eager
+        forward_loss = torch.compile(forward_loss)
+
+    def step():
+        loss = forward_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -92,7 +108,7 @@ def _step_fn(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def time_training(args) -> dict:
-    models = _build(args.model, args.num_classes, args.img_size)
+    models = {k: m for k, m in _build(args.model, args.num_classes, args.img_size).items() if k in args.variants}
     data = load_data(f"synthetic:classes={args.num_classes},train={args.batch_size},val=1",
                      data_config={"input_size": (3, args.img_size, args.img_size),
                                   "mean": models["original"].pretrained_cfg["mean"],
@@ -105,7 +121,7 @@ def time_training(args) -> dict:
         for m in models.values():
             m.to(device, memory_format=torch.channels_last)
     x, y = x.to(device), y.to(device)
-    steps = {kind: _step_fn(kind, m, x, y) for kind, m in models.items()}
+    steps = {kind: _step_fn(kind, m, x, y, args.compile) for kind, m in models.items()}
     kinds = list(steps)
     for _ in range(args.warmup):
         for kind in kinds:
@@ -120,11 +136,9 @@ def time_training(args) -> dict:
         print(f"  round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {times[k][-1]:.3f}s" for k in kinds),
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
     result = {"times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}
-    for kind in kinds[1:]:
-        ratios = [a / b for a, b in zip(times[kind], times["original"])]
-        result[f"ratio {kind}/original"] = _quantiles(ratios)
-    ratios = [a / b for a, b in zip(times["flexpool+sac"], times["flexpool"])]
-    result["ratio flexpool+sac/flexpool"] = _quantiles(ratios)
+    for a, b in (("flexpool", "original"), ("flexpool+sac", "original"), ("flexpool+sac", "flexpool")):
+        if a in times and b in times:
+            result[f"ratio {a}/{b}"] = _quantiles([p / q for p, q in zip(times[a], times[b])])
     return result
 
 
@@ -150,9 +164,9 @@ def time_added_work(args, model: nn.Module, blocks: int = 15) -> dict:
     y = torch.randint(0, args.num_classes, (b,))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     fns = {}
-    for edit in plan.pools:
+    for edit, path in zip(plan.pools, pool_paths(plan)):
         x = torch.randn(b, edit.channels, *edit.size, requires_grad=True)
-        pool = model.flex_pools[edit.node]
+        pool = model.get_submodule(path)
         fns[f"mean {tuple(x.shape)}"] = lambda x=x: x.mean((2, 3)).sum().backward()
         fns[f"FlexPool {tuple(x.shape)}"] = lambda x=x, pool=pool: pool(x).sum().backward()
     for tap, w in zip(plan.sac, plan.sac_weights):
@@ -210,6 +224,13 @@ def main() -> None:
     parser.add_argument("--sections", default="steps,added,loader",
                         help="what to time: steps (the interleaved training steps), added (the added work "
                              "alone), loader")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"models in the training-step comparison [default: {','.join(VARIANTS)}]")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model's forward and loss (the backward runs compiled too)")
+    parser.add_argument("--target", type=float, help="print whether flexpool+sac / original is within this")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's); 1 keeps the "
+                        "ratios steady while another process shares the CPU")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the training steps run (cuda: bf16 autocast, channels_last, TF32)")
@@ -220,12 +241,17 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "original" not in args.variants or any(v not in VARIANTS for v in args.variants):
+        parser.error(f"--variants: 'original' and any of {', '.join(VARIANTS[1:])}, got {args.variants}")
 
     load_start = os.getloadavg()
     print(f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, {args.num_classes} classes, "
           + (f"bf16 autocast on {torch.cuda.get_device_name()}" if args.device == "cuda" else
              f"float32 CPU, {torch.get_num_threads()} torch threads")
-          + f"; {args.rounds} rounds after {args.warmup} warm-up")
+          + f"; {args.rounds} rounds after {args.warmup} warm-up" + (", compiled" if args.compile else ""))
     sections = set(args.sections.split(","))
     train = time_training(args) if "steps" in sections else None
     added = time_added_work(args, flexsurgeon.convert(args.model, num_classes=args.num_classes,
@@ -248,9 +274,13 @@ def main() -> None:
         print()
         print("| ratio (per-round median) | median | IQR |")
         print("|---|---|---|")
-        for key in ("ratio flexpool/original", "ratio flexpool+sac/original", "ratio flexpool+sac/flexpool"):
+        for key in [k for k in train if k.startswith("ratio ")]:
             q1, q2, q3 = train[key]
             print(f"| {key[6:]} | {q2:.3f} | {q1:.3f}-{q3:.3f} |")
+        sac = train.get("ratio flexpool+sac/original")
+        if sac and args.target:
+            print(f"\nflexpool+sac / original = {sac[1]:.3f} ({'compiled' if args.compile else 'eager'}; "
+                  f"target <= {args.target}: {'met' if sac[1] <= args.target else 'MISSED'})")
     if added:
         print()
         print("| forward + backward alone | ms |")

@@ -15,23 +15,10 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .layers import FlexPool, make_pool
+from .layers import FlexPool, FlexPoolNHWC, make_pool
 from .plan import PoolEdit, SurgeryPlan
 from .rewrite import rewrite_forward
 from .sac import SACHeads
-
-
-class FlexPoolNHWC(FlexPool):
-    """FlexPool on a channels-last ``(B, H, W, C)`` map (timm's ``input_fmt='NHWC'`` pools):
-    returns ``(B, C)``, or ``(B, 1, 1, C)`` with ``keepdim``. The permute is a view, no copy."""
-
-    def __init__(self, channels, size, keepdim: bool = False, **kwargs):
-        super().__init__(channels, size, flatten=True, **kwargs)
-        self.keepdim = keepdim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x.permute(0, 3, 1, 2))
-        return y[:, None, None, :] if self.keepdim else y
 
 
 def _new_pool(plan: SurgeryPlan, edit: PoolEdit) -> nn.Module:

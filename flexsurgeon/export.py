@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import FlexPoolNHWC, pool_paths
+from .apply import pool_paths
 from .errors import ExportError
-from .layers import FlexPool
+from .layers import FlexPool, FlexPoolNHWC
 from .plan import SurgeryPlan
 from .sac import strip_sac_heads
 
