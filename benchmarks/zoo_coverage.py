@@ -484,7 +484,12 @@ def main(argv=None) -> int:
                         help="with --resume, walk models recorded as skipped again (e.g. with a larger --max-params)")
     parser.add_argument("--out", type=Path, default=HERE / "zoo_coverage.md")
     parser.add_argument("--report-only", action="store_true", help="write the table from --records, walk nothing")
+    parser.add_argument("--preserved-in", type=Path, default=None,
+                        help="walk only the models an earlier records file has as preserved (a re-walk after a change)")
     args = parser.parse_args(argv)
+    if args.preserved_in:
+        records = [json.loads(line) for line in args.preserved_in.read_text().splitlines() if line.strip()]
+        args.filter += [r["model"] for r in records if r["outcome"] == "preserved"]
     if args.report_only:
         args.resume, args.budget_min, args.limit = True, -1, 0
 

@@ -41,7 +41,7 @@ def __getattr__(name):
 
 
 def _register() -> None:
-    from .io import register_timm_architecture
+    from .timm_registry import register_timm_architecture
 
     register_timm_architecture()
 

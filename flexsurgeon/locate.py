@@ -126,9 +126,6 @@ def find_tap_hook(traced: TracedGraph, node: str) -> TapHook | None:
     return None
 
 
-
-
-
 def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size, in_chans: int,
                       channels: int, layout: str) -> RewriteSite | None:
     """Where the pool ``node`` (a name in the model's trace) sits in the code of the module

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import flexsurgeon
+import flexsurgeon.folders as folders
 import flexsurgeon.io as fio
 from flexsurgeon.cli import main
 from flexsurgeon.errors import CheckpointError
@@ -144,7 +145,7 @@ def _half_written_weights():
 
 
 def _no_exchange():
-    fio._exchange = lambda a, b: False  # what the save does where renameat2 is missing (macOS, NFS)
+    folders._exchange = lambda a, b: False  # what the save does where renameat2 is missing (macOS, NFS)
 
 
 def _partial_cleanup():
@@ -161,11 +162,11 @@ def _partial_cleanup():
 
 KILL_POINTS = {  # where the kill lands -> what the folder must hold afterwards
     "while writing model.safetensors": (_half_written_weights, "old"),
-    "after writing, before the swap": (lambda: _die_after(fio, "_fsync_tree"), "old"),
-    "right after the atomic exchange": (lambda: _die_after(fio, "_exchange"), "new"),
+    "after writing, before the swap": (lambda: _die_after(folders, "_fsync_tree"), "old"),
+    "right after the atomic exchange": (lambda: _die_after(folders, "_exchange"), "new"),
     "while deleting the previous copy": (_partial_cleanup, "new"),
-    "two-rename fallback: between the renames": (lambda: (_no_exchange(), _die_after(fio, "_rename", 1)), "old"),
-    "two-rename fallback: after both renames": (lambda: (_no_exchange(), _die_after(fio, "_rename", 2)), "new"),
+    "two-rename fallback: between the renames": (lambda: (_no_exchange(), _die_after(folders, "_rename", 1)), "old"),
+    "two-rename fallback: after both renames": (lambda: (_no_exchange(), _die_after(folders, "_rename", 2)), "new"),
 }
 
 
@@ -197,7 +198,7 @@ def _save_killed_between_the_two_renames(checkpoints, tmp_path):
 
     def child():
         _no_exchange()
-        _die_after(fio, "_rename", 1)
+        _die_after(folders, "_rename", 1)
         flexsurgeon.save(checkpoints["new_model"], ck, force=True)
 
     return ck, _fork(child)
@@ -219,7 +220,7 @@ def test_when_the_previous_copy_cannot_be_put_back_load_names_it(checkpoints, tm
     def read_only(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
 
-    monkeypatch.setattr(fio, "_rename", read_only)
+    monkeypatch.setattr(folders, "_rename", read_only)
     with pytest.raises(CheckpointError, match=f"{ck} is missing because a save was interrupted; the previous "
                                               f"checkpoint is in {old}: rename it to ck"):
         flexsurgeon.load(ck)
@@ -327,9 +328,9 @@ def test_finetune_killed_at_random_moments_and_mid_save_resumes_to_the_same_weig
     rng = random.Random(1)
     plan = [  # each kill is followed by a run with --resume (or a fresh one when no last/ was completed yet)
         # epoch 1's last/ written to its temporary folder, not yet renamed into place
-        ("point", lambda: _die_after(fio, "_fsync_tree", when=lambda tmp: tmp.name.startswith(".last.tmp-"))),
+        ("point", lambda: _die_after(folders, "_fsync_tree", when=lambda tmp: tmp.name.startswith(".last.tmp-"))),
         # epoch 2's last/ exchanged with epoch 1's, which is not yet deleted
-        ("point", lambda: _die_after(fio, "_exchange", when=lambda new, directory: directory.name == "last")),
+        ("point", lambda: _die_after(folders, "_exchange", when=lambda new, directory: directory.name == "last")),
         ("time", None),
         ("time", None),
     ]
