@@ -47,11 +47,13 @@ def forward_with_sac(model: nn.Module, *args, **kwargs):
     last) weigh them. Follows the model's train/eval mode like ``model(x)``.
     """
     plan = _plan_of(model)
-    taps: dict[str, tuple[torch.Tensor, int]] = {}  # node -> (tensor, its version when the stage made it)
+    taps: dict[str, tuple[torch.Tensor, int | None]] = {}  # node -> (tensor, its version when the stage made it)
     handles = []
 
     def keep(node: str, tensor) -> None:
-        taps[node] = (tensor, tensor._version)
+        # inside a compiled forward the version would be a constant of the trace, not the tensor's:
+        # only eager runs are checked
+        taps[node] = (tensor, None if torch.compiler.is_compiling() else tensor._version)
 
     try:
         for tap in plan.sac:
@@ -69,7 +71,7 @@ def forward_with_sac(model: nn.Module, *args, **kwargs):
         if tap.node not in taps:
             raise FlexSurgeonError(f"the SAC tap module '{tap.module}' did not run in this forward")
         tensor, version = taps[tap.node]
-        if tensor._version != version:
+        if version is not None and tensor._version != version:
             raise FlexSurgeonError(f"the model changed the tensor at SAC tap '{tap.module}' in place after that "
                                    "module made it; choose another tap with --sac-stages")
         logits.append(model.sac_heads[tap.node](tensor))

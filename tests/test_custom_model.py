@@ -123,3 +123,19 @@ def test_ablate_takes_a_factory(tmp_path):
                         "-o", tmp_path / "ablation")
     assert code == 0 and "results in" in output, output
     assert (tmp_path / "ablation" / "runs" / "flex+sac" / "seed0" / "score.json").is_file()
+
+
+class _ChangesItsStage(SmallCNN):
+    """Writes into stage2's output after stage3 has read it: a head on stage2 would see the change."""
+
+    def forward(self, x, temperature: float = 1.0):
+        mid = self.stage2(self.stage1(self.stem(x)))
+        out = self.stage3(mid)
+        mid.zero_()
+        return self.fc(self.pool(out).flatten(1))
+
+
+def test_a_tap_changed_in_place_after_its_stage_is_refused():
+    converted = flexsurgeon.convert(_ChangesItsStage(), img_size=32, sac_stages=["stage2"])
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match="changed the tensor at SAC tap 'stage2"):
+        flexsurgeon.forward_with_sac(converted, torch.randn(2, 3, 32, 32))
