@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CheckpointError, DataError
+from .folders import check_not_interrupted
 
 CONFIG_NAME = "config.json"
 
@@ -45,6 +46,7 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
         return model, source, resolve_data_config(args=args, model=model)
 
     if "/" in source and not source.startswith(("tv:", "torchvision:")):
+        check_not_interrupted(Path(source))
         raise CheckpointError(f"no such checkpoint folder: {source}")
     spec = parse_source(source, num_classes=num_classes, in_chans=in_chans)
     model = build_source(spec, weights)

@@ -28,7 +28,7 @@ def write_folder(directory: Path, write, force: bool) -> Path:
     from safetensors import SafetensorError
 
     directory = Path(directory)
-    _recover(directory, clean=True)
+    recover(directory)
     existed = directory.exists()
     if existed and not force:
         raise CheckpointError(f"output folder {directory} already exists; pass --force to replace it")
@@ -67,7 +67,7 @@ def _replace_dir(new: Path, directory: Path) -> None:
     old = directory.parent / f".{directory.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     _rename(directory, old)
     try:
-        _rename(new, directory)  # a kill just before this leaves only `old`: _recover puts it back
+        _rename(new, directory)  # a kill just before this leaves only `old`: recover puts it back
     except OSError:
         _rename(old, directory)
         raise
@@ -154,30 +154,44 @@ def _pid_alive(text: str) -> bool:
 
 
 def recover(directory) -> None:
-    """Put back the previous checkpoint at ``directory`` if a save was killed between its two renames."""
-    _recover(Path(directory))
-
-
-def _recover(directory: Path, clean: bool = False) -> None:
-    """After a save was killed between its two renames, put the previous folder back at ``directory``.
-
-    With ``clean`` (the next save), also delete what killed saves left: unfinished temporary
-    folders and previous copies that were already replaced.
-    """
+    """Make ``directory`` ready for a writer after killed saves: put the previous folder back if a
+    save was killed between its two renames, and delete the unfinished temporary folders and
+    replaced copies that killed saves left. Readers never call this; a writer (the next save,
+    ``finetune --resume``) does."""
+    directory = Path(directory)
     leftovers = _leftovers(directory)
-    if not directory.exists():
-        olds = sorted((p for p, is_old in leftovers if is_old and p.is_dir()), key=lambda p: p.stat().st_mtime)
-        if olds:
-            try:
-                _rename(olds[-1], directory)
-            except OSError as exc:
-                raise CheckpointError(f"{directory} is missing because a save was interrupted; the previous "
-                                      f"checkpoint is in {olds[-1]}: rename it to {directory.name} "
-                                      f"({exc.strerror or exc})") from exc
-            leftovers = [(p, is_old) for p, is_old in leftovers if p != olds[-1]]
-    if clean:
-        for path, _ in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+    old = interrupted_save(directory)
+    if old is not None:
+        try:
+            _rename(old, directory)
+        except OSError as exc:
+            raise CheckpointError(_missing_message(directory, old) + f" ({exc.strerror or exc})") from exc
+        leftovers = [(p, is_old) for p, is_old in leftovers if p != old]
+    for path, _ in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["recover", "write_folder"]
+def interrupted_save(directory: Path) -> Path | None:
+    """The previous copy of ``directory`` when a save was killed between its two renames (so that
+    ``directory`` itself is missing), else None."""
+    if directory.exists():
+        return None
+    olds = [p for p, is_old in _leftovers(directory) if is_old and p.is_dir()]
+    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
+
+
+def _missing_message(directory: Path, old: Path) -> str:
+    return (f"{directory} is missing because a save was interrupted; the previous checkpoint is in {old}: "
+            f"rename it to {directory.name}")
+
+
+def check_not_interrupted(directory) -> None:
+    """For readers: one clear line, instead of 'not found', where a killed save left ``directory``
+    renamed aside. Nothing is renamed here: loading leaves the files as they are."""
+    directory = Path(directory)
+    old = interrupted_save(directory)
+    if old is not None:
+        raise CheckpointError(_missing_message(directory, old) + " (or save there again)")
+
+
+__all__ = ["check_not_interrupted", "interrupted_save", "recover", "write_folder"]

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import CheckpointError, FlexSurgeonError, PlanError
-from .folders import recover, write_folder
+from .folders import check_not_interrupted, write_folder
 from .plan import SurgeryPlan
 
 ARCHITECTURE = "flexsurgeon"
@@ -83,7 +83,7 @@ def save(model, directory, force: bool = False, extra_files=None) -> Path:
 def read_config(directory) -> dict:
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    recover(directory)  # a save killed between its two renames: put the previous folder back
+    check_not_interrupted(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {directory}")
     if not path.is_file():

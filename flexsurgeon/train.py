@@ -636,7 +636,8 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
     with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
     source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own."""
-    from .io import load_folder, read_config, recover
+    from .folders import recover
+    from .io import load_folder, read_config
     from .models import is_model_code
     from .recipe import load_recipe, with_overrides
     from .surgery import convert
@@ -647,7 +648,8 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     output = Path(output)
     if resume:
         last = output / LAST
-        recover(last)  # a kill between a save's two renames (where the swap is not atomic)
+        for folder in (last, output / BEST):  # what killed saves left: this run is their writer now
+            recover(folder)
         if not (last / STATE_JSON).is_file():
             raise CheckpointError(f"nothing to resume: {last} has no training state (run without --resume)")
         recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})

@@ -185,7 +185,11 @@ def test_convert_killed_at_each_step_of_replacing_a_checkpoint_leaves_old_or_new
     assert _killed(_fork(child)), "the child was not killed at the planned point"
     if point == "two-rename fallback: between the renames":
         assert not ck.exists() and any(".old-" in name for name in _leftovers(ck))  # the dangerous moment
-    assert _same(_state(ck), checkpoints[expected])  # load puts the old copy back if it must
+        with pytest.raises(CheckpointError, match="is missing because a save was interrupted"):
+            flexsurgeon.load(ck)  # loading names the previous copy and renames nothing
+        assert not ck.exists()
+        folders.recover(ck)  # the explicit recovery a writer runs
+    assert _same(_state(ck), checkpoints[expected])
     # the next save removes what the killed one left behind
     flexsurgeon.save(checkpoints["new_model"], ck, force=True)
     assert _leftovers(ck) == [] and _same(_state(ck), checkpoints["new"])
@@ -212,7 +216,18 @@ def test_without_force_a_recovered_checkpoint_is_not_overwritten(checkpoints, tm
     assert _same(_state(ck), checkpoints["old"]) and _leftovers(ck) == []
 
 
-def test_when_the_previous_copy_cannot_be_put_back_load_names_it(checkpoints, tmp_path, monkeypatch):
+def test_load_names_the_copy_a_killed_save_moved_aside_and_renames_nothing(checkpoints, tmp_path):
+    ck, status = _save_killed_between_the_two_renames(checkpoints, tmp_path)
+    assert _killed(status)
+    (old,) = [tmp_path / name for name in _leftovers(ck) if ".old-" in name]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, output = _cli("eval", ck, "--data", DATA)
+    assert code == 1 and output.strip().splitlines()[-1].startswith(
+        f"Error: {ck} is missing because a save was interrupted; the previous checkpoint is in {old}: rename it to ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_when_the_previous_copy_cannot_be_put_back_the_writer_names_it(checkpoints, tmp_path, monkeypatch):
     ck, status = _save_killed_between_the_two_renames(checkpoints, tmp_path)
     assert _killed(status)
     (old,) = [tmp_path / name for name in _leftovers(ck) if ".old-" in name]
@@ -223,8 +238,9 @@ def test_when_the_previous_copy_cannot_be_put_back_load_names_it(checkpoints, tm
     monkeypatch.setattr(folders, "_rename", read_only)
     with pytest.raises(CheckpointError, match=f"{ck} is missing because a save was interrupted; the previous "
                                               f"checkpoint is in {old}: rename it to ck"):
-        flexsurgeon.load(ck)
+        flexsurgeon.save(checkpoints["new_model"], ck, force=True)
     monkeypatch.undo()
+    folders.recover(ck)
     assert _same(_state(ck), checkpoints["old"])
 
 
@@ -245,6 +261,7 @@ def test_saves_killed_at_random_moments_leave_old_or_new(checkpoints, tmp_path):
 
         _fork(child, kill_after=rng.uniform(0.05, 0.5))
         caught_mid_save += bool(_leftovers(ck))
+        folders.recover(ck)  # what the next writer does first
         state = _state(ck)
         assert _same(state, checkpoints["old"]) or _same(state, checkpoints["new"]), f"kill {attempt}"
     assert caught_mid_save, "no kill landed inside a save"
@@ -350,6 +367,22 @@ def test_finetune_killed_at_random_moments_and_mid_save_resumes_to_the_same_weig
     assert _same(_state(out / "best"), _state(reference["run"] / "best"))
     # an epoch a kill interrupted after its log line is logged again when it is redone
     assert _records_by_epoch(out) == _records_by_epoch(reference["run"])
+    assert _leftovers(out / "last") == [] and _leftovers(out / "best") == []
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_tidied_by_the_resume_that_has_nothing_left_to_train(
+        reference, tmp_path):
+    out = tmp_path / "run"
+    # epoch 3's last/ exchanged with epoch 2's, which is not yet deleted: the run's work is all saved
+    def install():
+        _die_after(folders, "_exchange", call=2, when=lambda new, directory: directory.name == "last")
+
+    assert _killed(_fork(_finetune_child(reference, out, install)))
+    assert _leftovers(out / "last")
+    with _one_thread():
+        run(str(reference["converted"]), DATA, load_recipe("smoke").replace(**RECIPE), out, resume=True,
+            progress=False, log=_quiet)
+    assert _same(_state(out / "last"), _state(reference["snapshots"]["last"][3]))
     assert _leftovers(out / "last") == [] and _leftovers(out / "best") == []
 
 
