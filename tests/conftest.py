@@ -8,6 +8,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    """Tests run on the CPU on every machine, so that their bit-for-bit comparisons compare CPU
+    runs: CUDA is hidden from this process and from the processes the tests start. Tests about
+    CUDA are marked ``cuda`` and run on their own with ``pytest -m cuda``."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; run alone with -m cuda")
+    if config.option.markexpr != "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        torch.cuda.is_available = lambda: False
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run with -m cuda on a machine with one)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def x64():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -364,7 +364,9 @@ def test_torch_compile_fullgraph_matches_eager_forward_and_backward(layout):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     net.eval()
     with torch.no_grad():
+        before = net(x)
         net[1].weight.mul_(-2.0)  # an in-place update must reach the compiled graph
+        assert not torch.allclose(net(x), before, atol=1e-4), "the update must change the output"
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
 
 
@@ -378,8 +380,10 @@ def test_torch_export_matches_eager(strict, layout):
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x2), net(x2), rtol=1e-5, atol=1e-6)
         # The exported graph computes the softmax itself: a later weight update shows up.
+        exported, before = ep.module(), net(x2)
         net[1].weight.mul_(-2.0)
-        torch.testing.assert_close(ep.module()(x2), net(x2), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(net(x2), before, atol=1e-4), "the update must change the output"
+        torch.testing.assert_close(exported(x2), net(x2), rtol=1e-5, atol=1e-6)
 
 
 def test_fx_symbolic_trace_matches_eager():

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import timm
@@ -78,17 +77,23 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(converted, tmp_path):
     _finetune(converted, *args, "-o", reference)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "flexsurgeon", "finetune", str(converted), *args, "-o", str(run)]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run / "last" / "training_state.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # The child kills itself at a fixed point: the 4th backward pass of epoch 2 (16 steps an epoch).
+    child = ("import os, signal, sys, torch\n"
+             "from flexsurgeon.cli import main\n"
+             "original, calls = torch.Tensor.backward, [0]\n"
+             "def backward(*args, **kwargs):\n"
+             "    calls[0] += 1\n"
+             "    if calls[0] == 16 + 4:\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return original(*args, **kwargs)\n"
+             "torch.Tensor.backward = backward\n"
+             "main(sys.argv[1:])\n")
+    cmd = [sys.executable, "-c", child, "finetune", str(converted), *args, "-o", str(run)]
+    process = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert process.returncode == -signal.SIGKILL
     assert (run / "last" / "training_state.json").exists(), "the run never finished an epoch"
     epochs_done = len(_log(run))
-    assert epochs_done < 3, "the run finished before it could be killed"
+    assert epochs_done == 1, "the kill did not land in epoch 2"
     flexsurgeon.load(run / "last")  # what a kill leaves behind is a complete checkpoint
 
     _finetune(converted, *args, "-o", run, "--resume")
