@@ -1,0 +1,55 @@
+"""The timm data form: ``PREFIX/NAME[:ROOT]`` handed to ``timm.data.create_dataset``.
+
+Prefixes ``torch/``, ``hfds/``, ``hfids/``, ``tfds/``, ``wds/``; splits 'train' and 'validation'
+(then 'test'), ``download=True``; ROOT defaults to ``~/.cache/flexsurgeon/datasets/NAME``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import DataError
+from .bundle import DataBundle, _first_line, _sizes
+from .transforms import _Transforms
+
+TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
+
+
+def _load_timm(spec, transforms: _Transforms) -> DataBundle:
+    name, _, root = spec.partition(":")
+    root = root or str(Path("~/.cache/flexsurgeon/datasets").expanduser() / re.sub(r"[^\w.-]+", "_", name))
+    hint = "no network? use synthetic: or a local image / IDX folder"
+
+    def create(split, transform):
+        from timm.data import create_dataset
+
+        try:
+            return create_dataset(name, root=root, split=split, download=True, is_training=split == "train",
+                                  input_img_mode=transforms.mode, transform=transform)
+        except DataError:
+            raise
+        except Exception as e:  # anything the backend raises: network, missing package, unknown name
+            raise DataError(f"--data {spec}: timm could not load split {split!r} ({type(e).__name__}: "
+                            f"{_first_line(e)}); {hint}") from None
+
+    train = create("train", transforms(train=True))
+    try:
+        val = create("validation", transforms(train=False))
+    except DataError:
+        val = create("test", transforms(train=False))
+    names = _timm_class_names(train)
+    if names is None:
+        raise DataError(f"--data {spec}: cannot tell the number of classes of this data set; {hint}")
+    return DataBundle(train, val, len(names), names, f"timm dataset {name} at {root}: {_sizes(train, val, len(names))}")
+
+
+def _timm_class_names(dataset) -> list[str] | None:
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return [str(c) for c in classes]
+    reader = getattr(dataset, "reader", None)
+    mapping = getattr(reader, "class_to_idx", None)
+    if mapping:
+        return [str(k) for k, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    count = getattr(reader, "num_classes", None) or getattr(dataset, "num_classes", None)
+    return [str(c) for c in range(int(count))] if count else None
