@@ -90,6 +90,8 @@ def test_synthetic_classes_are_separable_by_texture_not_by_mean_colour():
     ("synthetic:train=many", ["train", "'many'", "integer"]),
     ("synthetic:classes=1", ["classes=1", "at least 2"]),
     ("synthetic:classes=500", ["at most 60"]),
+    ("synthetic:noise=lots", ["noise", "'lots'", "a number"]),
+    ("synthetic:noise=2", ["noise=2", "between 0 and 1"]),
 ])
 def test_synthetic_spec_errors(spec, words):
     with pytest.raises(DataError) as e:
@@ -99,9 +101,18 @@ def test_synthetic_spec_errors(spec, words):
 
 
 def test_parse_synthetic_fills_defaults():
-    assert parse_synthetic("synthetic:") == {"classes": 10, "train": 2000, "val": 500, "seed": 0, "size": None}
-    assert parse_synthetic("synthetic:classes=4, train=256,val=64,size=32,seed=7") == \
-        {"classes": 4, "train": 256, "val": 64, "seed": 7, "size": 32}
+    assert parse_synthetic("synthetic:") == {"classes": 10, "train": 2000, "val": 500, "seed": 0, "size": None,
+                                             "noise": 0.3}
+    assert parse_synthetic("synthetic:classes=4, train=256,val=64,size=32,seed=7,noise=0.05") == \
+        {"classes": 4, "train": 256, "val": 64, "seed": 7, "size": 32, "noise": 0.05}
+
+
+def test_synthetic_noise_is_the_pixel_noise_and_leaves_the_pattern_alone():
+    raw = {n: _stack(load_data(f"synthetic:val=8,noise={n}", data_config=RAW).val)[0] for n in (0, 0.05, 0.3)}
+    assert raw[0].shape == raw[0.3].shape
+    # the same sample's pattern, with the noise scaled (up to clamping at 0 and 1)
+    inside = (raw[0.3] > 0.01) & (raw[0.3] < 0.99)
+    assert torch.allclose((raw[0.05] - raw[0])[inside], (raw[0.3] - raw[0])[inside] / 6, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- IDX
