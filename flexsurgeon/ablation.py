@@ -21,13 +21,13 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AblationError, FlexSurgeonError
 from .recipe import Recipe
+from .utils import LAST, LOG_NAME, write_text_replacing
 
 BASES = {"avg": "avg", "flex": "softmax", "flex-linear": "linear", "lse": "lse", "simpool": "simpool"}
 OPTIONS = ("sac", "dropout")
@@ -147,6 +147,7 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
                  log=print) -> AblationResult:
     """Fine-tune every (variant, seed) that has not finished yet, then write the comparison."""
     from .train import run
+    from .train_state import STATE_JSON
 
     if seeds < 1:
         raise AblationError(f"--seeds must be at least 1, got {seeds}")
@@ -165,10 +166,10 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
             log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
             run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
                                         sac_weights=recipe.sac_weights if v.sac else None)
-            resume = (folder / "last" / "training_state.json").is_file()
+            resume = (folder / LAST / STATE_JSON).is_file()
             run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
                 sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
-            _write_text(folder / "score.json", json.dumps(_score(folder, v.name, k)))
+            write_text_replacing(folder / "score.json", json.dumps(_score(folder, v.name, k)))
     return write_report(output, [v.name for v in variants], seeds, log=log)
 
 
@@ -185,13 +186,13 @@ def _check_same_request(output: Path, request: dict) -> None:
                                 "choose another -o to run a different one")
         return
     output.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(request, indent=2))
+    write_text_replacing(path, json.dumps(request, indent=2))
 
 
 def _score(folder: Path, variant: str, k: int) -> dict:
     """The run's final epoch, from its log (the run may have finished before a restart)."""
     by_epoch = {}  # a kill between the log write and the checkpoint repeats an epoch on resume: keep the last
-    for line in (folder / "log.jsonl").read_text().splitlines():
+    for line in (folder / LOG_NAME).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
             by_epoch[record["epoch"]] = record
@@ -217,9 +218,9 @@ def write_report(output: Path, variants: list[str], seeds: int, log=print) -> Ab
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-    _write_text(output / "results.csv", buffer.getvalue())
-    _write_text(output / "summary.md", table + "\n")
-    _write_text(output / "summary.json", json.dumps(summary, indent=2))
+    write_text_replacing(output / "results.csv", buffer.getvalue())
+    write_text_replacing(output / "summary.md", table + "\n")
+    write_text_replacing(output / "summary.json", json.dumps(summary, indent=2))
     plot = None
     try:
         from .plot import plot_ablation
@@ -228,9 +229,3 @@ def write_report(output: Path, variants: list[str], seeds: int, log=print) -> Ab
     except FlexSurgeonError as exc:  # matplotlib is optional
         log(f"no accuracy.png: {exc}")
     return AblationResult(output, rows, summary, table, plot)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -25,6 +25,7 @@ from .errors import AnalysisError
 from .locate import PoolModule, RewriteSite, TapHook, find_pool_module, find_rewrite_site, find_tap_hook
 from .shapeprop import PoolFinder, is_map
 from .trace import TracedGraph, node_shape, trace_model
+from .utils import first_line, training_mode
 
 
 @dataclass(frozen=True)
@@ -205,14 +206,9 @@ def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict,
 def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> PoolFinder:
     """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
     finder = PoolFinder(gm, img_size)
-    was_training = model.training
-    model.eval()
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            finder.run(sample)
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), torch.no_grad():
+        finder.run(sample)
     return finder
 
 
@@ -247,7 +243,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     try:
         finder = _propagate(gm, model, img_size, in_chans)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         built = _built_for(model)
         hint = (f"the input size may be too small for this network, or not one it accepts (it was built for "
                 f"{built[0]}x{built[1]}): try --img-size {built[0]}" if built and built != tuple(img_size) else

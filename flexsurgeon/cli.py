@@ -14,6 +14,7 @@ import click
 
 from .errors import FlexSurgeonError
 from .pool_kinds import POOL_KINDS
+from .utils import first_line, parse_size
 
 
 def _friendly_errors(command):
@@ -31,7 +32,7 @@ def _friendly_errors(command):
         except Exception as exc:  # an unexpected failure still gets one line, not a traceback
             if debug:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, "")
             raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
                                        "(rerun with --debug for the traceback)") from None
     return run
@@ -41,14 +42,9 @@ def _size(ctx, param, value):
     if value is None:
         return None
     try:
-        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a size: use N or HxW, e.g. 224 or 256x192") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise click.BadParameter(f"'{value}' is not a size: use N or HxW with positive numbers")
-    return tuple(parts)
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"'{value}' is not a size: {exc}") from None
 
 
 def _stages(ctx, param, value):

@@ -10,14 +10,13 @@ from pathlib import Path
 
 from .errors import CheckpointError, DataError
 from .folders import check_not_interrupted
-
-CONFIG_NAME = "config.json"
+from .utils import BEST, CONFIG_NAME, LAST, training_mode
 
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The model folder ``path`` means: itself, or a finetune run's ``best/`` (else ``last/``)."""
     path = Path(path)
-    for candidate in (path, path / "best", path / "last"):
+    for candidate in (path, path / BEST, path / LAST):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     raise CheckpointError(f"{path} holds no checkpoint: expected {CONFIG_NAME} there or in best/ or last/ "
@@ -67,8 +66,9 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     from tqdm import tqdm
 
     from .data import load_data, make_loader
+    from .metrics import evaluate
     from .recipe import Recipe
-    from .train import _resolve_device, device_settings, evaluate
+    from .train_setup import device_settings, resolve_device
 
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans, model_code=model_code)
@@ -78,7 +78,7 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     if outputs < data.num_classes:
         raise DataError(f"{label} has {outputs} outputs but the data has {data.num_classes} classes; "
                         "evaluate a model trained on these classes")
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     settings = device_settings(torch_device, Recipe())  # what finetune's default recipe would use here
     model.to(torch_device)
     if settings.channels_last:
@@ -97,9 +97,6 @@ def _num_outputs(model, input_size) -> int:
 
     if isinstance(getattr(model, "num_classes", None), int):
         return model.num_classes
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with training_mode(model, False), torch.no_grad():
         out = model(torch.zeros(1, *input_size))
-    model.train(was_training)
     return out.shape[-1]

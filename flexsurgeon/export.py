@@ -27,6 +27,7 @@ from .errors import ExportError
 from .layers import FlexPool, FlexPoolNHWC
 from .plan import SurgeryPlan
 from .sac import strip_sac_heads
+from .utils import as_size, first_line
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
 
@@ -67,8 +68,8 @@ def _plan_of(model) -> SurgeryPlan:
 def _input_size(plan: SurgeryPlan, img_size) -> tuple[int, int]:
     if img_size is None:
         return tuple(plan.img_size)
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+    size = as_size(img_size)
+    if size is None:
         raise ExportError(f"img_size must be a positive integer or a pair (H, W), got {img_size!r}")
     return size
 
@@ -107,7 +108,7 @@ def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
     except ExportError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         shape = "x".join(map(str, example.shape[1:]))
         raise ExportError(f"the model does not run on a {shape} input ({first[:200]}); "
                           "pick another --img-size") from exc
@@ -197,7 +198,7 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
         raise ExportError(f"torch.onnx could not import {exc.name or exc}; onnx/onnxscript may be too old for "
                           f"torch {torch.__version__}: pip install -U onnx onnxscript") from exc
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"torch.onnx could not export {plan.source.label if plan.source else 'the model'}: "
                           f"{first[:300]}") from exc
     written = program.model.opset_imports.get("")

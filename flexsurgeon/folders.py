@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from .errors import CheckpointError
+from .utils import first_line
 
 
 def write_folder(directory: Path, write, force: bool) -> Path:
@@ -46,7 +47,7 @@ def write_folder(directory: Path, write, force: bool) -> Path:
             _rename(tmp, directory)
         _fsync_dir(directory.parent)
     except (OSError, SafetensorError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         kept = "; the previous checkpoint there is unchanged" if existed and directory.is_dir() else ""
         raise CheckpointError(f"could not write {directory}: {reason}{kept}") from exc
     finally:

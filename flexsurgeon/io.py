@@ -15,9 +15,9 @@ from pathlib import Path
 from .errors import CheckpointError, FlexSurgeonError, PlanError
 from .folders import check_not_interrupted, write_folder
 from .plan import SurgeryPlan
+from .utils import CONFIG_NAME, first_line
 
 ARCHITECTURE = "flexsurgeon"
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PLAN_METADATA_KEY = "flexsurgeon_plan"
 # what config.json may hold: ours, plus the fields timm's hub tools add
@@ -135,7 +135,7 @@ def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str
             shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"cannot load {path}: {reason[:200]} (the file is empty, truncated or not "
                               "safetensors)") from exc
     written = metadata.get(PLAN_METADATA_KEY)
@@ -184,7 +184,7 @@ def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) 
         state._metadata = getattr(own, "_metadata", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"cannot load {path}: {reason[:200]}") from exc
     # tied tensors are saved once (safetensors' save_model): a key missing here that shares memory with a loaded
     # one was loaded through it

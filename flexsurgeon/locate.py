@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .trace import TracedGraph
+from .utils import training_mode
 
 
 @dataclass(frozen=True)
@@ -88,23 +89,21 @@ def _pools_alone(module: nn.Module, shape, layout: str) -> bool | None:
     mean = x.mean(dims)
     forms = {(b, c): False, ((b, 1, 1, c) if layout == "nhwc" else (b, c, 1, 1)): True}
     inputs = [x] if layout == "nhwc" else [x, x.contiguous(memory_format=torch.channels_last)]
-    was_training = module.training
     keepdim = set()
     try:
-        for training in (False, True):
-            module.train(training)
-            for sample in inputs:
-                with torch.no_grad():
-                    out = module(sample)
-                if not isinstance(out, torch.Tensor) or tuple(out.shape) not in forms:
-                    return None
-                if not torch.allclose(out.reshape(b, c).float(), mean, rtol=1e-4, atol=1e-5):
-                    return None
-                keepdim.add(forms[tuple(out.shape)])
+        with training_mode(module, False):
+            for training in (False, True):
+                module.train(training)
+                for sample in inputs:
+                    with torch.no_grad():
+                        out = module(sample)
+                    if not isinstance(out, torch.Tensor) or tuple(out.shape) not in forms:
+                        return None
+                    if not torch.allclose(out.reshape(b, c).float(), mean, rtol=1e-4, atol=1e-5):
+                        return None
+                    keepdim.add(forms[tuple(out.shape)])
     except Exception:  # a module that cannot run alone on a plain map is not a pool we can swap
         return None
-    finally:
-        module.train(was_training)
     return keepdim.pop() if len(keepdim) == 1 else None
 
 
@@ -145,9 +144,7 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
     if holder is model and all(callable(getattr(type(model), m, None)) for m in ("forward_head", "forward_features")):
         methods.insert(0, "forward_head")
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
-    try:
+    with training_mode(model, False):
         for method in methods:
             try:
                 with torch.no_grad():
@@ -162,8 +159,6 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
                 shape = _shape(finder, source)
                 if kind == "avg" and found_layout == layout and shape[3 if layout == "nhwc" else 1] == channels:
                     return RewriteSite(holder_path, method, name, source, keepdim)
-    finally:
-        model.train(was_training)
     return None
 
 

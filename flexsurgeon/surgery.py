@@ -15,6 +15,7 @@ from .analysis import Analysis, analyse
 from .errors import AnalysisError, FlexSurgeonError
 from .plan import SourceSpec, SurgeryPlan, make_plan
 from .pool_kinds import PRESERVING_KINDS
+from .utils import as_size, training_mode
 
 PRESERVATION_TOLERANCE = 1e-5  # float32, the converted model's eval output against the source's
 _SOURCE_ARG_TYPES = (str, int, float, bool, type(None))
@@ -72,8 +73,8 @@ def _default_img_size(model: nn.Module) -> tuple[int, int]:
 
 
 def _as_size(img_size) -> tuple[int, int]:
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    size = as_size(img_size)
+    if size is None:
         raise AnalysisError(f"img_size must be a positive integer or a pair, got {img_size!r}")
     return size
 
@@ -159,13 +160,8 @@ def _eval_output(model: nn.Module, plan: SurgeryPlan, sample: torch.Tensor | Non
         reference = next(iter(model.parameters()), None)
         if reference is not None:
             sample = sample.to(reference.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return sample, model(sample)
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), torch.no_grad():
+        return sample, model(sample)
 
 
 def _check_preserved(expected, got) -> None:

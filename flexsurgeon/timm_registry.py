@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import CheckpointError, PlanError
 from .io import ARCHITECTURE, WEIGHTS_NAME, as_tuples, build_from_plan, load_weights, read_weights_header
 from .plan import SurgeryPlan
+from .utils import first_line
 
 # timm keyword arguments the plan fixes: given, they must agree with it
 _PLAN_FIXED = {"num_classes": lambda plan: plan.num_classes, "in_chans": lambda plan: plan.in_chans}
@@ -54,7 +55,7 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, *
         model = build_from_plan(plan, **extra)
     except TypeError as exc:
         raise PlanError(f"the source model {plan.source.label} does not take {', '.join(sorted(extra))}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from exc
+                        f"{first_line(exc, str(exc))}") from exc
     cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg or {})
     if pretrained:
         location = cfg.get("file")

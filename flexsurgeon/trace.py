@@ -16,6 +16,7 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import TraceError
+from .utils import first_line, training_mode
 
 
 def _timm_notrace() -> tuple[list, list]:
@@ -112,24 +113,23 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     """
     leaves, functions = _timm_notrace()
     tracer = _Tracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions, shallow=shallow)
-    was_training, cls = model.training, type(model)
-    model.train(training)
-    if method != "forward":  # fx traces type(root).forward: a subclass whose forward is the method, for the trace
-        model.__class__ = type(cls.__name__, (cls,), {"forward": getattr(cls, method), "__module__": cls.__module__})
-    try:
-        graph = tracer.trace(model, concrete_args={**default_inputs(model), **(concrete or {})})
-    except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
-        where = tracer.failed_in or "the top-level forward"
-        module = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: in '{where}' ({type(module).__name__}): "
-            f"{first_line}. Mark {type(module).__name__} as a leaf "
-            f"(timm.layers.register_notrace_module) and try again."
-        ) from exc
-    finally:
-        model.__class__ = cls
-        model.train(was_training)
+    cls = type(model)
+    with training_mode(model, training):
+        if method != "forward":  # fx traces type(root).forward: a subclass whose forward is the method, for the trace
+            model.__class__ = type(cls.__name__, (cls,),
+                                   {"forward": getattr(cls, method), "__module__": cls.__module__})
+        try:
+            graph = tracer.trace(model, concrete_args={**default_inputs(model), **(concrete or {})})
+        except Exception as exc:  # fx raises many types; all mean "this construct does not trace"
+            where = tracer.failed_in or "the top-level forward"
+            module = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__}: in '{where}' ({type(module).__name__}): "
+                f"{first_line(exc)}. Mark {type(module).__name__} as a leaf "
+                f"(timm.layers.register_notrace_module) and try again."
+            ) from exc
+        finally:
+            model.__class__ = cls
     qualnames = {node.name: qual for node, qual in tracer.node_to_qualname.items()}
     return TracedGraph(graph=graph, qualnames=qualnames, training=training, module_calls=tracer.module_calls,
                        owners=tracer.owners)

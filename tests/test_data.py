@@ -423,9 +423,9 @@ def test_train_subset_is_seeded_and_keeps_val():
 
 def test_recipe_crop_scale_reaches_timms_random_resized_crop(tmp_path):
     from flexsurgeon.recipe import Recipe
-    from flexsurgeon.train import _train_transform_kwargs
+    from flexsurgeon.train_data import train_transform_kwargs
 
-    kwargs = _train_transform_kwargs(Recipe(scale=[0.35, 1.0], hflip=0.0))
+    kwargs = train_transform_kwargs(Recipe(scale=[0.35, 1.0], hflip=0.0))
     assert kwargs == {"hflip": 0.0, "scale": (0.35, 1.0)}
     root = _folder(tmp_path)
     bundle = load_data(str(root), data_config=CFG, train_transform_kwargs=kwargs)

@@ -490,6 +490,12 @@ CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to
                        "Error code 12 (Cannot allocate memory)")
 
 
+def _patch_forward_with_sac(monkeypatch, replacement):
+    """Where finetune calls it: the training forward and the evaluation."""
+    for module in ("flexsurgeon.train", "flexsurgeon.metrics"):
+        monkeypatch.setattr(f"{module}.forward_with_sac", replacement)
+
+
 @pytest.mark.parametrize("error,phase,message", [
     (CPU_OOM, "train", "out of CPU memory training at batch size 16; try --batch-size 8"),
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "train",
@@ -506,7 +512,7 @@ def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(reference, tmp_pat
             raise error
         return original(model, x)
 
-    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
+    _patch_forward_with_sac(monkeypatch, forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "16", "-o", tmp_path / "run")
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
@@ -517,7 +523,7 @@ def test_a_batch_of_one_that_does_not_fit_says_so(reference, tmp_path, monkeypat
     def forward_with_sac(model, x):
         raise CPU_OOM
 
-    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
+    _patch_forward_with_sac(monkeypatch, forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "1", "-o", tmp_path / "run")
     assert code == 1 and "batch size is already 1: try a smaller --img-size or model" in output
@@ -527,7 +533,7 @@ def test_other_runtime_errors_are_not_reported_as_out_of_memory(reference, tmp_p
     def forward_with_sac(model, x):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x96 and 95x4)")
 
-    monkeypatch.setattr("flexsurgeon.train.forward_with_sac", forward_with_sac)
+    _patch_forward_with_sac(monkeypatch, forward_with_sac)
     code, output = _cli("finetune", reference["converted"], "--data", DATA, "--recipe", "smoke",
                         "--batch-size", "16", "-o", tmp_path / "run")
     assert code == 1 and "memory" not in output and "shapes cannot be multiplied" in output

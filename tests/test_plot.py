@@ -11,15 +11,8 @@ import flexsurgeon
 from flexsurgeon.cli import main
 from flexsurgeon.errors import PlotError
 from flexsurgeon.layers import FlexPool
-from flexsurgeon.plot import (
-    flex_pools_of,
-    plot_ablation,
-    plot_folder,
-    plot_training_curves,
-    plot_weight_maps,
-    pool_weights,
-    top_channels,
-)
+from flexsurgeon.plot import plot_ablation, plot_folder, plot_training_curves
+from flexsurgeon.weight_maps import flex_pools_of, plot_weight_maps, pool_weights, top_channels
 
 pytest.importorskip("matplotlib")
 PERTURBED = [5, 40, 17]  # channels of the main pool given peaked weights, strongest first

@@ -203,26 +203,26 @@ def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
 def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     import json
 
-    from flexsurgeon.train import _truncate_log
+    from flexsurgeon.train_state import truncate_log
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"epoch": e, "val": {}}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "va')
-    _truncate_log(log, 2)  # last/ holds epoch 2: epochs 3 and 4 will be redone and logged again
+    truncate_log(log, 2)  # last/ holds epoch 2: epochs 3 and 4 will be redone and logged again
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
 
 
 def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32(monkeypatch):
-    from flexsurgeon import train
+    from flexsurgeon import train_setup
     from flexsurgeon.train import DeviceSettings, device_settings
 
-    monkeypatch.setattr(train, "_native_bf16", lambda: True)  # an Ampere or newer GPU
+    monkeypatch.setattr(train_setup, "_native_bf16", lambda: True)  # an Ampere or newer GPU
     quick = load_recipe("quick")
     assert device_settings(torch.device("cuda", 0), quick) == DeviceSettings(
         autocast=True, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
     plain = device_settings(torch.device("cuda"), quick.replace(amp=False, channels_last=False))
     assert not plain.autocast and not plain.channels_last and plain.pin_memory
     assert device_settings(torch.device("cpu"), quick) == DeviceSettings()  # the recipe's amp is for CUDA
-    monkeypatch.setattr(train, "_native_bf16", lambda: False)  # V100, T4: float32, everything else as before
+    monkeypatch.setattr(train_setup, "_native_bf16", lambda: False)  # V100, T4: float32, everything else as before
     assert device_settings(torch.device("cuda"), quick) == DeviceSettings(
         autocast=False, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
 
@@ -232,9 +232,9 @@ def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compi
     """What finetune does on CUDA (bf16 autocast, channels_last, pinned batches, loss read every
     few steps, optionally torch.compile), run here so CI covers that branch of the loop. The
     CUDA kernels themselves are checked by benchmarks/gpu_check.sh on a GPU machine."""
-    from flexsurgeon import train
+    from flexsurgeon import train, train_setup
 
-    monkeypatch.setattr(train, "_native_bf16", lambda: True)
+    monkeypatch.setattr(train_setup, "_native_bf16", lambda: True)
     gpu = train.device_settings(torch.device("cuda"), load_recipe("quick"))
     monkeypatch.setattr(train, "device_settings", lambda device, recipe: gpu.__class__(
         **{**gpu.__dict__, "sync_every": 2}))
@@ -281,7 +281,7 @@ def _train_with_gpu_settings(converted, tmp_path, compiled):
 def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_steps():
     """torch 2.3's OneCycleLR keeps its annealing function in its state; JSON cannot hold it,
     and loading it back as None would break the scheduler."""
-    from flexsurgeon.train import _json_ready
+    from flexsurgeon.train_state import json_ready
 
     def make():
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -293,7 +293,7 @@ def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_st
     for _ in range(3):
         original.optimizer.step()
         original.step()
-    state = json.loads(json.dumps(_json_ready(original.state_dict())))
+    state = json.loads(json.dumps(json_ready(original.state_dict())))
     assert "anneal_func" not in state
     restored = make()
     restored.load_state_dict(state)
