@@ -73,7 +73,3 @@ def _sizes(train, val, num_classes: int) -> str:
                                                                                          (val, "val")))
     return f"{sizes} images, {num_classes} classes"
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, or ``""``."""
-    return str(exc).splitlines()[0] if str(exc) else ""

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .bundle import DataBundle, _first_line, _sizes, _stratified_split
+from ..utils import first_line
+from .bundle import DataBundle, _sizes, _stratified_split
 from .transforms import _Transforms
 
 _log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class _ImageFiles(Dataset):
                     return self.transform(img), label
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
                 self._bad[i] = 1
-                _log.warning("skipping unreadable image %s (%s)", path, _first_line(e) or type(e).__name__)
+                _log.warning("skipping unreadable image %s (%s)", path, first_line(e))
         raise DataError(f"no readable images under {self.root}: all {n} failed to load")
 
 # ---------------------------------------------------------------------------------------- image folders

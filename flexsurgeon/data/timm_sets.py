@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 from ..errors import DataError
-from .bundle import DataBundle, _first_line, _sizes
+from ..utils import first_line
+from .bundle import DataBundle, _sizes
 from .transforms import _Transforms
 
 TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
@@ -30,7 +31,7 @@ def _load_timm(spec, transforms: _Transforms) -> DataBundle:
             raise
         except Exception as e:  # anything the backend raises: network, missing package, unknown name
             raise DataError(f"--data {spec}: timm could not load split {split!r} ({type(e).__name__}: "
-                            f"{_first_line(e)}); {hint}") from None
+                            f"{first_line(e, '')}); {hint}") from None
 
     train = create("train", transforms(train=True))
     try:
