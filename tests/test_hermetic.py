@@ -21,12 +21,12 @@ def test_on_a_machine_that_has_cuda_the_test_recipes_stay_on_the_cpu(tmp_path):
         import os, subprocess, sys
         import torch
         from flexsurgeon.recipe import load_recipe
-        from flexsurgeon.train import _resolve_device
+        from flexsurgeon.train_setup import resolve_device
 
         def test_inner():
             assert not torch.cuda.is_available()
             for name in ("smoke", "quick", "paper", "probe"):
-                assert _resolve_device(load_recipe(name).device).type == "cpu"
+                assert resolve_device(load_recipe(name).device).type == "cpu"
             child = "import torch; print(torch.cuda.device_count())"
             assert subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
                                   check=True).stdout.strip() == "0"

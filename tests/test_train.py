@@ -70,6 +70,7 @@ def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
     assert [_stable(r) for r in _log(tmp_path / "a")] == [_stable(r) for r in _log(tmp_path / "b")]
 
 
+@pytest.mark.slow  # a real process killed and resumed through the CLI; test_faults.py covers kills in the default run
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(converted, tmp_path):
     args = ["--data", "synthetic:classes=4,train=256,val=64", "--recipe", "smoke", "--epochs", "3",
             "--batch-size", "16", "--set", "ema=true", "--set", "sched=onecycle"]

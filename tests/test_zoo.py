@@ -100,8 +100,10 @@ TV_SLOW = [
     ("tv:wide_resnet50_2", 64),
 ]
 
-CASES = [pytest.param(n, s, id=n) for n, s in TIMM_MODELS + TV_MODELS] + [
-    pytest.param(n, s, id=n, marks=pytest.mark.slow) for n, s in TIMM_SLOW + TV_SLOW]
+# One test per family: run with -m zoo (tests/test_model_api.py covers a few families in the
+# default run); the largest ones also with -m slow.
+CASES = [pytest.param(n, s, id=n, marks=pytest.mark.zoo) for n, s in TIMM_MODELS + TV_MODELS] + [
+    pytest.param(n, s, id=n, marks=[pytest.mark.zoo, pytest.mark.slow]) for n, s in TIMM_SLOW + TV_SLOW]
 
 
 def _assert_same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -172,7 +174,7 @@ def test_zoo_convert_preserves_and_round_trips(name, size, tmp_path):
 
 
 def test_zoo_spread():
-    """The default run covers at least 25 timm families and 8 torchvision models."""
+    """The zoo run (-m zoo) covers at least 25 timm families and 8 torchvision models."""
     import timm.models._registry as registry
 
     modules = {registry._model_to_module[n] for n, _ in TIMM_MODELS}
