@@ -1,6 +1,6 @@
 """Training-step time of a converted model (FlexPool + SAC) against the original, and loader speed.
 
-    .venv/bin/python benchmarks/train_speed.py            # resnet50, 224, batch 16 (about 8 minutes on 2 busy cores)
+    .venv/bin/python benchmarks/train_speed.py            # resnet50, 224, batch 16
     .venv/bin/python benchmarks/train_speed.py --quick    # a short run, noisier
     .venv/bin/python benchmarks/train_speed.py --model resnet18 --sections steps --rounds 30   # SAC cost, CPU
     python benchmarks/train_speed.py --device cuda --batch-size 128 --sections steps \

@@ -118,7 +118,7 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     surgery on a random input, and a mismatch is an error. ``pool`` is a
     FlexPool mode (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
     simpool change the output from the start, so they are not checked). ``progress`` shows
-    the step under way on a terminal (a large model at a large size takes a minute on a CPU).
+    the step under way on a terminal (a large model at a large size takes a while on a CPU).
     """
     from tqdm import tqdm
 

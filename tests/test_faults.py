@@ -1,8 +1,7 @@
-"""Faults: SIGKILL at every step of a checkpoint save and at random moments of convert and
-finetune, a full disk, and out-of-memory batches.
+"""Faults: SIGKILL at every step of a checkpoint save and at fixed points of finetune (mid-epoch,
+mid-save), a full disk, and out-of-memory batches.
 
-Kills run in forked children (torch is already imported there, so a child costs well under a
-second) that die by a real SIGKILL: no ``finally`` block or cleanup runs, as with ``kill -9``.
+Kills run in forked children (torch is already imported there, so a child is cheap) that die by a real SIGKILL: no ``finally`` block or cleanup runs, as with ``kill -9``.
 What a user relies on afterwards: the folder loads and holds exactly the old or exactly the
 new checkpoint, never a mix, and ``--resume`` finishes the run with the uninterrupted run's
 weights.
@@ -11,12 +10,10 @@ import contextlib
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -47,9 +44,9 @@ def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fork(child, kill_after: float | None = None) -> int:
-    """Run ``child()`` in a forked process, SIGKILL it after ``kill_after`` seconds if given;
-    return its wait status. The child never returns into pytest."""
+def _fork(child) -> int:
+    """Run ``child()`` in a forked process and return its wait status. The child never returns
+    into pytest; the faults it meets are installed in it at fixed points."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -61,9 +58,6 @@ def _fork(child, kill_after: float | None = None) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1]
 
 
@@ -244,29 +238,6 @@ def test_when_the_previous_copy_cannot_be_put_back_the_writer_names_it(checkpoin
     assert _same(_state(ck), checkpoints["old"])
 
 
-def test_saves_killed_at_random_moments_leave_old_or_new(checkpoints, tmp_path):
-    old, new = flexsurgeon.load(checkpoints["old_dir"]), checkpoints["new_model"]
-    ck = tmp_path / "ck"
-    rng = random.Random(0)
-    caught_mid_save = 0
-    for attempt in range(10):
-        shutil.copytree(checkpoints["old_dir"], ck, dirs_exist_ok=True)
-
-        def child(fallback=attempt % 2 == 1):
-            if fallback:
-                _no_exchange()
-            while True:  # nothing but saves, so the kill lands inside one
-                for model in (new, old):
-                    flexsurgeon.save(model, ck, force=True)
-
-        _fork(child, kill_after=rng.uniform(0.05, 0.5))
-        caught_mid_save += bool(_leftovers(ck))
-        folders.recover(ck)  # what the next writer does first
-        state = _state(ck)
-        assert _same(state, checkpoints["old"]) or _same(state, checkpoints["new"]), f"kill {attempt}"
-    assert caught_mid_save, "no kill landed inside a save"
-
-
 # ---------------------------------------------------------------------------------------- finetune
 
 RECIPE = dict(epochs=3, batch_size=16, ema=True, sched="onecycle")
@@ -298,14 +269,12 @@ def reference(tmp_path_factory):
     fio.save = save_and_copy
     try:
         with _one_thread():
-            started = time.perf_counter()
             run(str(root / "converted"), DATA, load_recipe("smoke").replace(**RECIPE), root / "run",
                 progress=False, log=_quiet)
-            seconds = time.perf_counter() - started
     finally:
         fio.save = original
     assert sorted(snapshots["last"]) == [1, 2, 3]
-    return {"converted": root / "converted", "run": root / "run", "snapshots": snapshots, "seconds": seconds}
+    return {"converted": root / "converted", "run": root / "run", "snapshots": snapshots}
 
 
 def _training_state(directory: Path) -> dict:
@@ -340,22 +309,33 @@ def _records_by_epoch(run_dir: Path) -> dict:
     return {r["epoch"]: {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records}
 
 
-def test_finetune_killed_at_random_moments_and_mid_save_resumes_to_the_same_weights(reference, tmp_path):
+def _die_at_backward(call: int):
+    """Patch the child to SIGKILL itself at its ``call``-th backward pass (mid-epoch)."""
+    original, seen = torch.Tensor.backward, [0]
+
+    def backward(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == call:
+            _die()
+        return original(*args, **kwargs)
+
+    torch.Tensor.backward = backward
+
+
+def test_finetune_killed_mid_epoch_and_mid_save_resumes_to_the_same_weights(reference, tmp_path):
     out = tmp_path / "run"
-    rng = random.Random(1)
     plan = [  # each kill is followed by a run with --resume (or a fresh one when no last/ was completed yet)
         # epoch 1's last/ written to its temporary folder, not yet renamed into place
-        ("point", lambda: _die_after(folders, "_fsync_tree", when=lambda tmp: tmp.name.startswith(".last.tmp-"))),
+        lambda: _die_after(folders, "_fsync_tree", when=lambda tmp: tmp.name.startswith(".last.tmp-")),
         # epoch 2's last/ exchanged with epoch 1's, which is not yet deleted
-        ("point", lambda: _die_after(folders, "_exchange", when=lambda new, directory: directory.name == "last")),
-        ("time", None),
-        ("time", None),
+        lambda: _die_after(folders, "_exchange", when=lambda new, directory: directory.name == "last"),
+        # the middle of epoch 3
+        lambda: _die_at_backward(2),
+        # epoch 3's first checkpoint written to its temporary folder
+        lambda: _die_after(folders, "_fsync_tree"),
     ]
-    for kind, install in plan:
-        child = _finetune_child(reference, out, install)
-        status = _fork(child, kill_after=None if kind == "point" else rng.uniform(0.1, 0.5) * reference["seconds"])
-        if kind == "point":
-            assert _killed(status), "the run was not killed at the planned point"
+    for install in plan:
+        assert _killed(_fork(_finetune_child(reference, out, install))), "the run was not killed at the planned point"
         _assert_consistent(out, reference)
 
     with _one_thread():
