@@ -233,9 +233,14 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
     changes.update(parse_override(s) for s in sets)
     resolved = with_overrides(load_recipe(recipe), changes)
     output = output or str(Path("runs") / Path(source.replace(":", "_")).name)
-    result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
-                 weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
-                 replace_gating=replace_gating, model_code=model_code, log=click.echo)
+    try:
+        result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
+                     weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
+                     replace_gating=replace_gating, model_code=model_code, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: run the same command with --resume to continue from the last finished "
+                   f"epoch in {output}/last", err=True)
+        sys.exit(130)
     if result.main:
         click.echo(f"done: best val top-1 {result.best_top1:.2f} at epoch {result.best_epoch}; "
                    f"checkpoints in {result.output}/best and {result.output}/last")

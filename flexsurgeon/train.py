@@ -341,13 +341,16 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
         last = output / LAST
         for folder in (last, output / BEST):  # what killed saves left: this run is their writer now
             recover(folder)
-        if not (last / STATE_JSON).is_file():
-            raise CheckpointError(f"nothing to resume: {last} has no training state (run without --resume)")
-        recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
-        seed_everything(recipe.seed)
-        model = load_folder(last, model_code)
-        data = checkpoint_data(data_spec, model, recipe)
-        return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
+        if (last / STATE_JSON).is_file():
+            recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
+            seed_everything(recipe.seed)
+            model = load_folder(last, model_code)
+            data = checkpoint_data(data_spec, model, recipe)
+            return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
+        if last.exists():
+            raise CheckpointError(f"cannot resume: {last} has no training state; move it away to start the run again")
+        # a preemptible job reruns one command: before the first checkpoint, that starts the run
+        log(f"nothing to resume in {output} yet: starting the run")
 
     if (output / LAST).exists():
         raise CheckpointError(f"{output} already holds a run; pass --resume to continue it or choose another -o")

@@ -1,7 +1,8 @@
 """Faults: SIGKILL at every step of a checkpoint save and at fixed points of finetune (mid-epoch,
 mid-save), a full disk, and out-of-memory batches.
 
-Kills run in forked children (torch is already imported there, so a child is cheap) that die by a real SIGKILL: no ``finally`` block or cleanup runs, as with ``kill -9``.
+Kills run in forked children (torch is already imported there, so a child is cheap) that die
+by a real SIGKILL: no ``finally`` block or cleanup runs, as with ``kill -9``.
 What a user relies on afterwards: the folder loads and holds exactly the old or exactly the
 new checkpoint, never a mix, and ``--resume`` finishes the run with the uninterrupted run's
 weights.

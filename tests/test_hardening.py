@@ -112,7 +112,6 @@ FINETUNE = ["finetune", "{ck}", "--data", DATA, "--recipe", "smoke", "-o", "{tmp
     (["finetune", "no_such_net", "--random-init", "--data", DATA, "--recipe", "smoke", "-o", "{tmp}/run"],
      "unknown model 'no_such_net'"),
     (["finetune", "{tmp}", "--data", DATA, "--recipe", "smoke", "-o", "{tmp}/run"], "has no config.json"),
-    (_with(FINETUNE, "--resume"), "nothing to resume"),
 ])
 def test_every_wrong_finetune_argument_is_one_error_line_and_writes_nothing(checkpoint, tmp_path, args, message):
     (tmp_path / "unknown-key.yaml").write_text("epochz: 3\n")

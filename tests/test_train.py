@@ -70,6 +70,35 @@ def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
     assert [_stable(r) for r in _log(tmp_path / "a")] == [_stable(r) for r in _log(tmp_path / "b")]
 
 
+def test_resume_before_the_first_checkpoint_starts_the_run_and_says_so(converted, tmp_path):
+    run = tmp_path / "run"
+    output = _finetune(converted, "--data", DATA, "--recipe", "smoke", "--epochs", "1", "-o", run, "--resume")
+    assert f"nothing to resume in {run} yet: starting the run" in output
+    assert [r["epoch"] for r in _log(run)] == [1] and (run / "last" / "training_state.json").is_file()
+
+
+def test_ctrl_c_says_how_to_continue_and_resume_finishes_the_run(converted, tmp_path, monkeypatch):
+    from flexsurgeon.train import _FinetuneRun
+
+    run, original = tmp_path / "run", _FinetuneRun.train_epoch
+
+    def interrupted_in_the_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(_FinetuneRun, "train_epoch", interrupted_in_the_second_epoch)
+    args = ["finetune", str(converted), "--data", DATA, "--recipe", "smoke", "-o", str(run)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        f"interrupted: run the same command with --resume to continue from the last finished epoch in {run}/last")
+    assert [r["epoch"] for r in _log(run)] == [1]
+    monkeypatch.undo()
+    _finetune(*args[1:], "--resume")
+    assert [r["epoch"] for r in _log(run)] == [1, 2]
+
+
 @pytest.mark.slow  # a real process killed and resumed through the CLI; test_faults.py covers kills in the default run
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(converted, tmp_path):
     args = ["--data", "synthetic:classes=4,train=256,val=64", "--recipe", "smoke", "--epochs", "3",
