@@ -146,31 +146,33 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
                  output: str | Path, *, weights: str | Path = "random", in_chans: int = 3, progress: bool = True,
                  log=print) -> AblationResult:
     """Fine-tune every (variant, seed) that has not finished yet, then write the comparison."""
+    from .locks import hold
     from .train import run
     from .train_state import STATE_JSON
 
     if seeds < 1:
         raise AblationError(f"--seeds must be at least 1, got {seeds}")
     output = Path(output)
-    _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],
-                                 "seeds": seeds, "recipe": recipe.to_dict(), "weights": str(weights),
-                                 "in_chans": in_chans})
-    total = len(variants) * seeds
-    for k in range(seeds):  # seed-major, so a stopped ablation has balanced pairs
-        for v in variants:
-            folder = output / "runs" / v.name / f"seed{k}"
-            if (folder / "score.json").is_file():
-                continue
-            done = sum((output / "runs" / u.name / f"seed{j}" / "score.json").is_file()
-                       for j in range(seeds) for u in variants)
-            log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
-            run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
-                                        sac_weights=recipe.sac_weights if v.sac else None)
-            resume = (folder / LAST / STATE_JSON).is_file()
-            run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
-                sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
-            write_text_replacing(folder / "score.json", json.dumps(_score(folder, v.name, k)))
-    return write_report(output, [v.name for v in variants], seeds, log=log)
+    with hold(output):
+        _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],
+                                     "seeds": seeds, "recipe": recipe.to_dict(), "weights": str(weights),
+                                     "in_chans": in_chans})
+        total = len(variants) * seeds
+        for k in range(seeds):  # seed-major, so a stopped ablation has balanced pairs
+            for v in variants:
+                folder = output / "runs" / v.name / f"seed{k}"
+                if (folder / "score.json").is_file():
+                    continue
+                done = sum((output / "runs" / u.name / f"seed{j}" / "score.json").is_file()
+                           for j in range(seeds) for u in variants)
+                log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
+                run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
+                                            sac_weights=recipe.sac_weights if v.sac else None)
+                resume = (folder / LAST / STATE_JSON).is_file()
+                run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
+                    sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
+                write_text_replacing(folder / "score.json", json.dumps(_score(folder, v.name, k)))
+        return write_report(output, [v.name for v in variants], seeds, log=log)
 
 
 def _check_same_request(output: Path, request: dict) -> None:

@@ -153,15 +153,17 @@ def convert(model, output, weights, weights_file, seed, force, **params):
 
     from .errors import CheckpointError
     from .io import save
+    from .locks import hold
     from .report import converted_line
     from .surgery import convert as convert_model
 
-    if Path(output).exists() and not force:  # refuse before spending time on the model
-        raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
-    source = weights_file if weights_file else weights
-    torch.manual_seed(seed)  # the same command writes the same weights
-    converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
-    path = save(converted, output, force=force)
+    with hold(output):  # refuse before spending time on the model
+        if Path(output).exists() and not force:
+            raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
+        source = weights_file if weights_file else weights
+        torch.manual_seed(seed)  # the same command writes the same weights
+        converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
+        path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
     click.echo(converted_line(plan))
     click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "

@@ -326,17 +326,27 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
     with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
     source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own."""
+    from .locks import hold
+    from .models import is_model_code
+
+    if is_model_code(source):
+        model_code = source
+    output = Path(output)
+    with hold(output):
+        return _run_held(source, data_spec, recipe, output, resume=resume, overrides=overrides,
+                         weights=weights, sac_stages=sac_stages, in_chans=in_chans,
+                         replace_gating=replace_gating, model_code=model_code, progress=progress, log=log)
+
+
+def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, weights, sac_stages, in_chans,
+              replace_gating, model_code, progress, log) -> FinetuneResult:
+    """``run`` once the run folder is this process's."""
     from .folders import recover
     from .io import load_folder, read_config
-    from .models import is_model_code
     from .recipe import load_recipe, with_overrides
     from .surgery import convert
     from .train_data import checkpoint_data, data_config_for_name, load_run_data
 
-    if is_model_code(source):
-        model_code = source
-
-    output = Path(output)
     if resume:
         last = output / LAST
         for folder in (last, output / BEST):  # what killed saves left: this run is their writer now
