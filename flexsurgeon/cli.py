@@ -204,7 +204,7 @@ def inspect(model, as_json, **params):
 @click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
 @click.option("--seed", type=int, help="Recipe override.")
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), help="Recipe override.")
-@click.option("--img-size", type=click.IntRange(min=8), help="Recipe override (when SOURCE is a model name).")
+@click.option("--img-size", callback=_size, metavar="N|HxW", help="Recipe override (when SOURCE is a model name).")
 @click.option("--pool", type=click.Choice(POOL_KINDS), help="Recipe override (when converting).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Recipe override (when converting).")
 @click.option("--sac-weights", callback=_weights, metavar="LIST",
@@ -360,7 +360,7 @@ def export_command(directory, fmt, output, img_size, opset, force, model_code):
 @click.option("--epochs", type=click.IntRange(min=1), help="Recipe override.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Recipe override.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recipe override.")
-@click.option("--img-size", type=click.IntRange(min=8), help="Recipe override.")
+@click.option("--img-size", callback=_size, metavar="N|HxW", help="Recipe override.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Recipe override.")
 @click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
 @click.option("--seed", type=int, help="Recipe override: the first seed.")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 from .pool_kinds import POOL_KINDS
+from .utils import as_size, parse_size
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 SCHEDULES = ("cosine", "onecycle", "step", "constant", "none")
@@ -48,7 +49,7 @@ class Recipe:
     # model, used when SOURCE is a model name (a converted folder keeps its own)
     pool: str = "softmax"
     dropout: float = 0.0
-    img_size: int | None = None
+    img_size: int | list[int] | None = None
     # EMA of the weights (timm ModelEmaV3)
     ema: bool = False
     ema_decay: float = 0.9998
@@ -92,7 +93,8 @@ class Recipe:
         _check(0 <= self.mixup and 0 <= self.cutmix, "mixup", self.mixup, "mixup and cutmix must be >= 0")
         _check(self.pool in POOL_KINDS, "pool", self.pool, f"must be one of {', '.join(POOL_KINDS)}")
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
-        _check(self.img_size is None or self.img_size >= 8, "img_size", self.img_size, "must be at least 8")
+        _check(self.img_size is None or min(as_size(self.img_size)) >= 8, "img_size", self.img_size,
+               "must be at least 8")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
         _check(0 <= self.val_split < 1, "val_split", self.val_split, "must be in [0, 1)")
         _check(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset,
@@ -139,13 +141,26 @@ def _coerce(key: str, value, type_name: str, source: str):
     elif base == "str":
         if isinstance(value, str):
             return value
+    elif base == "int | list[int]":  # a size: N, [H, W] or "HxW"; kept as N when square
+        size = _size_or_none(value)
+        if size is not None:
+            return size[0] if size[0] == size[1] else list(size)
     elif base == "list[float]":
         if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
                                            for v in value):
             return [float(v) for v in value]
-    wanted = {"list[float]": "a list of finite numbers", "int": "an integer", "float": "a finite number",
-              "bool": "true or false", "str": "a string"}[base]
+    wanted = {"int | list[int]": "a size, N or HxW", "list[float]": "a list of finite numbers",
+              "int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}[base]
     raise RecipeError(f"{source}: recipe field '{key}' must be {wanted}, got {value!r}")
+
+
+def _size_or_none(value):
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError:
+            return None
+    return None if isinstance(value, bool) else as_size(value)
 
 
 def _finite(value) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .recipe import Recipe
+from .utils import as_size
 
 
-def data_config_for_name(name: str, img_size: int | None, in_chans: int) -> dict:
+def data_config_for_name(name: str, img_size, in_chans: int) -> dict:
     """The data config a model name implies, before the model exists (its classes come from the data)."""
     from timm.data import resolve_data_config
 
@@ -21,7 +22,7 @@ def data_config_for_name(name: str, img_size: int | None, in_chans: int) -> dict
         cfg = pretrained.to_dict() if pretrained is not None else {}
     size = cfg.get("input_size", (3, 224, 224))
     if img_size is not None:
-        size = (in_chans, img_size, img_size)
+        size = (in_chans, *as_size(img_size))
     return resolve_data_config(args={"input_size": (in_chans, *size[1:])}, pretrained_cfg=cfg)
 
 

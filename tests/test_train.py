@@ -70,6 +70,16 @@ def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
     assert [_stable(r) for r in _log(tmp_path / "a")] == [_stable(r) for r in _log(tmp_path / "b")]
 
 
+def test_finetune_takes_the_img_size_as_hxw_for_a_model_name(tmp_path):
+    run = tmp_path / "run"
+    _finetune("resnet18", "--random-init", "--data", DATA, "--recipe", "smoke", "--epochs", "1",
+              "--img-size", "48x64", "-o", run)
+    model = flexsurgeon.load(run / "last")
+    assert tuple(model.flexsurgeon_plan.img_size) == (48, 64)
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 48, 64)
+    assert "img_size:\n- 48\n- 64" in (run / "last" / "recipe.yaml").read_text()
+
+
 def test_resume_before_the_first_checkpoint_starts_the_run_and_says_so(converted, tmp_path):
     run = tmp_path / "run"
     output = _finetune(converted, "--data", DATA, "--recipe", "smoke", "--epochs", "1", "-o", run, "--resume")
