@@ -51,14 +51,9 @@ def make_pretrained_cfg(source_cfg: dict | None, plan: SurgeryPlan) -> dict:
     return cfg
 
 
-def save(model, directory, force: bool = False, extra_files=None) -> Path:
-    """Write ``model`` (a converted model) as DIR/config.json + DIR/model.safetensors.
-
-    ``extra_files`` maps file names to functions that write them into the temporary folder,
-    so they land atomically with the model (the trainer's optimizer and RNG state).
-    """
-    from safetensors.torch import save_model
-
+def config_text(model) -> str:
+    """The ``config.json`` that ``save`` would write for ``model``; a CheckpointError where
+    ``model`` is not a converted model."""
     plan = getattr(model, "flexsurgeon_plan", None)
     if not isinstance(plan, SurgeryPlan):
         raise CheckpointError("only models returned by flexsurgeon.convert or flexsurgeon.load can be saved")
@@ -69,7 +64,19 @@ def save(model, directory, force: bool = False, extra_files=None) -> Path:
         "pretrained_cfg": make_pretrained_cfg(getattr(model, "pretrained_cfg", None), plan),
         "model_args": {"plan": plan.to_dict()},
     }
-    text = json.dumps(config, indent=2, sort_keys=True)  # fails here, before anything is written
+    return json.dumps(config, indent=2, sort_keys=True)
+
+
+def save(model, directory, force: bool = False, extra_files=None) -> Path:
+    """Write ``model`` (a converted model) as DIR/config.json + DIR/model.safetensors.
+
+    ``extra_files`` maps file names to functions that write them into the temporary folder,
+    so they land atomically with the model (the trainer's optimizer and RNG state).
+    """
+    from safetensors.torch import save_model
+
+    text = config_text(model)  # fails here, before anything is written
+    plan = model.flexsurgeon_plan
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(text + "\n")

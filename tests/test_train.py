@@ -341,3 +341,19 @@ def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_st
         scheduler.optimizer.step()
         scheduler.step()
     assert restored.get_last_lr() == original.get_last_lr()
+
+
+def test_a_model_that_could_not_be_saved_is_refused_before_training(tmp_path):
+    model = timm.create_model("resnet18", num_classes=4)  # from Python, without convert: no checkpoint for it
+    data = load_data(DATA, data_config={"input_size": (3, 32, 32)})
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match="only models returned by flexsurgeon.convert"):
+        finetune(model, data, load_recipe("smoke"), tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(converted, tmp_path):
+    (tmp_path / "file").write_text("")
+    code_output = CliRunner().invoke(main, ["finetune", str(converted), "--data", DATA, "--recipe", "smoke",
+                                            "-o", str(tmp_path / "file" / "run")])
+    assert code_output.exit_code == 1
+    assert code_output.output.strip().splitlines()[-1].startswith(f"Error: could not write {tmp_path}/file/run: ")
