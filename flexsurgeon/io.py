@@ -36,11 +36,22 @@ def _json_safe(value):
         return False
 
 
+def _per_channel(values: tuple, channels: int) -> tuple:
+    """RGB statistics for ``channels`` inputs: their average for one (gray), else cycled."""
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[c % len(values)] for c in range(channels))
+
+
 def make_pretrained_cfg(source_cfg: dict | None, plan: SurgeryPlan) -> dict:
     """The data config a converted model carries: the source's, at the plan's input size."""
     cfg = {k: v for k, v in dict(source_cfg or {}).items() if k not in _SOURCE_LOCATION_KEYS and _json_safe(v)}
     cfg.setdefault("mean", (0.485, 0.456, 0.406))
     cfg.setdefault("std", (0.229, 0.224, 0.225))
+    for key in ("mean", "std"):  # one value per input channel, so timm's transforms fit the model
+        cfg[key] = _per_channel(tuple(cfg[key]), plan.in_chans)
     cfg.setdefault("interpolation", "bilinear")
     cfg.setdefault("crop_pct", 0.875)
     cfg["input_size"] = (plan.in_chans, *plan.img_size)

@@ -101,7 +101,9 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}."))
+    """What killed saves left beside ``directory`` (not the lock file, which a dead holder does not hold)."""
+    return sorted(p.name for p in directory.parent.iterdir()
+                  if p.name.startswith(f".{directory.name}.") and p.name != f".{directory.name}.lock")
 
 
 # ---------------------------------------------------------------------------------------- convert / save

@@ -1,6 +1,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -180,3 +181,20 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "w.pth")
     with pytest.raises(WeightsError, match="does not fit"):
         build_source(parse_source("resnet18"), tmp_path / "w.pth")
+
+
+def test_a_gray_checkpoint_carries_one_channel_statistics_and_timms_transform_pipeline_works(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4, in_chans=1), tmp_path / "gray")
+    model = timm.create_model(f"local-dir:{tmp_path / 'gray'}", pretrained=True).eval()
+    config = timm.data.resolve_data_config(model=model)
+    assert config["input_size"] == (1, 64, 64) and len(config["mean"]) == 1 and len(config["std"]) == 1
+    assert config["mean"][0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+    transform = timm.data.create_transform(**config)
+    image = Image.fromarray((np.arange(80 * 96) % 251).astype(np.uint8).reshape(80, 96), mode="L")
+    x = transform(image)
+    assert x.shape == (1, 64, 64)
+    with torch.no_grad():
+        assert model(x.unsqueeze(0)).shape == (1, 4)

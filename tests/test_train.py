@@ -267,7 +267,7 @@ def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32(monkeypatch):
         autocast=False, channels_last=True, pin_memory=True, tf32=True, sync_every=10)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compiled):
     """What finetune does on CUDA (bf16 autocast, channels_last, pinned batches, loss read every
     few steps, optionally torch.compile), run here so CI covers that branch of the loop. The
