@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from .errors import CheckpointError, FlexSurgeonError, PlanError
@@ -76,6 +77,25 @@ def config_text(model) -> str:
         "model_args": {"plan": plan.to_dict()},
     }
     return json.dumps(config, indent=2, sort_keys=True)
+
+
+def check_can_save(model, output: Path) -> None:
+    """Stop a run before it trains, not after an epoch, where its checkpoints could not be
+    written: ``model`` must be a converted model, and its weights are written once to a
+    scratch file in ``output`` and removed."""
+    from safetensors.torch import save_model
+
+    config_text(model)
+    probe = output / f".save-check-{os.getpid()}.safetensors"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        try:
+            save_model(model, str(probe))
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoints in {output}: {exc.strerror or first_line(exc)}; "
+                              "nothing was trained") from None
 
 
 def save(model, directory, force: bool = False, extra_files=None) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from .batches import device_batches, raise_if_out_of_memory
 from .errors import CheckpointError, TrainingError
+from .io import check_can_save
 from .metrics import Tally, evaluate, head_names
 from .recipe import Recipe
 from .sac import forward_with_sac, strip_sac_heads
@@ -34,7 +34,7 @@ from .train_setup import (
     seed_everything,
 )
 from .train_state import RECIPE_NAME, STATE_JSON, restore_state, state_writers, truncate_log, write_recipe
-from .utils import BEST, LAST, LOG_NAME, first_line
+from .utils import BEST, LAST, LOG_NAME
 
 __all__ = ["DeviceSettings", "FinetuneResult", "device_settings", "evaluate", "finetune", "run"]
 
@@ -64,7 +64,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         enable_tf32()
     seed_everything(recipe.seed)
     if dist.main:
-        _check_can_save(model, output)
+        check_can_save(model, output)
     if data.num_classes != model.flexsurgeon_plan.num_classes:
         raise TrainingError(f"the model has {model.flexsurgeon_plan.num_classes} classes but the data has "
                             f"{data.num_classes}; convert with --num-classes {data.num_classes}")
@@ -84,26 +84,6 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=job.best_top1, best_epoch=job.best_epoch,
                           last=job.last_record, main=dist.main)
-
-
-def _check_can_save(model: nn.Module, output: Path) -> None:
-    """Stop before training, not after an epoch, where the checkpoints could not be written: the
-    weights are written once to a scratch file in ``output`` and removed."""
-    from safetensors.torch import save_model
-
-    from .io import config_text
-
-    config_text(model)
-    probe = output / f".save-check-{os.getpid()}.safetensors"
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        try:
-            save_model(model, str(probe))
-        finally:
-            probe.unlink(missing_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoints in {output}: {exc.strerror or first_line(exc)}; "
-                              "nothing was trained") from None
 
 
 class _TrainForward(nn.Module):
