@@ -23,8 +23,9 @@ def write_folder(directory: Path, write, force: bool) -> Path:
 
     A kill at any moment leaves DIR either as it was or complete and new: an existing DIR is
     exchanged with the new folder in one ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere it
-    is renamed aside first, and the next save or load puts that copy back if the kill fell
-    between the two renames. Leftovers of killed saves are removed by the next save.
+    is renamed aside first, and the next save (or ``finetune --resume``) puts that copy back if
+    the kill fell between the two renames. Leftovers of killed saves are removed by the next save.
+    A failure is one CheckpointError naming ``directory``, never the temporary folder.
     """
     from safetensors import SafetensorError
 
@@ -35,10 +36,10 @@ def write_folder(directory: Path, write, force: bool) -> Path:
         raise CheckpointError(f"output folder {directory} already exists; pass --force to replace it")
     if existed and not directory.is_dir():
         raise CheckpointError(f"output path {directory} exists and is not a folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
         if existed:

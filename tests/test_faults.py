@@ -428,6 +428,48 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ch
     assert result["old_kept"] and result["entries"] == ["ck"]  # no half-written temporary folders
 
 
+_READ_ONLY_SCRIPT = r"""
+import json, sys
+import torch
+from click.testing import CliRunner
+import flexsurgeon
+from flexsurgeon.cli import main
+from flexsurgeon.errors import CheckpointError
+
+disk, converted = sys.argv[1:3]
+result = {}
+try:
+    flexsurgeon.save(flexsurgeon.load(converted), disk + "/ck")
+except CheckpointError as exc:
+    result["library"] = str(exc)
+for name, args in (("convert", ["convert", "test_resnet", "--random-init", "--img-size", "64", "-o", disk + "/ck"]),
+                   ("finetune", ["finetune", converted, "--data", "synthetic:classes=4,train=16,val=8",
+                                 "--recipe", "smoke", "-o", disk + "/run"])):
+    cli = CliRunner().invoke(main, args)
+    result[name] = [cli.exit_code, cli.output]
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and a user namespace to mount a tmpfs")
+def test_a_read_only_output_is_one_line_naming_the_users_path(checkpoints, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "read_only.py"
+    script.write_text(_READ_ONLY_SCRIPT)
+    command = f'mount -t tmpfs -o ro,size=64k tmpfs {disk} && exec "$0" {script} {disk} {checkpoints["old_dir"]}'
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command, sys.executable],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["library"] == f"could not write {disk}/ck: Read-only file system"
+    for name, path in (("convert", disk / "ck"), ("finetune", disk / "run")):
+        code, output = result[name]
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert code == 1 and errors == [f"Error: could not write {path}: Read-only file system"], output
+        assert ".tmp-" not in output and "Traceback" not in output
+
+
 def _cli(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
