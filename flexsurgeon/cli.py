@@ -218,10 +218,12 @@ def inspect(model, as_json, **params):
 @click.option("--replace-gating", is_flag=True, help="Also replace gating pools when converting.")
 @_weight_options
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last/ checkpoint.")
+@click.option("--num-classes", type=click.IntRange(min=1),
+              help="Re-initialise a converted folder's classifier and SAC heads for N classes (the data's).")
 @_model_code_option
 @_friendly_errors
 def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
-             resume, model_code, **overrides):
+             resume, num_classes, model_code, **overrides):
     """Fine-tune SOURCE (a folder written by convert, or a model to convert first: a timm name,
     tv:NAME or FILE.py:FACTORY)."""
     from pathlib import Path
@@ -238,7 +240,8 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
     try:
         result = run(source, data_spec, resolved, output, resume=resume, overrides=changes,
                      weights=weights_file or weights, sac_stages=sac_stages, in_chans=in_chans,
-                     replace_gating=replace_gating, model_code=model_code, log=click.echo)
+                     replace_gating=replace_gating, model_code=model_code, num_classes=num_classes,
+                     log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: run the same command with --resume to continue from the last finished "
                    f"epoch in {output}/last", err=True)

@@ -75,9 +75,9 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
     data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
     outputs = _num_outputs(model, data_config["input_size"])
-    if outputs < data.num_classes:
-        raise DataError(f"{label} has {outputs} outputs but the data has {data.num_classes} classes; "
-                        "evaluate a model trained on these classes")
+    if outputs != data.num_classes:  # a score against other classes would look like a result and mean nothing
+        raise DataError(f"{label} has {outputs} classes but the data has {data.num_classes}; evaluate a model "
+                        f"fine-tuned on these classes (flexsurgeon finetune ... --data {data_spec})")
     torch_device = resolve_device(device)
     settings = device_settings(torch_device, Recipe())  # what finetune's default recipe would use here
     model.to(torch_device)

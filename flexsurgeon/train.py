@@ -67,7 +67,8 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         check_can_save(model, output)
     if data.num_classes != model.flexsurgeon_plan.num_classes:
         raise TrainingError(f"the model has {model.flexsurgeon_plan.num_classes} classes but the data has "
-                            f"{data.num_classes}; convert with --num-classes {data.num_classes}")
+                            f"{data.num_classes}; pass --num-classes {data.num_classes} to re-initialise its "
+                            "classifier and SAC heads")
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -84,6 +85,20 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=job.best_top1, best_epoch=job.best_epoch,
                           last=job.last_record, main=dist.main)
+
+
+def _reset_head(model: nn.Module, num_classes: int, data_classes: int, log) -> None:
+    """A new classifier (and SAC heads) for ``num_classes``, as timm's ``reset_classifier`` makes it."""
+    classes = model.flexsurgeon_plan.num_classes
+    if num_classes != data_classes:
+        raise TrainingError(f"--num-classes {num_classes} but the data has {data_classes} classes")
+    if num_classes == classes:
+        return
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise TrainingError(f"{type(model).__name__} has no reset_classifier to give it {num_classes} classes; "
+                            f"convert its source again with --num-classes {num_classes}")
+    model.reset_classifier(num_classes)
+    log(f"re-initialised the classifier and the SAC heads for {num_classes} classes (the checkpoint had {classes})")
 
 
 class _TrainForward(nn.Module):
@@ -323,12 +338,13 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, output: Path) -> No
 
 def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resume: bool = False,
         overrides: dict | None = None, weights: str | Path = "random", sac_stages=None, in_chans: int = 3,
-        replace_gating: bool = False, model_code: str | None = None, progress: bool = True,
-        log=print) -> FinetuneResult:
+        replace_gating: bool = False, model_code: str | None = None, num_classes: int | None = None,
+        progress: bool = True, log=print) -> FinetuneResult:
     """``flexsurgeon finetune``: resolve the model (a converted folder or a name to convert), the
     data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
     with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
-    source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own."""
+    source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own.
+    ``num_classes`` re-initialises a converted folder's classifier and SAC heads for that many classes."""
     from .locks import hold
     from .models import is_model_code
 
@@ -338,11 +354,12 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     with hold(output):
         return _run_held(source, data_spec, recipe, output, resume=resume, overrides=overrides,
                          weights=weights, sac_stages=sac_stages, in_chans=in_chans,
-                         replace_gating=replace_gating, model_code=model_code, progress=progress, log=log)
+                         replace_gating=replace_gating, model_code=model_code, num_classes=num_classes,
+                         progress=progress, log=log)
 
 
 def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, weights, sac_stages, in_chans,
-              replace_gating, model_code, progress, log) -> FinetuneResult:
+              replace_gating, model_code, num_classes, progress, log) -> FinetuneResult:
     """``run`` once the run folder is this process's."""
     from .folders import recover
     from .io import load_folder, read_config
@@ -378,4 +395,6 @@ def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, wei
         model = convert(source, weights=weights, num_classes=data.num_classes, img_size=recipe.img_size,
                         in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
                         sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
+    if num_classes is not None:
+        _reset_head(model, num_classes, data.num_classes, log)
     return finetune(model, data, recipe, output, progress=progress, log=log)

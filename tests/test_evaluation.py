@@ -75,11 +75,16 @@ def test_cli_table_and_json_for_a_folder_and_a_plain_model_name(converted_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["resnet10t", "--random-init", "--num-classes", "3", "--img-size", "64"], "has 3 outputs but the data has 4"),
+    (["resnet10t", "--random-init", "--num-classes", "3", "--img-size", "64"], "has 3 classes but the data has 4"),
+    (["resnet10t", "--random-init", "--img-size", "64"], "resnet10t has 1000 classes but the data has 4; evaluate"),
+    (["{five}"], "has 5 classes but the data has 4; evaluate a model fine-tuned on these classes"),
     (["runs/nothing"], "no such checkpoint folder: runs/nothing"),
     (["resnt10t"], "unknown model 'resnt10t'; did you mean"),
 ])
-def test_cli_errors_are_one_line(args, message):
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    if args == ["{five}"]:  # a folder converted for 5 classes, scored against 4-class data
+        flexsurgeon.save(flexsurgeon.convert("resnet10t", img_size=64, num_classes=5), tmp_path / "five")
+        args = [str(tmp_path / "five")]
     result = CliRunner().invoke(main, ["eval", *args, "--data", DATA, "--workers", "0"])
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output

@@ -80,6 +80,18 @@ def test_finetune_takes_the_img_size_as_hxw_for_a_model_name(tmp_path):
     assert "img_size:\n- 48\n- 64" in (run / "last" / "recipe.yaml").read_text()
 
 
+def test_num_classes_re_heads_a_converted_folder_for_data_with_other_classes(converted, tmp_path):
+    run = tmp_path / "run"
+    output = _finetune(converted, "--data", "synthetic:classes=6,train=96,val=60", "--recipe", "smoke",
+                       "--epochs", "1", "--num-classes", "6", "-o", run)
+    assert "re-initialised the classifier and the SAC heads for 6 classes (the checkpoint had 4)" in output
+    model = timm.create_model(f"local-dir:{run / 'last'}", pretrained=True).eval()
+    assert model.flexsurgeon_plan.num_classes == 6 and model.get_classifier().out_features == 6
+    with torch.no_grad():
+        logits, heads = flexsurgeon.forward_with_sac(model, torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 6) and all(h.shape == (2, 6) for h in heads)
+
+
 def test_resume_before_the_first_checkpoint_starts_the_run_and_says_so(converted, tmp_path):
     run = tmp_path / "run"
     output = _finetune(converted, "--data", DATA, "--recipe", "smoke", "--epochs", "1", "-o", run, "--resume")
@@ -193,7 +205,8 @@ def test_a_model_name_is_converted_first(tmp_path):
     (["--set", "epochz=1"], "unknown recipe field 'epochz'"),
     (["--set", "lr=-1"], "'lr' = -1.0 must be positive"),
     (["--recipe", "nonesuch"], "recipe 'nonesuch' not found"),
-    (["--data", "synthetic:classes=6"], "the model has 4 classes but the data has 6; convert with --num-classes 6"),
+    (["--data", "synthetic:classes=6"], "the model has 4 classes but the data has 6; pass --num-classes 6"),
+    (["--data", "synthetic:classes=6", "--num-classes", "5"], "--num-classes 5 but the data has 6 classes"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
 ])
 def test_bad_finetune_input_is_one_line(converted, tmp_path, args, message):
