@@ -169,6 +169,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def classes_in_weights(model: nn.Module, path: Path) -> int | None:
+    """The class count of the classifier in the weights at ``path`` where only its size differs
+    from ``model``'s (a head trained for other classes), else None."""
+    own, state = model.state_dict(), read_state_dict(path)
+    resized = {k: v for k, v in state.items() if k in own and own[k].shape != v.shape}
+    counts = {v.shape[0] for v in resized.values()}
+    if len(counts) == 1 and all(v.shape[1:] == own[k].shape[1:] for k, v in resized.items()):
+        return counts.pop()
+    return None
+
+
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a source-model state dict; the classifier may differ in size (a new --num-classes)."""
     state = read_state_dict(path)
@@ -185,8 +196,8 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     if resized:
         import warnings
 
-        warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape and were left at random init: "
-                      f"{', '.join(resized[:4])}", stacklevel=2)
+        warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape (a classifier for other classes); "
+                      f"they are re-initialised: {', '.join(resized[:4])}", stacklevel=2)
 
 
 _MODEL_CODE = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")

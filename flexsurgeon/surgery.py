@@ -33,13 +33,23 @@ class Inspection:
 
 
 def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.Module, SourceSpec | None]:
-    from .models import build_from_code, build_source, is_model_code, load_weights_file, parse_source
+    from .models import (
+        build_from_code,
+        build_source,
+        classes_in_weights,
+        is_model_code,
+        load_weights_file,
+        parse_source,
+    )
 
     if is_model_code(model_or_name):  # the user's own code, named by the user
         model_or_name = build_from_code(model_or_name, num_classes=num_classes, in_chans=in_chans)
         if weights not in ("random", "pretrained"):
             load_weights_file(model_or_name, Path(weights))
     elif isinstance(model_or_name, str):
+        if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
+            num_classes = classes_in_weights(build_source(parse_source(model_or_name, in_chans=in_chans)),
+                                             Path(weights))
         spec = parse_source(model_or_name, num_classes=num_classes, in_chans=in_chans)
         return build_source(spec, weights), spec
     if not isinstance(model_or_name, nn.Module):

@@ -111,3 +111,24 @@ def test_inspect_json_is_machine_readable():
 def test_inspect_explains_a_refusal_with_nonzero_exit():
     code, output = _run("inspect", "vit_tiny_patch16_224")
     assert code == 1 and "refuse: no global average pool over a spatial map" in output
+
+
+def test_convert_weights_keeps_the_class_count_of_their_trained_head(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import flexsurgeon
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", num_classes=10)
+    save_file(source.state_dict(), str(tmp_path / "ten.safetensors"))
+    common = ["convert", "resnet10t", "--weights", str(tmp_path / "ten.safetensors"), "--img-size", "64"]
+    kept = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "kept")])
+    assert kept.exit_code == 0, kept.output
+    model = flexsurgeon.load(tmp_path / "kept")
+    assert model.flexsurgeon_plan.num_classes == 10  # not timm's default 1000, which would drop the trained head
+    assert torch.equal(model.get_classifier().weight, source.get_classifier().weight)
+    with pytest.warns(UserWarning, match="a classifier for other classes.*re-initialised"):
+        renewed = flexsurgeon.convert("resnet10t", weights=tmp_path / "ten.safetensors", img_size=64, num_classes=4)
+    assert renewed.flexsurgeon_plan.num_classes == 4
