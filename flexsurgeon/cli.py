@@ -303,6 +303,8 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
         click.echo(json.dumps(scores, indent=2))
         return
     click.echo(f"{scores['model']} on {scores['data']}: {scores['count']} val images")
+    if scores["label_names"]:
+        click.echo(f"classes: {', '.join(scores['label_names'])}")
     rows = [("head", "top-1", "top-5", "loss")]
     rows += [(h, f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['loss']:.4f}") for h, s in scores["heads"].items()]
     click.echo("\n".join(table(rows)))

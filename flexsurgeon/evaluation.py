@@ -89,7 +89,9 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     summary = evaluate(model, bar, torch_device, autocast=settings.autocast, channels_last=settings.channels_last)
     heads = {h: {"top1": summary["top1"][h], "top5": summary["top5"][h], "loss": summary["loss"][h]}
              for h in summary["top1"]}
-    return {"model": label, "data": data.description, "count": summary["count"], "heads": heads}
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return {"model": label, "data": data.description, "count": summary["count"], "heads": heads,
+            "label_names": list(names) if names else None}
 
 
 def _num_outputs(model, input_size) -> int:

@@ -14,6 +14,7 @@ renamed into place, so a failed export never leaves a half-written file behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import uuid
@@ -205,6 +206,9 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
     if opset is not None and written != opset:  # torch falls back to its own opset when converting down fails
         raise ExportError(f"torch.onnx could not write ONNX opset {opset} for this model (it wrote {written}); "
                           f"use --opset {written} or later")
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names:  # an ONNX runtime user maps output indices back to classes from the file alone
+        program.model.metadata_props["label_names"] = json.dumps(list(names))
     return _write_atomic_file(path, lambda destination: program.save(destination), force)
 
 

@@ -60,6 +60,9 @@ def make_pretrained_cfg(source_cfg: dict | None, plan: SurgeryPlan) -> dict:
     cfg.pop("test_input_size", None)  # FlexPool would resample there; the native size is the tested one
     cfg["num_classes"] = plan.num_classes
     cfg["architecture"] = ARCHITECTURE
+    for key in ("label_names", "label_descriptions"):  # the source's, for another head, would mislabel
+        if key in cfg and len(cfg[key] or ()) != plan.num_classes:
+            del cfg[key]
     return cfg
 
 

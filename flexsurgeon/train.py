@@ -24,6 +24,7 @@ from .io import check_can_save
 from .metrics import Tally, evaluate, head_names
 from .recipe import Recipe
 from .sac import forward_with_sac, strip_sac_heads
+from .train_data import name_classes
 from .train_setup import (
     DeviceSettings,
     Distributed,
@@ -69,6 +70,7 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         raise TrainingError(f"the model has {model.flexsurgeon_plan.num_classes} classes but the data has "
                             f"{data.num_classes}; pass --num-classes {data.num_classes} to re-initialise its "
                             "classifier and SAC heads")
+    name_classes(model, data)
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -85,20 +87,6 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=job.best_top1, best_epoch=job.best_epoch,
                           last=job.last_record, main=dist.main)
-
-
-def _reset_head(model: nn.Module, num_classes: int, data_classes: int, log) -> None:
-    """A new classifier (and SAC heads) for ``num_classes``, as timm's ``reset_classifier`` makes it."""
-    classes = model.flexsurgeon_plan.num_classes
-    if num_classes != data_classes:
-        raise TrainingError(f"--num-classes {num_classes} but the data has {data_classes} classes")
-    if num_classes == classes:
-        return
-    if not callable(getattr(model, "reset_classifier", None)):
-        raise TrainingError(f"{type(model).__name__} has no reset_classifier to give it {num_classes} classes; "
-                            f"convert its source again with --num-classes {num_classes}")
-    model.reset_classifier(num_classes)
-    log(f"re-initialised the classifier and the SAC heads for {num_classes} classes (the checkpoint had {classes})")
 
 
 class _TrainForward(nn.Module):
@@ -365,7 +353,7 @@ def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, wei
     from .io import load_folder, read_config
     from .recipe import load_recipe, with_overrides
     from .surgery import convert
-    from .train_data import checkpoint_data, data_config_for_name, load_run_data
+    from .train_data import checkpoint_data, data_config_for_name, load_run_data, reset_head
 
     if resume:
         last = output / LAST
@@ -396,5 +384,5 @@ def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, wei
                         in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
                         sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
     if num_classes is not None:
-        _reset_head(model, num_classes, data.num_classes, log)
+        reset_head(model, num_classes, data.num_classes, log)
     return finetune(model, data, recipe, output, progress=progress, log=log)

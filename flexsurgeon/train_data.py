@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import TrainingError
 from .recipe import Recipe
 from .utils import as_size
 
@@ -46,3 +47,25 @@ def checkpoint_data(data_spec: str, model: nn.Module, recipe: Recipe):
     from timm.data import resolve_data_config
 
     return load_run_data(data_spec, resolve_data_config(model=model), model.flexsurgeon_plan.in_chans, recipe)
+
+
+def reset_head(model: nn.Module, num_classes: int, data_classes: int, log) -> None:
+    """A new classifier (and SAC heads) for ``num_classes``, as timm's ``reset_classifier`` makes it."""
+    classes = model.flexsurgeon_plan.num_classes
+    if num_classes != data_classes:
+        raise TrainingError(f"--num-classes {num_classes} but the data has {data_classes} classes")
+    if num_classes == classes:
+        return
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise TrainingError(f"{type(model).__name__} has no reset_classifier to give it {num_classes} classes; "
+                            f"convert its source again with --num-classes {num_classes}")
+    model.reset_classifier(num_classes)
+    log(f"re-initialised the classifier and the SAC heads for {num_classes} classes (the checkpoint had {classes})")
+
+
+def name_classes(model: nn.Module, data) -> None:
+    """The data's class names into ``pretrained_cfg['label_names']``, timm's place for them, so
+    that they travel with every checkpoint of the run."""
+    if len(data.class_names) == data.num_classes:
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}),
+                                "label_names": list(data.class_names)}

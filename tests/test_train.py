@@ -370,3 +370,29 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(converted, 
                                             "-o", str(tmp_path / "file" / "run")])
     assert code_output.exit_code == 1
     assert code_output.output.strip().splitlines()[-1].startswith(f"Error: could not write {tmp_path}/file/run: ")
+
+
+def test_class_names_of_an_image_folder_travel_through_finetune_eval_export_and_timm(tmp_path):
+    import numpy as np
+    import onnx
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "fox"]
+    for split, count in (("train", 8), ("val", 4)):
+        for c, name in enumerate(names):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) // (c + 1)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.png")
+    run = tmp_path / "run"
+    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", tmp_path / "data", "--recipe", "smoke",
+              "--epochs", "1", "--batch-size", "8", "-o", run)
+    model = timm.create_model(f"local-dir:{run / 'best'}", pretrained=True)
+    assert list(model.pretrained_cfg["label_names"]) == names
+    shown = CliRunner().invoke(main, ["eval", str(run), "--data", str(tmp_path / "data"), "--workers", "0"])
+    assert shown.exit_code == 0 and "classes: cat, dog, fox" in shown.output.splitlines()
+    exported = CliRunner().invoke(main, ["export", str(run), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert exported.exit_code == 0, exported.output
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(metadata["label_names"]) == names
