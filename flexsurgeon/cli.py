@@ -14,7 +14,7 @@ import click
 
 from .errors import FlexSurgeonError
 from .pool_kinds import POOL_KINDS
-from .utils import first_line, parse_size
+from .utils import clip, first_line, parse_size
 
 
 def _friendly_errors(command):
@@ -33,7 +33,7 @@ def _friendly_errors(command):
             if debug:
                 raise
             first = first_line(exc, "")
-            raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {clip(first, 300)} "
                                        "(rerun with --debug for the traceback)") from None
     return run
 

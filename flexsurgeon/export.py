@@ -28,7 +28,7 @@ from .errors import ExportError
 from .layers import FlexPool, FlexPoolNHWC
 from .plan import SurgeryPlan
 from .sac import strip_sac_heads
-from .utils import as_size, first_line
+from .utils import as_size, clip, first_line
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
 
@@ -111,7 +111,7 @@ def _frozen_for_export(model, example: torch.Tensor) -> nn.Module:
     except Exception as exc:
         first = first_line(exc)
         shape = "x".join(map(str, example.shape[1:]))
-        raise ExportError(f"the model does not run on a {shape} input ({first[:200]}); "
+        raise ExportError(f"the model does not run on a {shape} input ({clip(first, 200)}); "
                           "pick another --img-size") from exc
     finally:
         for handle in handles:
@@ -201,7 +201,7 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
     except Exception as exc:
         first = first_line(exc)
         raise ExportError(f"torch.onnx could not export {plan.source.label if plan.source else 'the model'}: "
-                          f"{first[:300]}") from exc
+                          f"{clip(first, 300)}") from exc
     written = program.model.opset_imports.get("")
     if opset is not None and written != opset:  # torch falls back to its own opset when converting down fails
         raise ExportError(f"torch.onnx could not write ONNX opset {opset} for this model (it wrote {written}); "

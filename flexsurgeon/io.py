@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import CheckpointError, FlexSurgeonError, PlanError
 from .folders import check_not_interrupted, write_folder
 from .plan import SurgeryPlan
-from .utils import CONFIG_NAME, first_line
+from .utils import CONFIG_NAME, clip, first_line
 
 ARCHITECTURE = "flexsurgeon"
 WEIGHTS_NAME = "model.safetensors"
@@ -177,7 +177,7 @@ def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         reason = first_line(exc)
-        raise CheckpointError(f"cannot load {path}: {reason[:200]} (the file is empty, truncated or not "
+        raise CheckpointError(f"cannot load {path}: {clip(reason, 200)} (the file is empty, truncated or not "
                               "safetensors)") from exc
     written = metadata.get(PLAN_METADATA_KEY)
     if plan is not None and written is not None:
@@ -226,7 +226,7 @@ def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) 
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         reason = first_line(exc)
-        raise CheckpointError(f"cannot load {path}: {reason[:200]}") from exc
+        raise CheckpointError(f"cannot load {path}: {clip(reason, 200)}") from exc
     # tied tensors are saved once (safetensors' save_model): a key missing here that shares memory with a loaded
     # one was loaded through it
     loaded = {own[k].data_ptr() for k in state if k in own and own[k].numel()}

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ModelNotFoundError, WeightsError
 from .plan import SourceSpec
-from .utils import first_line
+from .utils import clip, first_line
 
 _TV_PREFIXES = ("tv:", "torchvision:")
 # Builders whose defaults add training-only auxiliary outputs; surgery works on the plain classifier.
@@ -124,7 +124,7 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
 
 def _download_error(spec: SourceSpec, exc: Exception) -> WeightsError:
     reason = first_line(exc)
-    return WeightsError(f"could not get pretrained weights for {spec.label} ({reason[:160]}); without network "
+    return WeightsError(f"could not get pretrained weights for {spec.label} ({clip(reason, 160)}); without network "
                         "access pass --weights FILE (a local state dict) or --random-init")
 
 
@@ -159,7 +159,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = first_line(exc)
-        raise WeightsError(f"cannot read weights from {path}: {reason[:200]} "
+        raise WeightsError(f"cannot read weights from {path}: {clip(reason, 200)} "
                            "(only safetensors and weights-only torch files are accepted)") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -229,7 +229,8 @@ def build_from_code(text: str, num_classes: int | None = None, in_chans: int | N
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise ModelNotFoundError(f"importing {path} failed: {type(exc).__name__}: {first_line(exc)[:200]}") from exc
+        reason = clip(first_line(exc), 200)
+        raise ModelNotFoundError(f"importing {path} failed: {type(exc).__name__}: {reason}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelNotFoundError(f"{path} has no function '{name}'")
@@ -243,7 +244,7 @@ def build_from_code(text: str, num_classes: int | None = None, in_chans: int | N
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ModelNotFoundError(f"{text} failed: {type(exc).__name__}: {first_line(exc)[:200]}") from exc
+        raise ModelNotFoundError(f"{text} failed: {type(exc).__name__}: {clip(first_line(exc), 200)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelNotFoundError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -24,6 +24,14 @@ def first_line(exc: BaseException, default: str | None = None) -> str:
     return type(exc).__name__ if default is None else default
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, marked with "..."."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "..."
+
+
 @contextmanager
 def training_mode(module, training: bool):
     """``module`` in train (``training``) or eval mode for the block; its previous mode is put

@@ -42,3 +42,13 @@ def test_replacing_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
     write_text_replacing(path, "new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_clip_cuts_long_messages_at_a_word_and_marks_the_cut():
+    from flexsurgeon.utils import clip
+
+    assert clip("short enough", 40) == "short enough"
+    text = "could not resolve host huggingface.co after several retries, giving up now"
+    cut = clip(text, 40)
+    assert len(cut) <= 40 and cut.endswith("...") and text.startswith(cut[:-3])
+    assert cut[:-3].split()[-1] in text.split()  # a whole word, not cut mid-word
