@@ -98,8 +98,9 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
         import timm
 
         if weights == "pretrained":
+            overlay = _offline_hub_weights(spec)
             try:
-                return timm.create_model(spec.name, pretrained=True, **spec.kwargs)
+                return timm.create_model(spec.name, pretrained=True, **overlay, **spec.kwargs)
             except Exception as exc:  # hub, URL and file errors all mean "no weights here"
                 raise _download_error(spec, exc) from exc
         model = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
@@ -120,6 +121,32 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
     if weights not in ("random", "pretrained"):
         load_weights_file(model, Path(weights))
     return model
+
+
+def _offline_hub_weights(spec: SourceSpec) -> dict:
+    """Where the Hugging Face Hub cannot be reached, the cached weights file as timm's
+    ``pretrained_cfg_overlay`` (or a WeightsError at once): the hub client would retry for
+    most of a minute before falling back to its cache or failing."""
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.name)
+    if cfg is None or not cfg.hf_hub_id:
+        return {}
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return {}
+    except OSError:
+        pass
+    for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(cached, str):
+            return {"pretrained_cfg_overlay": {"file": cached, "hf_hub_id": None, "url": None}}
+    raise WeightsError(f"could not get pretrained weights for {spec.label}: no network (huggingface.co cannot be "
+                       f"reached) and they are not in the local cache; pass --weights FILE (a local state dict) "
+                       "or --random-init")
 
 
 def _download_error(spec: SourceSpec, exc: Exception) -> WeightsError:

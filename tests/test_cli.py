@@ -132,3 +132,46 @@ def test_convert_weights_keeps_the_class_count_of_their_trained_head(tmp_path):
     with pytest.warns(UserWarning, match="a classifier for other classes.*re-initialised"):
         renewed = flexsurgeon.convert("resnet10t", weights=tmp_path / "ten.safetensors", img_size=64, num_classes=4)
     assert renewed.flexsurgeon_plan.num_classes == 4
+
+
+NO_NETWORK = """
+import socket, sys
+def no_dns(*args, **kwargs):
+    raise socket.gaierror(-2, "Name or service not known")
+socket.getaddrinfo = no_dns
+from flexsurgeon.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_pretrained_without_network_fails_at_once_or_uses_the_hub_cache(tmp_path):
+    import time
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    import flexsurgeon
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # as on a user's machine
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    args = [sys.executable, "-c", NO_NETWORK, "convert", "resnet10t", "--img-size", "64"]
+    started = time.perf_counter()
+    missing = subprocess.run([*args, "-o", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and time.perf_counter() - started < 30  # not the hub client's minute of retries
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "Error: could not get pretrained weights for resnet10t: no network (huggingface.co cannot be reached) and "
+        "they are not in the local cache; pass --weights FILE (a local state dict) or --random-init")
+
+    # the same weights in the hub cache, as an earlier download left them
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--resnet10t.c3_in1k"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    torch.manual_seed(3)
+    cached = timm.create_model("resnet10t").state_dict()
+    save_file(cached, str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+    found = subprocess.run([*args, "-o", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert found.returncode == 0, found.stderr[-2000:]
+    converted = flexsurgeon.load(tmp_path / "b").state_dict()
+    assert torch.equal(converted["conv1.0.weight"], cached["conv1.0.weight"])

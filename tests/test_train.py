@@ -94,6 +94,7 @@ def test_num_classes_re_heads_a_converted_folder_for_data_with_other_classes(con
 
 def test_resume_before_the_first_checkpoint_starts_the_run_and_says_so(converted, tmp_path):
     run = tmp_path / "run"
+    run.mkdir()  # an empty run folder, as a preemptible job's first attempt may leave
     output = _finetune(converted, "--data", DATA, "--recipe", "smoke", "--epochs", "1", "-o", run, "--resume")
     assert f"nothing to resume in {run} yet: starting the run" in output
     assert [r["epoch"] for r in _log(run)] == [1] and (run / "last" / "training_state.json").is_file()
@@ -357,7 +358,15 @@ def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_st
 
 
 def test_a_model_that_could_not_be_saved_is_refused_before_training(tmp_path):
-    model = timm.create_model("resnet18", num_classes=4)  # from Python, without convert: no checkpoint for it
+    class Net(torch.nn.Module):  # a custom model trained from Python without convert: no checkpoint for it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    model = Net()
     data = load_data(DATA, data_config={"input_size": (3, 32, 32)})
     with pytest.raises(flexsurgeon.FlexSurgeonError, match="only models returned by flexsurgeon.convert"):
         finetune(model, data, load_recipe("smoke"), tmp_path / "run", progress=False, log=lambda *a: None)
