@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A converted timm resnet18 folder (64x64, 4 classes) for tests that fine-tune or write into runs."""
+    import flexsurgeon
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("convert") / "resnet18"
+    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), directory)
+    return directory
+
+
 @pytest.fixture
 def x64():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

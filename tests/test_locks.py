@@ -5,10 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-import flexsurgeon
 from flexsurgeon.cli import main
 from flexsurgeon.locks import hold
 
@@ -31,14 +29,6 @@ def holder(tmp_path):
     yield process
     process.kill()
     process.wait()
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("locks") / "converted"
-    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), directory)
-    return directory
 
 
 def _cli(*args):

@@ -23,14 +23,6 @@ DATA = "synthetic:classes=4,train=96,val=64"
 VOLATILE = {"seconds", "images_per_s"}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("convert") / "resnet18"
-    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), directory)
-    return directory
-
-
 def _finetune(*args):
     result = CliRunner().invoke(main, ["finetune", *map(str, args)])
     assert result.exit_code == 0, result.output
