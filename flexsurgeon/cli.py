@@ -6,125 +6,22 @@ traceback instead).
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
-from .errors import FlexSurgeonError
+from .cli_options import (
+    friendly_errors,
+    model_code_option,
+    size_callback,
+    stages_callback,
+    surgery_kwargs,
+    surgery_options,
+    weight_options,
+    weights_callback,
+)
 from .pool_kinds import POOL_KINDS
-from .utils import clip, first_line, parse_size
-
-
-def _friendly_errors(command):
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except FlexSurgeonError as exc:
-            if debug:
-                raise
-            raise click.ClickException(str(exc)) from None
-        except (click.ClickException, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # an unexpected failure still gets one line, not a traceback
-            if debug:
-                raise
-            first = first_line(exc, "")
-            raise click.ClickException(f"unexpected {type(exc).__name__}: {clip(first, 300)} "
-                                       "(rerun with --debug for the traceback)") from None
-    return run
-
-
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"'{value}' is not a size: {exc}") from None
-
-
-def _stages(ctx, param, value):
-    if value is None:
-        return None
-    if value.strip().lower() in ("none", ""):
-        return []
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _weights(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers") from None
-
-
-def _surgery_options(command):
-    options = [
-        click.option("--img-size", callback=_size, metavar="N|HxW",
-                     help="Input size FlexPool is built for [default: the model's pretrained input size]."),
-        click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Input channels (timm models)."),
-        click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new classifier."),
-        click.option("--pool", type=click.Choice(POOL_KINDS), default="softmax", show_default=True,
-                     help="FlexPool parametrisation (linear adds a sum-to-one regulariser)."),
-        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-                     help="Dropout on the pooled vector (the paper uses 0.25)."),
-        click.option("--sac-stages", callback=_stages, metavar="LIST",
-                     help="SAC taps: stage indices, node names or module paths, comma-separated; "
-                          "'none' for no heads [default: the two stages before the last]."),
-        click.option("--sac-weights", callback=_weights, metavar="LIST",
-                     help="Loss weights, heads then main, increasing [default: 0.1,0.2,0.7 for two heads]."),
-        click.option("--replace-gating", is_flag=True, help="Also replace squeeze-excite (gating) pools."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _weight_options(command):
-    """Where the source model's weights come from: ``weights`` is "pretrained" or "random",
-    ``weights_file`` a local state dict that takes precedence."""
-    options = [
-        click.option("--pretrained", "weights", flag_value="pretrained", default=True,
-                     help="Start from the library's pretrained weights (needs network) [default]."),
-        click.option("--weights", "weights_file", type=click.Path(dir_okay=False),
-                     help="Start from a local state dict (.safetensors, or .pth/.bin read with weights_only=True)."),
-        click.option("--random-init", "weights", flag_value="random", help="Start from random weights."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-_MODEL_CODE_HELP = ("FILE.py:FACTORY that builds the source model of a folder converted from your own model "
-                    "(flexsurgeon never imports code a folder names)")
-
-
-def _model_code(ctx, param, value):
-    from .models import is_model_code
-
-    if value is not None and not is_model_code(value):
-        raise click.BadParameter(f"'{value}' is not FILE.py:FACTORY")
-    return value
-
-
-def _model_code_option(command):
-    return click.option("--model-code", callback=_model_code, metavar="FILE.py:FACTORY", help=_MODEL_CODE_HELP)(
-        command)
-
-
-def _surgery_kwargs(params: dict) -> dict:
-    return {
-        "img_size": params["img_size"], "in_chans": params["in_chans"], "num_classes": params["num_classes"],
-        "pool": params["pool"], "dropout": params["dropout"], "sac_stages": params["sac_stages"],
-        "sac_weights": params["sac_weights"], "replace_gating": params["replace_gating"],
-    }
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,12 +35,12 @@ def main(debug: bool) -> None:
 @click.argument("model")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Folder to write config.json and model.safetensors to.")
-@_surgery_options
-@_weight_options
+@surgery_options
+@weight_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the new SAC heads' initial weights (and the model's, with --random-init).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@_friendly_errors
+@friendly_errors
 def convert(model, output, weights, weights_file, seed, force, **params):
     """Convert MODEL (a timm name, tv:NAME for torchvision, or FILE.py:FACTORY for your own
     model) and save it to OUTPUT."""
@@ -162,7 +59,7 @@ def convert(model, output, weights, weights_file, seed, force, **params):
             raise CheckpointError(f"output folder {output} already exists; pass --force to replace it")
         source = weights_file if weights_file else weights
         torch.manual_seed(seed)  # the same command writes the same weights
-        converted = convert_model(model, weights=source, progress=True, **_surgery_kwargs(params))
+        converted = convert_model(model, weights=source, progress=True, **surgery_kwargs(params))
         path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
     click.echo(converted_line(plan))
@@ -172,15 +69,15 @@ def convert(model, output, weights, weights_file, seed, force, **params):
 
 @main.command()
 @click.argument("model")
-@_surgery_options
+@surgery_options
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-@_friendly_errors
+@friendly_errors
 def inspect(model, as_json, **params):
     """Show MODEL's global pools and stages, and what convert would do (MODEL as for convert)."""
     from .report import inspection_report
     from .surgery import inspect as inspect_model
 
-    found = inspect_model(model, weights="random", **_surgery_kwargs(params))
+    found = inspect_model(model, weights="random", **surgery_kwargs(params))
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
@@ -204,24 +101,25 @@ def inspect(model, as_json, **params):
 @click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
 @click.option("--seed", type=int, help="Recipe override.")
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), help="Recipe override.")
-@click.option("--img-size", callback=_size, metavar="N|HxW", help="Recipe override (when SOURCE is a model name).")
+@click.option("--img-size", callback=size_callback, metavar="N|HxW",
+              help="Recipe override (when SOURCE is a model name).")
 @click.option("--pool", type=click.Choice(POOL_KINDS), help="Recipe override (when converting).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Recipe override (when converting).")
-@click.option("--sac-weights", callback=_weights, metavar="LIST",
+@click.option("--sac-weights", callback=weights_callback, metavar="LIST",
               help="Recipe override: loss weights, heads then main.")
 @click.option("--keep-sac/--drop-sac", default=None,
               help="Keep SAC heads in best/ (last/ always keeps them) [recipe default: drop].")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
-@click.option("--sac-stages", callback=_stages, metavar="LIST", help="SAC taps when converting a model name.")
+@click.option("--sac-stages", callback=stages_callback, metavar="LIST", help="SAC taps when converting a model name.")
 @click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
               help="Input channels when converting a timm model name.")
 @click.option("--replace-gating", is_flag=True, help="Also replace gating pools when converting.")
-@_weight_options
+@weight_options
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last/ checkpoint.")
 @click.option("--num-classes", type=click.IntRange(min=1),
               help="Re-initialise a converted folder's classifier and SAC heads for N classes (the data's).")
-@_model_code_option
-@_friendly_errors
+@model_code_option
+@friendly_errors
 def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
              resume, num_classes, model_code, **overrides):
     """Fine-tune SOURCE (a folder written by convert, or a model to convert first: a timm name,
@@ -257,8 +155,8 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
               help="Folder for the PNGs [default: DIR/plots].")
 @click.option("--top", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channels per weight map: those with the largest spread (max - min of the weights).")
-@_model_code_option
-@_friendly_errors
+@model_code_option
+@friendly_errors
 def plot(path, output, top, model_code):
     """Write PNGs for DIR: FlexPool weight maps (a model folder), training curves (a finetune run,
     plus its best/ model's weight maps) or the accuracy plot (an ablation folder with results.csv).
@@ -280,13 +178,13 @@ def plot(path, output, top, model_code):
               show_default=True, help="Val fraction, for data without a val part of its own.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val split.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classes of a model given by name.")
-@click.option("--img-size", callback=_size, metavar="N|HxW", help="Input size for a model given by name.")
+@click.option("--img-size", callback=size_callback, metavar="N|HxW", help="Input size for a model given by name.")
 @click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
               help="Input channels for a model given by name.")
-@_weight_options
+@weight_options
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-@_model_code_option
-@_friendly_errors
+@model_code_option
+@friendly_errors
 def eval_command(source, data_spec, batch_size, workers, device, val_split, seed, num_classes, img_size, in_chans,
                  weights, weights_file, as_json, model_code):
     """Top-1, top-5 and loss of the main classifier and every SAC head on the val split.
@@ -316,12 +214,12 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
               help="onnx: one .onnx file; safetensors: a convert-style folder for inference.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(),
               help="The .onnx file, or the folder, to write.")
-@click.option("--img-size", callback=_size, metavar="N|HxW",
+@click.option("--img-size", callback=size_callback, metavar="N|HxW",
               help="ONNX input size; FlexPool weights are fixed for it [default: the model's input size].")
 @click.option("--opset", type=click.IntRange(min=7), help="ONNX opset [default: torch's].")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@_model_code_option
-@_friendly_errors
+@model_code_option
+@friendly_errors
 def export_command(directory, fmt, output, img_size, opset, force, model_code):
     """Export the model in DIR for inference, without SAC heads.
 
@@ -365,15 +263,15 @@ def export_command(directory, fmt, output, img_size, opset, force, model_code):
 @click.option("--epochs", type=click.IntRange(min=1), help="Recipe override.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Recipe override.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recipe override.")
-@click.option("--img-size", callback=_size, metavar="N|HxW", help="Recipe override.")
+@click.option("--img-size", callback=size_callback, metavar="N|HxW", help="Recipe override.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Recipe override.")
 @click.option("--workers", type=click.IntRange(min=0), help="Recipe override: data loader workers.")
 @click.option("--seed", type=int, help="Recipe override: the first seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
 @click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,
               help="Input channels (timm models; 1 for gray data).")
-@_weight_options
-@_friendly_errors
+@weight_options
+@friendly_errors
 def ablate(model, data_spec, variants, seeds, recipe, output, sets, in_chans, weights, weights_file, **overrides):
     """Fine-tune pooling variants of MODEL (a timm name, tv:NAME or FILE.py:FACTORY) with paired
     seeds and compare their accuracy.
