@@ -64,10 +64,20 @@ class _KeepFlexPools:
             source = plan.source
             if source is not None and source.library != "custom":  # rebuilt on load with the new head
                 source = dataclasses.replace(source, kwargs={**source.kwargs, "num_classes": num_classes})
-            model.flexsurgeon_plan = dataclasses.replace(plan, num_classes=num_classes, source=source)
+            record_plan(model, dataclasses.replace(plan, num_classes=num_classes, source=source))
 
     def __reduce__(self):
         return _KeepFlexPools, (self.model,)
+
+
+def record_plan(model: nn.Module, plan: SurgeryPlan) -> None:
+    """Keep ``plan`` on the model, and among the arguments timm records for rebuilding it
+    (``_model_args``, which timm's ``save_for_hf`` and ``push_to_hf_hub`` write into
+    config.json), so what those write loads as this converted model again."""
+    model.flexsurgeon_plan = plan
+    recorded = getattr(model, "_model_args", None)
+    model._model_args = {**(recorded if isinstance(recorded, dict) else {}), "num_classes": plan.num_classes,
+                         "plan": plan.to_dict()}
 
 
 def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
@@ -96,7 +106,7 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     for tap in plan.sac:
         _submodule(model, tap.module)
     model.sac_heads = SACHeads.from_plan(plan).to(device=device, dtype=dtype)
-    model.flexsurgeon_plan = plan
+    record_plan(model, plan)
     if callable(getattr(type(model), "reset_classifier", None)):
         model.reset_classifier = _KeepFlexPools(model)
     return model

@@ -251,6 +251,28 @@ def export_command(directory, fmt, output, img_size, opset, force, model_code):
 
 
 @main.command()
+@click.argument("directory", metavar="DIR", type=click.Path())
+@click.argument("repo_id", metavar="REPO_ID")
+@click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist yet).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created when missing) [default: main].")
+@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False), metavar="OUT",
+              help="Write the files that would be uploaded to OUT, and upload nothing.")
+@friendly_errors
+def push(directory, repo_id, private, revision, dry_run):
+    """Upload DIR (a convert, finetune or export folder) to the Hugging Face Hub as REPO_ID
+    (ORG/NAME), with a model card, in one commit.
+
+    Loads afterwards with timm.create_model('hf-hub:REPO_ID', pretrained=True) after
+    import flexsurgeon. Needs huggingface_hub (pip install 'flexsurgeon[hub]') and a login
+    (hf auth login, or HF_TOKEN)."""
+    from .hub import push as push_folder
+
+    result = push_folder(directory, repo_id, private=private, revision=revision, dry_run=dry_run)
+    where = f"wrote to {result.output}/" if result.output else f"pushed to {repo_id}: {result.url}"
+    click.echo(f"{where} ({', '.join(result.files)}); commit message: {result.commit_message!r}")
+
+
+@main.command()
 @click.argument("model")
 @click.option("--data", "data_spec", required=True, metavar="PATH", help="Any --data form finetune takes.")
 @click.option("--variants", default="avg,flex,flex+sac", show_default=True, metavar="LIST",

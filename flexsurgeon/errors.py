@@ -72,3 +72,7 @@ class ExportError(FlexSurgeonError):
 
 class PlotError(FlexSurgeonError):
     """Nothing plottable, an unreadable log or results file, or matplotlib is not installed."""
+
+
+class HubError(FlexSurgeonError):
+    """The Hugging Face Hub could not be used (no huggingface_hub, no credentials, no network)."""

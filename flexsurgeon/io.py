@@ -24,6 +24,9 @@ PLAN_METADATA_KEY = "flexsurgeon_plan"
 # what config.json may hold: ours, plus the fields timm's hub tools add
 _CONFIG_KEYS = {"architecture", "num_classes", "num_features", "pretrained_cfg", "model_args", "global_pool",
                 "label_names", "label_descriptions"}
+# model_args fields timm's export writes for information; they do not change what is built
+_INFORMATIONAL_ARGS = ("global_pool", "img_size")
+_MISSING = object()
 # pretrained_cfg fields that point at the source's download location; a converted model has none
 _SOURCE_LOCATION_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag",
                          "custom_load", "hf_hub_revision")
@@ -145,12 +148,23 @@ def read_config(directory) -> dict:
     model_args = config.get("model_args")
     if not isinstance(model_args, dict) or "plan" not in model_args:
         raise CheckpointError(f"{path} has no model_args.plan")
-    if set(model_args) != {"plan"}:
-        raise CheckpointError(f"{path} has unknown model_args field(s) "
-                              f"{', '.join(sorted(set(model_args) - {'plan'}))}; only the plan belongs there")
     if not isinstance(config.get("pretrained_cfg", {}), dict):
         raise CheckpointError(f"{path}: pretrained_cfg must be a JSON object")
     return config
+
+
+def check_model_args(model_args: dict, plan: SurgeryPlan) -> None:
+    """Besides the plan, a config's ``model_args`` may hold only what timm's own export
+    records from a converted model: its class and channel counts (the plan's), its pool type
+    and input size (for information), and the source's own builder arguments (the plan's
+    values). Anything else would reach the model builder from a file, so it is refused."""
+    source_kwargs = plan.source.kwargs if plan.source is not None else {}
+    fixed = {"num_classes": plan.num_classes, "in_chans": plan.in_chans}
+    wrong = sorted(k for k, v in model_args.items() if k != "plan" and k not in _INFORMATIONAL_ARGS
+                   and fixed.get(k, source_kwargs.get(k, _MISSING)) != v)
+    if wrong:
+        raise CheckpointError(f"model_args field(s) {', '.join(wrong)} disagree with the plan or are not part of it; "
+                              "the file has been edited or was not written from a converted model")
 
 
 def _check_config_matches_plan(config: dict, plan: SurgeryPlan, directory: Path) -> None:
@@ -158,6 +172,10 @@ def _check_config_matches_plan(config: dict, plan: SurgeryPlan, directory: Path)
     if num_classes != plan.num_classes:
         raise CheckpointError(f"{directory / CONFIG_NAME} says num_classes {num_classes!r} but its plan has "
                               f"{plan.num_classes}; the file has been edited")
+    try:
+        check_model_args(config["model_args"], plan)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from None
 
 
 def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str, list[int]]:
@@ -237,12 +255,20 @@ def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) 
 
 
 def load(directory, model=None):
-    """Rebuild the converted model saved in ``directory`` and load its weights.
+    """Rebuild the converted model saved in ``directory`` (or in the Hub repository
+    ``hf-hub:ORG/NAME[@REVISION]``) and load its weights.
 
     ``model``: the unconverted source, built by the caller; needed for a folder converted
     from a custom model (any ``nn.Module``), optional otherwise. The plan is applied to that
     object itself and the weights are loaded strictly.
     """
+    from .hub import is_hub_name
+
+    hub_name = str(directory) if is_hub_name(directory) else None
+    if hub_name:
+        from .hub import download_checkpoint
+
+        directory = download_checkpoint(hub_name)
     directory = Path(directory)
     config = read_config(directory)
     from .models import check_source
@@ -262,7 +288,10 @@ def load(directory, model=None):
 
         apply_plan(model, plan)
     load_weights(model, directory / WEIGHTS_NAME, shapes)
-    model.pretrained_cfg = model.default_cfg = as_tuples(config.get("pretrained_cfg") or {})
+    cfg = as_tuples(config.get("pretrained_cfg") or {})
+    if hub_name:  # as timm records a model it loaded from the Hub
+        cfg.update(hf_hub_id=hub_name.removeprefix("hf-hub:"), source="hf-hub")
+    model.pretrained_cfg = model.default_cfg = cfg
     return model
 
 
@@ -270,9 +299,11 @@ def load_folder(directory, model_code: str | None = None):
     """``load``, with the source built from ``FILE.py:FACTORY`` when the command line names one."""
     model = None
     if model_code is not None:
+        from .hub import download_checkpoint, is_hub_name
         from .models import build_from_code
 
-        plan = SurgeryPlan.from_dict(read_config(directory)["model_args"]["plan"])
+        folder = download_checkpoint(str(directory)) if is_hub_name(directory) else directory
+        plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
         model = build_from_code(model_code, num_classes=plan.num_classes, in_chans=plan.in_chans)
     return load(directory, model=model)
 

@@ -91,6 +91,22 @@ def check_source(spec: SourceSpec) -> None:
         raise ModelNotFoundError(f"unknown model library '{spec.library}'")
 
 
+def weights_origin(spec: SourceSpec | None, weights: str | Path, model: nn.Module) -> str:
+    """Where ``model``'s weights came from, for ``SourceSpec.weights``: ``hf-hub:ID`` (timm's
+    pretrained weights), ``torchvision:DEFAULT``, ``file:NAME`` or ``random``."""
+    if weights == "random":
+        return "random"
+    if weights != "pretrained":
+        return f"file:{Path(weights).name}"
+    if spec is not None and spec.library == "torchvision":
+        return "torchvision:DEFAULT"
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if cfg.get("hf_hub_id"):
+        return f"hf-hub:{cfg['hf_hub_id']}"
+    return f"timm:{cfg['architecture']}.{cfg['tag']}" if cfg.get("architecture") and cfg.get("tag") else "pretrained"
+
+
 def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
     """Instantiate ``spec`` with random, pretrained or file weights."""
     check_source(spec)

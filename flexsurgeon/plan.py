@@ -38,6 +38,9 @@ class SourceSpec:
     library: str
     name: str
     kwargs: dict = field(default_factory=dict)
+    # where the converted weights started, for people reading the folder (a model card):
+    # hf-hub:ID, torchvision:DEFAULT, file:NAME or random; "" when the caller built the model
+    weights: str = ""
 
     @property
     def label(self) -> str:
@@ -112,6 +115,8 @@ class SurgeryPlan:
             if loaders:
                 raise PlanError(f"plan source.kwargs may not set {', '.join(loaders)}: a checkpoint's weights come "
                                 "from its model.safetensors, never from a path or download named in a plan")
+            if not isinstance(self.source.weights, str) or len(self.source.weights) > 300:
+                raise PlanError("plan source.weights must be a short text")
         for key in ("num_classes", "in_chans"):
             value = getattr(self, key)
             if not _positive_int(value):
@@ -184,7 +189,7 @@ class SurgeryPlan:
         try:
             source = data.get("source")
             if source is not None:
-                _check_keys(source, {"library", "name", "kwargs"}, "source")
+                _check_keys(source, {"library", "name", "kwargs", "weights"}, "source")
                 source = SourceSpec(**source)
             pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "method", "forward"}
             pools = tuple(PoolEdit(**_sized(_check_keys(p, pool_keys, "pools"))) for p in _list(data["pools"], "pools"))

@@ -5,6 +5,7 @@ plan and reports what convert would do.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,18 +41,22 @@ def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.M
         is_model_code,
         load_weights_file,
         parse_source,
+        weights_origin,
     )
 
+    origin = ""  # an instance the caller built: where its weights came from is not known here
     if is_model_code(model_or_name):  # the user's own code, named by the user
         model_or_name = build_from_code(model_or_name, num_classes=num_classes, in_chans=in_chans)
         if weights not in ("random", "pretrained"):
             load_weights_file(model_or_name, Path(weights))
+        origin = weights_origin(None, weights, model_or_name)
     elif isinstance(model_or_name, str):
         if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
             num_classes = classes_in_weights(build_source(parse_source(model_or_name, in_chans=in_chans)),
                                              Path(weights))
         spec = parse_source(model_or_name, num_classes=num_classes, in_chans=in_chans)
-        return build_source(spec, weights), spec
+        model = build_source(spec, weights)
+        return model, dataclasses.replace(spec, weights=weights_origin(spec, weights, model))
     if not isinstance(model_or_name, nn.Module):
         raise FlexSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_name).__name__}")
     model = model_or_name
@@ -61,7 +66,8 @@ def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.M
         if not hasattr(model, "reset_classifier"):
             raise FlexSurgeonError("this model has no reset_classifier(); build it with the classes you want")
         model.reset_classifier(num_classes)
-    return model, _timm_spec_of(model) or SourceSpec("custom", type(model).__name__, {})
+    spec = _timm_spec_of(model) or SourceSpec("custom", type(model).__name__, {})
+    return model, dataclasses.replace(spec, weights=origin)
 
 
 def _timm_spec_of(model: nn.Module) -> SourceSpec | None:

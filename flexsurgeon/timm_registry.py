@@ -1,4 +1,5 @@
-"""The timm architecture ``flexsurgeon``: what ``timm.create_model('local-dir:DIR')`` calls.
+"""The timm architecture ``flexsurgeon``: what ``timm.create_model('local-dir:DIR')`` and
+``timm.create_model('hf-hub:ORG/NAME')`` call.
 
 A checkpoint's ``config.json`` names this architecture and holds the plan in
 ``model_args``; timm passes the plan and the user's keyword arguments to the entrypoint,
@@ -9,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CheckpointError, PlanError
-from .io import ARCHITECTURE, WEIGHTS_NAME, as_tuples, build_from_plan, load_weights, read_weights_header
+from .io import (
+    ARCHITECTURE,
+    WEIGHTS_NAME,
+    as_tuples,
+    build_from_plan,
+    check_model_args,
+    load_weights,
+    read_weights_header,
+)
 from .plan import SurgeryPlan
 from .utils import first_line
 
@@ -26,21 +35,28 @@ _REFUSED = {
                 "convert again with --img-size to change it",
 }
 # what timm's create_model passes to every entrypoint, and what we set ourselves
-_TIMM_PLUMBING = ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args", "pretrained_strict")
+_TIMM_PLUMBING = ("pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
 
 
-def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, **kwargs):
-    """timm entrypoint for ``architecture: flexsurgeon`` (reached through ``local-dir:DIR``).
+def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, pretrained_model_args=None,
+                     **kwargs):
+    """timm entrypoint for ``architecture: flexsurgeon`` (reached through ``local-dir:DIR`` or
+    ``hf-hub:ORG/NAME``).
 
     Other keyword arguments go to the source model's builder (``drop_rate``,
     ``drop_path_rate``, ...), as ``timm.create_model`` would pass them to the source; those
-    the plan fixes must agree with it, and those that cannot apply are refused.
+    the plan fixes must agree with it, and those that cannot apply are refused. timm also
+    passes the checkpoint's own ``model_args`` (``pretrained_model_args``): they are checked
+    against the plan, and the values they set are not the user's requests.
     """
     if plan is None:
         raise PlanError("the flexsurgeon architecture needs the plan from a checkpoint's config.json "
-                        "(timm.create_model('local-dir:DIR', pretrained=True))")
+                        "(timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True))")
     plan = SurgeryPlan.from_dict(plan)
-    extra = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_PLUMBING}
+    recorded = dict(pretrained_model_args or {})
+    check_model_args(recorded, plan)
+    extra = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_PLUMBING
+             and (k in _PLAN_FIXED or k not in recorded or recorded[k] != v)}
     for key, message in _REFUSED.items():
         if extra.get(key) not in (None, False):
             raise PlanError(message)
@@ -58,10 +74,15 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, *
                         f"{first_line(exc, str(exc))}") from exc
     cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg or {})
     if pretrained:
-        location = cfg.get("file")
-        if not location:
-            raise CheckpointError("pretrained=True needs a checkpoint folder: use 'local-dir:DIR'")
-        load_weights(model, Path(location) / WEIGHTS_NAME, read_weights_header(Path(location) / WEIGHTS_NAME, plan))
+        if cfg.get("file"):
+            weights = Path(cfg["file"]) / WEIGHTS_NAME
+        elif cfg.get("hf_hub_id"):
+            from .hub import download_file
+
+            weights = download_file(cfg["hf_hub_id"], WEIGHTS_NAME)
+        else:
+            raise CheckpointError("pretrained=True needs a checkpoint: use 'local-dir:DIR' or 'hf-hub:ORG/NAME'")
+        load_weights(model, weights, read_weights_header(weights, plan))
     model.pretrained_cfg = model.default_cfg = as_tuples(cfg)
     return model
 

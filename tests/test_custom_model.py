@@ -66,7 +66,8 @@ def test_convert_save_and_load_into_a_model_the_user_built(tmp_path):
         expected = converted(x)
     folder = flexsurgeon.save(converted, tmp_path / "custom")
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_args"]["plan"]["source"] == {"library": "custom", "name": "SmallCNN", "kwargs": {}}
+    assert config["model_args"]["plan"]["source"] == {"library": "custom", "name": "SmallCNN", "kwargs": {},
+                                                      "weights": ""}  # the caller built it: origin unknown
 
     loaded = flexsurgeon.load(folder, model=SmallCNN()).eval()
     assert type(loaded) is SmallCNN

@@ -183,7 +183,7 @@ FILE_DAMAGE = {  # name -> (damage, words the message holds); all refused before
                                     "names architecture 'resnet50'"),
     "config extra field": (_edit_config(lambda c: c.update(evil=1)), "unknown field(s) evil"),
     "config extra model_args": (_edit_config(lambda c: c["model_args"].update(checkpoint_path="/etc/passwd")),
-                                "unknown model_args field(s) checkpoint_path"),
+                                "model_args field(s) checkpoint_path disagree with the plan"),
     "config no plan": (_edit_config(lambda c: c.pop("model_args")), "has no model_args.plan"),
     "config pretrained_cfg not an object": (_edit_config(lambda c: c.update(pretrained_cfg=[1])),
                                             "pretrained_cfg must be a JSON object"),

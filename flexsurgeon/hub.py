@@ -1,0 +1,285 @@
+"""The Hugging Face Hub: ``hf-hub:ORG/NAME`` checkpoints, and ``flexsurgeon push`` with a model card.
+
+A Hub repository holds what a checkpoint folder holds (config.json, model.safetensors), so
+loading one is downloading those two files through huggingface_hub's cache (which honours
+``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``) and reading the cached folder with the same checks
+as a local one. ``push`` uploads a folder's two files, a model card written from the plan
+and the run's recipe and log, and the run's plots, in one commit. huggingface_hub is the
+``hub`` extra (timm depends on it, so it is usually there already).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError, HubError
+from .io import WEIGHTS_NAME, read_config, read_weights_header
+from .plan import SurgeryPlan
+from .utils import CONFIG_NAME, LOG_NAME, clip, first_line
+
+HUB_PREFIX = "hf-hub:"
+CARD_NAME = "README.md"
+PLOTS_DIR = "plots"
+RECIPE_NAME = "recipe.yaml"
+_INSTALL = "pip install 'flexsurgeon[hub]'"
+# timm's pretrained tags name the data set the weights were trained on
+_TAG_DATASETS = {"in1k": "imagenet-1k", "in12k": "imagenet-12k", "in21k": "imagenet-21k", "in22k": "imagenet-22k"}
+CITATION = """@inproceedings{ali2023flexpooling,
+  title     = {FlexPooling with Simple Auxiliary Classifiers in Deep Networks},
+  author    = {Ali and Alsuwaidi and Khan},
+  booktitle = {Proceedings of the 18th International Joint Conference on Computer Vision, Imaging and
+               Computer Graphics Theory and Applications (VISAPP)},
+  pages     = {497--505},
+  year      = {2023},
+  note      = {arXiv:2606.14926}
+}"""
+
+
+def _hub():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise HubError(f"the Hugging Face Hub needs huggingface_hub: {_INSTALL}") from None
+    return huggingface_hub
+
+
+def is_hub_name(text) -> bool:
+    return isinstance(text, str) and text.startswith(HUB_PREFIX)
+
+
+def split_repo(name: str) -> tuple[str, str | None]:
+    """``hf-hub:ORG/NAME@REV`` (or ``ORG/NAME@REV``) -> ``("ORG/NAME", "REV")``; a one-line error
+    for anything that is not a repository id."""
+    repo, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
+    parts = repo.split("/")
+    if not repo or len(parts) > 2 or not all(parts) or any(c.isspace() for c in repo):
+        raise HubError(f"'{name}' is not a Hub repository: expected ORG/NAME (optionally @REVISION)")
+    return repo, revision or None
+
+
+def download_file(name: str, filename: str) -> Path:
+    """One file of the repository ``name`` (``[hf-hub:]ORG/NAME[@REV]``), from the local cache or
+    the Hub; without network and not cached, a one-line CheckpointError."""
+    hub = _hub()
+    repo, revision = split_repo(name)
+    try:
+        return Path(hub.hf_hub_download(repo, filename, revision=revision))
+    except Exception as exc:  # offline, not found, gated, network: all mean "no such file here"
+        raise CheckpointError(f"cannot get {filename} of hf-hub:{repo}"
+                              f"{'@' + revision if revision else ''}: {clip(first_line(exc), 200)}") from None
+
+
+def download_checkpoint(name: str) -> Path:
+    """The cached folder holding config.json and model.safetensors of the repository ``name``."""
+    config = download_file(name, CONFIG_NAME)
+    weights = download_file(name, WEIGHTS_NAME)
+    if config.parent != weights.parent:  # both come from one snapshot of the repository
+        raise CheckpointError(f"{name}: config.json and model.safetensors came from different revisions")
+    return config.parent
+
+
+# --- push -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    files: list[str]
+    commit_message: str
+    url: str | None  # the commit's, after an upload; None for a dry run
+    output: Path | None  # the dry run's folder
+
+
+def _model_and_run(directory: Path) -> tuple[Path, Path | None]:
+    """The model folder DIR means (itself, or a run's best/) and the finetune run it belongs to."""
+    from .evaluation import checkpoint_folder
+
+    folder = checkpoint_folder(directory)
+    for run in (folder, folder.parent):
+        if (run / LOG_NAME).is_file():
+            return folder, run
+    return folder, None
+
+
+def _final_metrics(run: Path) -> dict | None:
+    from .errors import PlotError
+    from .plot import read_log
+
+    try:
+        records = read_log(run / LOG_NAME)
+    except PlotError:
+        return None
+    last = records[-1]
+    best = max(records, key=lambda r: r["val"]["top1"]["main"])
+    return {"epochs": last["epoch"], "top1": last["val"]["top1"], "top5": last["val"].get("top5", {}),
+            "best_top1": best["val"]["top1"]["main"], "best_epoch": best["epoch"]}
+
+
+def _card_data(plan, cfg: dict) -> dict:
+    weights = plan.source.weights if plan.source is not None else ""
+    data = {"library_name": "timm", "pipeline_tag": "image-classification",
+            "tags": ["image-classification", "timm", "flexsurgeon", "flexpool"] + (["sac"] if plan.sac else []),
+            "license": cfg.get("license") or "unknown"}
+    if weights.startswith(HUB_PREFIX):
+        data["base_model"] = weights.removeprefix(HUB_PREFIX)
+        tag = data["base_model"].rpartition(".")[2]
+        datasets = [name for key, name in _TAG_DATASETS.items() if key in tag.split("_")]
+        if datasets:
+            data["datasets"] = datasets
+    return data
+
+
+def model_card(directory, repo_id: str) -> str:
+    """The README.md (Hub metadata header, then Markdown) for the model folder DIR means."""
+    import yaml
+
+    folder, run = _model_and_run(Path(directory))
+    config = read_config(folder)
+    plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+    cfg = config.get("pretrained_cfg") or {}
+    source = plan.source
+    label = source.label if source is not None else "a model"
+    header = yaml.safe_dump(_card_data(plan, cfg), sort_keys=False).strip()
+    lines = ["---", header, "---", f"# {repo_id.split('/')[-1]}", "",
+             f"`{label}` with its global average pooling replaced by **FlexPool**"
+             + (" and **SAC heads** for training" if plan.sac else "") + ", made with flexsurgeon.", ""]
+
+    lines += ["## Source", "", f"- model: `{label}` ({source.library if source else 'unknown'})"]
+    if source is not None and source.kwargs:
+        lines.append(f"- built with: `{json.dumps(source.kwargs, sort_keys=True)}`")
+    lines.append(f"- weights it started from: {_weights_text(source.weights if source else '')}")
+    lines += [f"- input: {plan.in_chans}x{plan.img_size[0]}x{plan.img_size[1]}, {plan.num_classes} classes", ""]
+
+    lines += ["## Surgery", "", "| replaced pool | how | input CxHxW | FlexPool variant | dropout |",
+              "|---|---|---|---|---|"]
+    lines += [f"| `{p.module or p.node}` | {p.method.replace('_', ' ')} | {p.channels}x{p.size[0]}x{p.size[1]} | "
+              f"{plan.pool_mode} | {plan.dropout:g} |" for p in plan.pools]
+    if plan.sac:
+        lines += ["", "SAC heads (training only; `model(x)` does not run them):", "",
+                  "| tap | input CxHxW | loss weight |", "|---|---|---|"]
+        lines += [f"| `{t.module or t.node}` | {t.channels}x{t.size[0]}x{t.size[1]} | {w:g} |"
+                  for t, w in zip(plan.sac, plan.sac_weights)]
+        lines.append(f"\nThe main classifier's loss weight is {plan.sac_weights[-1]:g}.")
+    elif run is not None and any(k.startswith("sac:") for k in (_final_metrics(run) or {}).get("top1", {})):
+        lines += ["", "SAC heads helped fine-tuning (see below) and were dropped from this checkpoint."]
+    else:
+        lines += ["", "No SAC heads."]
+    lines.append("")
+
+    if run is not None:
+        lines += _training_section(run)
+    plots = _plots(folder, run)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots] + [""]
+
+    load_args = "" if source is None or source.library != "custom" else ", model=YourModel()"
+    lines += ["## How to load", "", "```bash", "pip install flexsurgeon", "```", "", "```python",
+              "import flexsurgeon  # registers the converted architecture with timm", "import timm", ""]
+    if load_args:
+        lines += [f"model = flexsurgeon.load('hf-hub:{repo_id}'{load_args})  # build YourModel as the source was"]
+    else:
+        lines += [f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)",
+                  f"# or: model = flexsurgeon.load('hf-hub:{repo_id}')"]
+    lines += ["```", "", "## The method", "",
+              "FlexPool is a learned, per-channel weighted average over the positions of the last feature map. "
+              "It starts equal to average pooling (all weights 1/(H*W)), so a converted model first gives the "
+              "source's outputs, and fine-tuning learns where to look. SAC heads are small auxiliary "
+              "classifiers (FlexPool and one linear layer) on intermediate stages; their losses, weighted "
+              "below the main one, help training, and inference uses the main classifier only.", "",
+              "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def _weights_text(origin: str) -> str:
+    if origin.startswith(HUB_PREFIX):
+        return f"`{origin.removeprefix(HUB_PREFIX)}` (the Hub)"
+    return {"random": "random initialisation", "torchvision:DEFAULT": "torchvision's default pretrained weights",
+            "": "as built by its owner"}.get(origin, f"`{origin.removeprefix('file:')}` (a local file)"
+                                              if origin.startswith("file:") else f"`{origin}`")
+
+
+def _training_section(run: Path) -> list[str]:
+    lines = ["## Fine-tuning", ""]
+    metrics = _final_metrics(run)
+    if metrics is not None:
+        lines += [f"After {metrics['epochs']} epoch(s), on the run's validation split:", "",
+                  "| classifier | top-1 | top-5 |", "|---|---|---|"]
+        for head, top1 in metrics["top1"].items():
+            top5 = metrics["top5"].get(head)
+            lines.append(f"| {head} | {top1:.2f} | {'' if top5 is None else f'{top5:.2f}'} |")
+        best = f"{metrics['best_top1']:.2f} (epoch {metrics['best_epoch']})"
+        lines += ["", f"The best epoch's main top-1 was {best}.", ""]
+    recipe = run / RECIPE_NAME
+    if recipe.is_file():
+        lines += ["The recipe (`flexsurgeon finetune` settings):", "", "```yaml",
+                  recipe.read_text().strip(), "```", ""]
+    return lines
+
+
+def _plots(folder: Path, run: Path | None) -> list[Path]:
+    found = {}
+    for place in ([run] if run is not None else []) + [folder]:
+        for png in sorted((place / PLOTS_DIR).glob("*.png")) if (place / PLOTS_DIR).is_dir() else []:
+            found.setdefault(png.name, png)
+    return list(found.values())
+
+
+def _stage(directory: Path, repo_id: str, out: Path) -> list[str]:
+    """Write into ``out`` exactly the files a push uploads; their names, relative to ``out``."""
+    folder, run = _model_and_run(directory)
+    plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
+    read_weights_header(folder / WEIGHTS_NAME, plan)  # the two files belong together
+    card = model_card(directory, repo_id)
+    shutil.copy2(folder / CONFIG_NAME, out / CONFIG_NAME)
+    shutil.copy2(folder / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    (out / CARD_NAME).write_text(card)
+    names = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+    plots = _plots(folder, run)
+    if plots:
+        (out / PLOTS_DIR).mkdir()
+        for png in plots:
+            shutil.copy2(png, out / PLOTS_DIR / png.name)
+            names.append(f"{PLOTS_DIR}/{png.name}")
+    return names
+
+
+def push(directory, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run=None) -> PushResult:
+    """Upload the model folder DIR means (a convert, finetune or export folder) to ``repo_id``
+    in one commit, with a model card; ``dry_run=OUT`` writes the same files to OUT instead."""
+    from . import __version__
+    from .folders import write_folder
+
+    repo, rev = split_repo(repo_id)
+    revision = revision or rev
+    directory = Path(directory)
+    folder, _ = _model_and_run(directory)
+    plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
+    label = plan.source.label if plan.source is not None else "model"
+    message = f"Add {label} with FlexPool (flexsurgeon {__version__})"
+    if dry_run is not None:
+        names: list[str] = []
+        out = write_folder(Path(dry_run), lambda tmp: names.extend(_stage(directory, repo, tmp)), force=False)
+        return PushResult(names, message, None, out)
+
+    hub = _hub()
+    api = hub.HfApi(library_name="flexsurgeon", library_version=__version__)
+    try:
+        api.whoami()
+    except Exception as exc:  # no token, a bad token or no network: nothing has been sent
+        raise HubError(f"cannot push to the Hub: {clip(first_line(exc), 200)} (log in with `hf auth login` or "
+                       "set HF_TOKEN; --dry-run OUT writes the files without uploading)") from None
+    with tempfile.TemporaryDirectory(prefix="flexsurgeon-push-") as tmp:
+        names = _stage(directory, repo, Path(tmp))
+        try:
+            api.create_repo(repo, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo, folder_path=tmp, commit_message=message, revision=revision)
+        except Exception as exc:  # one commit: it landed whole or not at all
+            raise HubError(f"push to {repo} failed, nothing was uploaded: {clip(first_line(exc), 200)}") from None
+    return PushResult(names, message, str(getattr(commit, "commit_url", commit)), None)
+
+
+__all__ = ["is_hub_name", "split_repo", "download_file", "download_checkpoint", "model_card", "push", "PushResult"]

@@ -1,0 +1,201 @@
+"""Hugging Face Hub: push (dry run and a mocked upload), and loading hf-hub: names from an offline cache."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import flexsurgeon
+from flexsurgeon.cli import main
+
+REPO = "someone/resnet18-flexpool"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# loads the repository three ways in a fresh process that has no network and an offline Hub cache
+_LOAD_OFFLINE = """
+import sys, timm, torch, flexsurgeon
+from safetensors.torch import save_file
+x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+name = sys.argv[1]
+out = {}
+with torch.no_grad():
+    out["timm"] = timm.create_model(name, pretrained=True).eval()(x)
+    loaded = flexsurgeon.load(name).eval()
+    out["flexsurgeon"] = loaded(x)
+print(type(loaded).__name__, loaded.pretrained_cfg["hf_hub_id"])
+save_file(out, sys.argv[2])
+"""
+
+
+def _as_hub_cache(files: Path, cache: Path, repo: str = REPO) -> None:
+    """Lay ``files`` out as huggingface_hub's cache holds a downloaded snapshot of ``repo``."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, root / "snapshots" / COMMIT)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(COMMIT)
+
+
+def _load_offline(cache: Path, name: str, tmp_path: Path) -> tuple[dict, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)
+    out = tmp_path / "outputs.safetensors"
+    done = subprocess.run([sys.executable, "-c", _LOAD_OFFLINE, name, str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(out)), done.stdout
+
+
+def _expected(folder: Path) -> torch.Tensor:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return flexsurgeon.load(folder).eval()(x)
+
+
+def _trained_looking(converted: Path, tmp_path: Path) -> Path:
+    """The shared converted folder with FlexPool weights that are no longer uniform."""
+    model = flexsurgeon.load(converted)
+    with torch.no_grad():
+        pool = model.get_submodule(model.flexsurgeon_plan.pools[0].module)
+        pool.weight.normal_(generator=torch.Generator().manual_seed(3))
+    return flexsurgeon.save(model, tmp_path / "trained")
+
+
+def test_a_dry_run_folder_loads_from_an_offline_hub_cache_through_timm_and_flexsurgeon(converted, tmp_path):
+    folder = _trained_looking(converted, tmp_path)
+    out = tmp_path / "to-upload"
+    result = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "timm" and "flexsurgeon" in meta["tags"] and "license" in meta
+    assert "resnet18" in body and f"timm.create_model('hf-hub:{REPO}', pretrained=True)" in body
+    plan = flexsurgeon.load(folder).flexsurgeon_plan
+    assert f"| `{plan.pools[0].module}` | in place | 512x2x2 | softmax |" in body
+    assert all(f"| `{tap.module}` |" in body for tap in plan.sac) and plan.sac
+
+    cache = tmp_path / "hub-cache"
+    _as_hub_cache(out, cache)
+    outputs, stdout = _load_offline(cache, f"hf-hub:{REPO}", tmp_path)
+    expected = _expected(folder)
+    assert torch.equal(outputs["timm"], expected) and torch.equal(outputs["flexsurgeon"], expected)
+    assert stdout.split() == ["ResNet", REPO]  # the user's own class, recorded as loaded from the Hub
+
+
+def test_what_timms_own_save_for_hf_writes_from_a_converted_model_loads(converted, tmp_path):
+    from timm.models import save_for_hf
+
+    folder = _trained_looking(converted, tmp_path)
+    model = flexsurgeon.load(folder)
+    saved = tmp_path / "timm-export"
+    save_for_hf(model, str(saved), safe_serialization=True)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architecture"] == "flexsurgeon" and "plan" in config["model_args"]
+    assert set(config["model_args"]) > {"plan", "num_classes"}  # timm adds what it records itself
+    expected = _expected(folder)
+    with torch.no_grad():
+        assert torch.equal(flexsurgeon.load(saved).eval()(torch.randn(2, 3, 64, 64, generator=torch.Generator()
+                                                                         .manual_seed(0))), expected)
+    cache = tmp_path / "hub-cache"
+    _as_hub_cache(saved, cache)
+    outputs, _ = _load_offline(cache, f"hf-hub:{REPO}", tmp_path)
+    assert torch.equal(outputs["timm"], expected) and torch.equal(outputs["flexsurgeon"], expected)
+
+
+def test_model_args_that_would_reach_the_builder_from_a_file_are_refused(converted, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(converted, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["model_args"]["checkpoint_path"] = "/tmp/evil.pth"
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match="checkpoint_path disagree with the plan"):
+        flexsurgeon.load(edited)
+    import timm
+
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match="checkpoint_path"):
+        timm.create_model(f"local-dir:{edited}", pretrained=True)
+
+
+class _FakeApi:
+    """Stands in for huggingface_hub.HfApi: records what a push sends."""
+
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        pass
+
+    def whoami(self):
+        return {"name": "someone"}
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        card = (Path(folder_path) / "README.md").read_text()
+        self.calls.append(("upload_folder", repo_id, files, commit_message, revision, card))
+        return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
+
+
+def test_push_uploads_the_folder_card_and_plots_in_one_commit(converted, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = tmp_path / "with-plots"
+    shutil.copytree(converted, folder)
+    (folder / "plots").mkdir()
+    (folder / "plots" / "flexpool_weights.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    _FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    result = CliRunner().invoke(main, ["push", str(folder), REPO, "--private", "--revision", "v1"])
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in _FakeApi.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert _FakeApi.calls[0] == ("create_repo", REPO, True)
+    _, repo, files, message, revision, card = _FakeApi.calls[2]
+    assert (repo, revision) == (REPO, "v1")
+    assert files == ["README.md", "config.json", "model.safetensors", "plots/flexpool_weights.png"]
+    assert message.startswith("Add resnet18 with FlexPool (flexsurgeon ")
+    assert "![flexpool_weights](plots/flexpool_weights.png)" in card
+    assert f"pushed to {REPO}" in result.output
+
+
+def test_push_without_credentials_or_huggingface_hub_is_one_line(converted, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class NoToken(_FakeApi):
+        def whoami(self):
+            raise OSError("Token is required but no token found")
+
+        def upload_folder(self, *args, **kwargs):
+            raise AssertionError("nothing may be uploaded")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoToken)
+    result = CliRunner().invoke(main, ["push", str(converted), REPO])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot push to the Hub: Token is required" in result.output and len(result.output.splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    result = CliRunner().invoke(main, ["push", str(converted), REPO])
+    assert result.exit_code == 1 and "pip install 'flexsurgeon[hub]'" in result.output
+    result = CliRunner().invoke(main, ["push", str(converted), "not a repo id"])
+    assert result.exit_code == 1 and "is not a Hub repository" in result.output
+
+
+def test_an_uncached_repository_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"cannot get config.json of hf-hub:someone/missing"):
+        flexsurgeon.load("hf-hub:someone/missing")
