@@ -48,6 +48,7 @@ def convert(model, output, weights, weights_file, seed, force, **params):
 
     import torch
 
+    from .costs import cost_lines, measure_rebuilt
     from .errors import CheckpointError
     from .io import save
     from .locks import hold
@@ -63,6 +64,7 @@ def convert(model, output, weights, weights_file, seed, force, **params):
         path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
     click.echo(converted_line(plan))
+    click.echo("\n".join(cost_lines(measure_rebuilt(model, converted))))
     click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
                "pretrained=True) after import flexsurgeon)")
 

@@ -36,6 +36,10 @@ def inspection_report(model: str, found) -> str:
             lines.append(f"  attach a SAC head at {t.node} ({t.read} of {t.module}), "
                          f"{t.channels}x{t.size[0]}x{t.size[1]}, loss weight {w}")
         lines.append(f"  main classifier loss weight {plan.sac_weights[-1]}")
+    if found.costs is not None:
+        from .costs import cost_lines
+
+        lines += ["", "cost (one image, torch's FLOP counter; multiply-adds = FLOPs / 2):", *cost_lines(found.costs)]
     return "\n".join(lines)
 
 

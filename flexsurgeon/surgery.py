@@ -5,6 +5,7 @@ plan and reports what convert would do.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 from .analysis import Analysis, analyse
+from .costs import CostReport
+from .costs import measure as measure_costs
 from .errors import AnalysisError, FlexSurgeonError
 from .plan import SourceSpec, SurgeryPlan, make_plan
 from .pool_kinds import PRESERVING_KINDS
@@ -27,10 +30,11 @@ class Inspection:
     analysis: Analysis
     plan: SurgeryPlan | None
     problem: str | None  # why convert would refuse, when it would
+    costs: CostReport | None = None  # parameters and multiply-adds before and after, with a plan
 
     def to_dict(self) -> dict:
         return {**self.analysis.to_dict(), "plan": self.plan.to_dict() if self.plan else None,
-                "problem": self.problem}
+                "problem": self.problem, "costs": self.costs.to_dict() if self.costs else None}
 
 
 def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.Module, SourceSpec | None]:
@@ -117,9 +121,13 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     try:
         plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
-        return Inspection(analysis, plan, None)
     except FlexSurgeonError as exc:
         return Inspection(analysis, None, str(exc))
+    from .apply import apply_plan
+
+    with torch.random.fork_rng(devices=[]):  # the new modules' init must not move the caller's RNG
+        converted = apply_plan(copy.deepcopy(model), plan)
+    return Inspection(analysis, plan, None, measure_costs(model, converted))
 
 
 def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int | None = None,
