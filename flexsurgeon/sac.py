@@ -88,6 +88,8 @@ def strip_sac_heads(model: nn.Module) -> nn.Module:
     stripped.__dict__["_modules"] = {**model._modules, "sac_heads": SACHeads()}
     for registry in ("_parameters", "_buffers"):
         stripped.__dict__[registry] = dict(getattr(model, registry))
-    stripped.__dict__["flexsurgeon_plan"] = dataclasses.replace(plan, sac=(), sac_weights=(1.0,))
+    from .apply import record_plan  # apply builds SAC heads from this module
+
+    record_plan(stripped, dataclasses.replace(plan, sac=(), sac_weights=(1.0,)))  # a new dict: the model's stays
     return stripped
 

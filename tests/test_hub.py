@@ -106,6 +106,10 @@ def test_what_timms_own_save_for_hf_writes_from_a_converted_model_loads(converte
     with torch.no_grad():
         assert torch.equal(flexsurgeon.load(saved).eval()(torch.randn(2, 3, 64, 64, generator=torch.Generator()
                                                                          .manual_seed(0))), expected)
+    stripped = tmp_path / "timm-export-stripped"  # the heads dropped: the plan timm writes has none either
+    save_for_hf(flexsurgeon.strip_sac_heads(model), str(stripped), safe_serialization=True)
+    assert json.loads((stripped / "config.json").read_text())["model_args"]["plan"]["sac"] == []
+    assert flexsurgeon.load(stripped).flexsurgeon_plan.sac == () and model.flexsurgeon_plan.sac
     cache = tmp_path / "hub-cache"
     _as_hub_cache(saved, cache)
     outputs, _ = _load_offline(cache, f"hf-hub:{REPO}", tmp_path)
