@@ -259,8 +259,9 @@ def export_command(directory, fmt, output, img_size, opset, force, model_code):
 @click.option("--revision", metavar="BRANCH", help="Push to this branch (created when missing) [default: main].")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False), metavar="OUT",
               help="Write the files that would be uploaded to OUT, and upload nothing.")
+@click.option("--force", is_flag=True, help="Replace OUT of --dry-run if it exists.")
 @friendly_errors
-def push(directory, repo_id, private, revision, dry_run):
+def push(directory, repo_id, private, revision, dry_run, force):
     """Upload DIR (a convert, finetune or export folder) to the Hugging Face Hub as REPO_ID
     (ORG/NAME), with a model card, in one commit.
 
@@ -269,7 +270,7 @@ def push(directory, repo_id, private, revision, dry_run):
     (hf auth login, or HF_TOKEN)."""
     from .hub import push as push_folder
 
-    result = push_folder(directory, repo_id, private=private, revision=revision, dry_run=dry_run)
+    result = push_folder(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force)
     where = f"wrote to {result.output}/" if result.output else f"pushed to {repo_id}: {result.url}"
     click.echo(f"{where} ({', '.join(result.files)}); commit message: {result.commit_message!r}")
 

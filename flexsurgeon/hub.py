@@ -245,9 +245,11 @@ def _stage(directory: Path, repo_id: str, out: Path) -> list[str]:
     return names
 
 
-def push(directory, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run=None) -> PushResult:
+def push(directory, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run=None,
+         force: bool = False) -> PushResult:
     """Upload the model folder DIR means (a convert, finetune or export folder) to ``repo_id``
-    in one commit, with a model card; ``dry_run=OUT`` writes the same files to OUT instead."""
+    in one commit, with a model card; ``dry_run=OUT`` writes the same files to OUT instead
+    (replacing an existing OUT only with ``force``)."""
     from . import __version__
     from .folders import write_folder
 
@@ -260,7 +262,7 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
     message = f"Add {label} with FlexPool (flexsurgeon {__version__})"
     if dry_run is not None:
         names: list[str] = []
-        out = write_folder(Path(dry_run), lambda tmp: names.extend(_stage(directory, repo, tmp)), force=False)
+        out = write_folder(Path(dry_run), lambda tmp: names.extend(_stage(directory, repo, tmp)), force=force)
         return PushResult(names, message, None, out)
 
     hub = _hub()

@@ -74,6 +74,8 @@ def test_a_dry_run_folder_loads_from_an_offline_hub_cache_through_timm_and_flexs
     result = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    again = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run", str(out)])
+    assert again.exit_code == 1 and "already exists; pass --force" in again.output
 
     card = (out / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
