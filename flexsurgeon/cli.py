@@ -191,8 +191,8 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
                  weights, weights_file, as_json, model_code):
     """Top-1, top-5 and loss of the main classifier and every SAC head on the val split.
 
-    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint);
-    MODEL is a timm name, tv:NAME or FILE.py:FACTORY, for comparison with the unconverted model."""
+    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint)
+    or hf-hub:ORG/NAME; MODEL is a timm name, tv:NAME or FILE.py:FACTORY, for comparison with the unconverted model."""
     from .evaluation import evaluate_source
     from .report import table
 

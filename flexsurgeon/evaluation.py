@@ -25,15 +25,18 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
                img_size=None, in_chans: int = 3, model_code: str | None = None):
-    """``(model, label, data_config)`` for a checkpoint folder or a model name (``FILE.py:FACTORY``
-    included); ``model_code`` builds the source of a folder converted from a custom model."""
+    """``(model, label, data_config)`` for a checkpoint folder, an ``hf-hub:`` checkpoint or a model
+    name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model."""
     from timm.data import resolve_data_config
 
+    from .hub import is_hub_name
+    from .io import load_folder
     from .models import build_from_code, build_source, is_model_code, load_weights_file, parse_source
 
+    if is_hub_name(source):  # a checkpoint on the Hugging Face Hub (or in its local cache)
+        model = load_folder(source, model_code)
+        return model, source, resolve_data_config(model=model)
     if Path(source).is_dir():
-        from .io import load_folder
-
         folder = checkpoint_folder(source)
         model = load_folder(folder, model_code)
         return model, str(folder), resolve_data_config(model=model)

@@ -205,3 +205,18 @@ def test_an_uncached_repository_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"cannot get config.json of hf-hub:someone/missing"):
         flexsurgeon.load("hf-hub:someone/missing")
+
+
+def test_eval_scores_an_hf_hub_checkpoint_from_the_cache(converted, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    out = tmp_path / "to-upload"
+    assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
+    _as_hub_cache(out, tmp_path / "hub-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    data = "synthetic:classes=4,train=32,val=16,size=64"
+    result = CliRunner().invoke(main, ["eval", f"hf-hub:{REPO}", "--data", data, "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert scores["model"] == f"hf-hub:{REPO}" and scores["count"] == 16
