@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from click.testing import CliRunner
@@ -41,6 +42,15 @@ def _as_hub_cache(files: Path, cache: Path, repo: str = REPO) -> None:
     shutil.copytree(files, root / "snapshots" / COMMIT)
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(COMMIT)
+
+
+def _offline_cache(files: Path, tmp_path: Path, monkeypatch) -> None:
+    """``files`` as the only repository of an offline Hub cache, for this process."""
+    import huggingface_hub.constants
+
+    _as_hub_cache(files, tmp_path / "hub-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
 
 
 def _load_offline(cache: Path, name: str, tmp_path: Path) -> tuple[dict, str]:
@@ -94,7 +104,7 @@ def test_a_dry_run_folder_loads_from_an_offline_hub_cache_through_timm_and_flexs
     assert stdout.split() == ["ResNet", REPO]  # the user's own class, recorded as loaded from the Hub
 
 
-def test_what_timms_own_save_for_hf_writes_from_a_converted_model_loads(converted, tmp_path):
+def test_what_timms_own_save_for_hf_writes_from_a_converted_model_loads(converted, tmp_path, monkeypatch):
     from timm.models import save_for_hf
 
     folder = _trained_looking(converted, tmp_path)
@@ -112,10 +122,11 @@ def test_what_timms_own_save_for_hf_writes_from_a_converted_model_loads(converte
     save_for_hf(flexsurgeon.strip_sac_heads(model), str(stripped), safe_serialization=True)
     assert json.loads((stripped / "config.json").read_text())["model_args"]["plan"]["sac"] == []
     assert flexsurgeon.load(stripped).flexsurgeon_plan.sac == () and model.flexsurgeon_plan.sac
-    cache = tmp_path / "hub-cache"
-    _as_hub_cache(saved, cache)
-    outputs, _ = _load_offline(cache, f"hf-hub:{REPO}", tmp_path)
-    assert torch.equal(outputs["timm"], expected) and torch.equal(outputs["flexsurgeon"], expected)
+    _offline_cache(saved, tmp_path, monkeypatch)  # in this process (the dry-run test uses a fresh one)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f"hf-hub:{REPO}", pretrained=True).eval()(x), expected)
+        assert torch.equal(flexsurgeon.load(f"hf-hub:{REPO}").eval()(x), expected)
 
 
 def test_model_args_that_would_reach_the_builder_from_a_file_are_refused(converted, tmp_path):
@@ -126,8 +137,6 @@ def test_model_args_that_would_reach_the_builder_from_a_file_are_refused(convert
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(flexsurgeon.FlexSurgeonError, match="checkpoint_path disagree with the plan"):
         flexsurgeon.load(edited)
-    import timm
-
     with pytest.raises(flexsurgeon.FlexSurgeonError, match="checkpoint_path"):
         timm.create_model(f"local-dir:{edited}", pretrained=True)
 
@@ -208,13 +217,9 @@ def test_an_uncached_repository_offline_is_one_line(tmp_path, monkeypatch):
 
 
 def test_eval_scores_an_hf_hub_checkpoint_from_the_cache(converted, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     out = tmp_path / "to-upload"
     assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
-    _as_hub_cache(out, tmp_path / "hub-cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    _offline_cache(out, tmp_path, monkeypatch)
     data = "synthetic:classes=4,train=32,val=16,size=64"
     result = CliRunner().invoke(main, ["eval", f"hf-hub:{REPO}", "--data", data, "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
