@@ -162,6 +162,7 @@ def test_a_hook_inside_a_module_fx_traces_through_still_fires():
     _check_hooks(reference, converted, ["stem.1", "stages.1.blocks.0.norm"])
 
 
+@pytest.mark.slow  # ~20 s of compiling; the in-place form has the same checks in the default run (test_convert)
 def test_compile_export_channels_last_and_deepcopy_on_a_rewritten_forward():
     reference, converted = _pair(timm.create_model("repvit_m0_9", num_classes=5))
     with torch.no_grad():
