@@ -92,15 +92,29 @@ class PushResult:
     output: Path | None  # the dry run's folder
 
 
-def _model_and_run(directory: Path) -> tuple[Path, Path | None]:
-    """The model folder DIR means (itself, or a run's best/) and the finetune run it belongs to."""
+@dataclass
+class _Pushed:
+    """What a push reads from DIR, once: the model folder, its finetune run, the plan, the
+    run's final metrics and the plots that go along."""
+
+    folder: Path
+    run: Path | None
+    config: dict
+    plan: SurgeryPlan
+    metrics: dict | None
+    plots: list[Path]
+
+
+def _read(directory) -> _Pushed:
+    """DIR: a model folder, or a run whose best/ is pushed; its run is DIR or the folder's parent."""
     from .evaluation import checkpoint_folder
 
-    folder = checkpoint_folder(directory)
-    for run in (folder, folder.parent):
-        if (run / LOG_NAME).is_file():
-            return folder, run
-    return folder, None
+    folder = checkpoint_folder(Path(directory))
+    run = next((r for r in (folder, folder.parent) if (r / LOG_NAME).is_file()), None)
+    config = read_config(folder)
+    plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+    read_weights_header(folder / WEIGHTS_NAME, plan)  # the two files belong together
+    return _Pushed(folder, run, config, plan, _final_metrics(run) if run else None, _plots(folder, run))
 
 
 def _final_metrics(run: Path) -> dict | None:
@@ -133,11 +147,13 @@ def _card_data(plan, cfg: dict) -> dict:
 
 def model_card(directory, repo_id: str) -> str:
     """The README.md (Hub metadata header, then Markdown) for the model folder DIR means."""
+    return _card(_read(directory), repo_id)
+
+
+def _card(pushed: _Pushed, repo_id: str) -> str:
     import yaml
 
-    folder, run = _model_and_run(Path(directory))
-    config = read_config(folder)
-    plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+    config, plan, metrics = pushed.config, pushed.plan, pushed.metrics
     cfg = config.get("pretrained_cfg") or {}
     source = plan.source
     label = source.label if source is not None else "a model"
@@ -162,17 +178,16 @@ def model_card(directory, repo_id: str) -> str:
         lines += [f"| `{t.module or t.node}` | {t.channels}x{t.size[0]}x{t.size[1]} | {w:g} |"
                   for t, w in zip(plan.sac, plan.sac_weights)]
         lines.append(f"\nThe main classifier's loss weight is {plan.sac_weights[-1]:g}.")
-    elif run is not None and any(k.startswith("sac:") for k in (_final_metrics(run) or {}).get("top1", {})):
-        lines += ["", "SAC heads helped fine-tuning (see below) and were dropped from this checkpoint."]
+    elif metrics is not None and any(k.startswith("sac:") for k in metrics["top1"]):
+        lines += ["", "SAC heads were used in fine-tuning (see below) and dropped from this checkpoint."]
     else:
         lines += ["", "No SAC heads."]
     lines.append("")
 
-    if run is not None:
-        lines += _training_section(run)
-    plots = _plots(folder, run)
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots] + [""]
+    if pushed.run is not None:
+        lines += _training_section(pushed.run, metrics)
+    if pushed.plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in pushed.plots] + [""]
 
     load_args = "" if source is None or source.library != "custom" else ", model=YourModel()"
     lines += ["## How to load", "", "```bash", "pip install flexsurgeon", "```", "", "```python",
@@ -200,9 +215,8 @@ def _weights_text(origin: str) -> str:
                                               if origin.startswith("file:") else f"`{origin}`")
 
 
-def _training_section(run: Path) -> list[str]:
+def _training_section(run: Path, metrics: dict | None) -> list[str]:
     lines = ["## Fine-tuning", ""]
-    metrics = _final_metrics(run)
     if metrics is not None:
         lines += [f"After {metrics['epochs']} epoch(s), on the run's validation split:", "",
                   "| classifier | top-1 | top-5 |", "|---|---|---|"]
@@ -226,20 +240,15 @@ def _plots(folder: Path, run: Path | None) -> list[Path]:
     return list(found.values())
 
 
-def _stage(directory: Path, repo_id: str, out: Path) -> list[str]:
+def _stage(pushed: _Pushed, repo_id: str, out: Path) -> list[str]:
     """Write into ``out`` exactly the files a push uploads; their names, relative to ``out``."""
-    folder, run = _model_and_run(directory)
-    plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
-    read_weights_header(folder / WEIGHTS_NAME, plan)  # the two files belong together
-    card = model_card(directory, repo_id)
-    shutil.copy2(folder / CONFIG_NAME, out / CONFIG_NAME)
-    shutil.copy2(folder / WEIGHTS_NAME, out / WEIGHTS_NAME)
-    (out / CARD_NAME).write_text(card)
+    shutil.copy2(pushed.folder / CONFIG_NAME, out / CONFIG_NAME)
+    shutil.copy2(pushed.folder / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    (out / CARD_NAME).write_text(_card(pushed, repo_id))
     names = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
-    plots = _plots(folder, run)
-    if plots:
+    if pushed.plots:
         (out / PLOTS_DIR).mkdir()
-        for png in plots:
+        for png in pushed.plots:
             shutil.copy2(png, out / PLOTS_DIR / png.name)
             names.append(f"{PLOTS_DIR}/{png.name}")
     return names
@@ -255,14 +264,13 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
 
     repo, rev = split_repo(repo_id)
     revision = revision or rev
-    directory = Path(directory)
-    folder, _ = _model_and_run(directory)
-    plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
+    pushed = _read(directory)
+    plan = pushed.plan
     label = plan.source.label if plan.source is not None else "model"
     message = f"Add {label} with FlexPool (flexsurgeon {__version__})"
     if dry_run is not None:
         names: list[str] = []
-        out = write_folder(Path(dry_run), lambda tmp: names.extend(_stage(directory, repo, tmp)), force=force)
+        out = write_folder(Path(dry_run), lambda tmp: names.extend(_stage(pushed, repo, tmp)), force=force)
         return PushResult(names, message, None, out)
 
     hub = _hub()
@@ -273,7 +281,7 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
         raise HubError(f"cannot push to the Hub: {clip(first_line(exc), 200)} (log in with `hf auth login` or "
                        "set HF_TOKEN; --dry-run OUT writes the files without uploading)") from None
     with tempfile.TemporaryDirectory(prefix="flexsurgeon-push-") as tmp:
-        names = _stage(directory, repo, Path(tmp))
+        names = _stage(pushed, repo, Path(tmp))
         try:
             api.create_repo(repo, private=private, exist_ok=True)
             if revision:
