@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from flexsurgeon.layers import flex_pool2d  # noqa: E402
+from flexsurgeon.layers.pools import flex_pool2d
 
 SHAPES = [(16, 128, 28, 28), (16, 256, 14, 14), (16, 512, 28, 28), (16, 1024, 14, 14), (16, 2048, 7, 7),
           (128, 2048, 7, 7)]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from flexsurgeon.layers import FlexPool  # noqa: E402
+from flexsurgeon.layers.pools import FlexPool
 
 # ResNet-50's head at batch 1, 8 and 128; resnet18's and resnet50's SAC taps at batch 16; a small net.
 SHAPES = [(1, 2048, 7, 7), (8, 2048, 7, 7), (128, 2048, 7, 7), (16, 128, 28, 28), (16, 512, 28, 28),

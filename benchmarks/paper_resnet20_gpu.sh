@@ -41,7 +41,7 @@ for v in $VARIANTS; do ln -s "$RUNS/$v/runs/$v" "$RUNS/all/runs/$v" 2>/dev/null;
 $PY - "$RUNS/all" "$OUT" "$SEEDS" $VARIANTS <<'PY'
 import shutil, sys
 from pathlib import Path
-from flexsurgeon.ablation import write_report
+from flexsurgeon.commands.ablate import write_report
 runs, out, seeds, variants = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 variants = [v for v in variants if (runs / "runs" / v).exists()]
 result = write_report(runs, variants, seeds, log=print) if variants else None

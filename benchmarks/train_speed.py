@@ -48,8 +48,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import flexsurgeon  # noqa: E402
-from flexsurgeon.apply import pool_paths  # noqa: E402
-from flexsurgeon.data import load_data, make_loader  # noqa: E402
+from flexsurgeon.data import load_data
+from flexsurgeon.data.loaders import make_loader
+from flexsurgeon.surgery.apply import pool_paths
 
 VARIANTS = ("original", "flexpool", "flexpool+sac")
 

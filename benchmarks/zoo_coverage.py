@@ -51,11 +51,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import flexsurgeon  # noqa: E402
-from flexsurgeon.apply import new_parameter_names  # noqa: E402
-from flexsurgeon.errors import AnalysisError, FlexSurgeonError, TraceError  # noqa: E402
-from flexsurgeon.io import ARCHITECTURE  # noqa: E402
-from flexsurgeon.models import build_source, parse_source  # noqa: E402
-from flexsurgeon.surgery import PRESERVATION_TOLERANCE  # noqa: E402
+from flexsurgeon.checkpoints.io import ARCHITECTURE
+from flexsurgeon.errors import AnalysisError, FlexSurgeonError, TraceError
+from flexsurgeon.surgery.apply import new_parameter_names
+from flexsurgeon.surgery.convert import PRESERVATION_TOLERANCE
+from flexsurgeon.surgery.sources import build_source, parse_source
 
 NUM_CLASSES = 5
 HERE = Path(__file__).resolve().parent

@@ -20,7 +20,7 @@ import timm
 
 import flexsurgeon  # registers the 'flexsurgeon' architecture with timm
 from flexsurgeon.data import load_data, make_loader
-from flexsurgeon.train import evaluate
+from flexsurgeon.training.metrics import evaluate
 
 data_spec, best = sys.argv[1:]
 model = timm.create_model(f"local-dir:{best}", pretrained=True)

@@ -14,20 +14,19 @@ import importlib.util
 import sys
 
 from .errors import FlexSurgeonError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
-    "convert": ".surgery",
-    "inspect": ".surgery",
-    "save": ".io",
-    "load": ".io",
-    "FlexPool": ".layers",
-    "SACHead": ".layers",
-    "flex_pool2d": ".layers",
-    "SurgeryPlan": ".plan",
-    "forward_with_sac": ".sac",
-    "strip_sac_heads": ".sac",
+    "convert": ".surgery.convert",
+    "inspect": ".surgery.convert",
+    "save": ".checkpoints.io",
+    "load": ".checkpoints.io",
+    "FlexPool": ".layers.pools",
+    "SACHead": ".layers.sac_head",
+    "flex_pool2d": ".layers.pools",
+    "SurgeryPlan": ".surgery.plan",
+    "forward_with_sac": ".surgery.sac",
+    "strip_sac_heads": ".surgery.sac",
 }
 __all__ = [*_LAZY, "FlexSurgeonError", "__version__"]
 
@@ -41,7 +40,7 @@ def __getattr__(name):
 
 
 def _register() -> None:
-    from .timm_registry import register_timm_architecture
+    from .checkpoints.timm_registry import register_timm_architecture
 
     register_timm_architecture()
 

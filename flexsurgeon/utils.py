@@ -10,10 +10,6 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-CONFIG_NAME = "config.json"  # in every checkpoint folder
-BEST, LAST = "best", "last"  # the checkpoint folders of a finetune run
-LOG_NAME = "log.jsonl"  # a finetune run's epoch records
-
 
 def first_line(exc: BaseException, default: str | None = None) -> str:
     """The first line of ``exc``'s message, for one-line errors; ``default`` (the exception's
@@ -77,6 +73,8 @@ def replacing(path: Path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -86,3 +84,14 @@ def write_text_replacing(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling (see ``replacing``)."""
     with replacing(path) as tmp:
         tmp.write_text(text)
+
+
+def per_channel(values, channels: int) -> tuple[float, ...]:
+    """Normalisation statistics (mean or std) for ``channels`` inputs: as given when they match,
+    their average for one channel (gray from RGB statistics), else cycled."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[c % len(values)] for c in range(channels))

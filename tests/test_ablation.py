@@ -9,8 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from flexsurgeon.ablation import parse_variants, summarize, t_quantile
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
+from flexsurgeon.commands.ablate import parse_variants, summarize
+from flexsurgeon.commands.stats import t_quantile
 from flexsurgeon.errors import AblationError
 
 ARGS = ["resnet10t", "--random-init", "--img-size", "64", "--data", "synthetic:classes=3,train=32,val=16",

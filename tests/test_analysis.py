@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexsurgeon.analysis import analyse, find_tap
 from flexsurgeon.errors import AnalysisError, TraceError
-from flexsurgeon.trace import trace_model
+from flexsurgeon.surgery.analysis import analyse, find_tap
+from flexsurgeon.surgery.trace import trace_model
 
 
 class _Net(nn.Module):
@@ -68,7 +68,7 @@ def test_converting_each_pool_form_preserves_the_output_and_the_class(kind):
     import copy
 
     import flexsurgeon
-    from flexsurgeon.layers import FlexPool
+    from flexsurgeon.layers.pools import FlexPool
 
     torch.manual_seed(0)
     source = _Net(kind).eval()

@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 
 
 def _run(*args):
@@ -15,7 +15,7 @@ def _run(*args):
 
 
 def test_help_answers_without_importing_torch_or_timm():
-    code = ("import sys; from flexsurgeon.cli import main; "
+    code = ("import sys; from flexsurgeon.cli.main import main; "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'heavy import at --help'")
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "flexsurgeon", "--help"], capture_output=True, text=True, check=True)
@@ -139,7 +139,7 @@ import socket, sys
 def no_dns(*args, **kwargs):
     raise socket.gaierror(-2, "Name or service not known")
 socket.getaddrinfo = no_dns
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 main(sys.argv[1:])
 """
 

@@ -6,9 +6,11 @@ import timm
 import torch
 
 import flexsurgeon
-from flexsurgeon.apply import head_parameter_names, new_parameter_names, regularizer
 from flexsurgeon.errors import AnalysisError
-from flexsurgeon.layers import FlexPool, SACHead
+from flexsurgeon.layers.pools import FlexPool
+from flexsurgeon.layers.sac_head import SACHead
+from flexsurgeon.surgery.apply import new_parameter_names
+from flexsurgeon.training.heads import head_parameter_names, regularizer
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +197,9 @@ def test_timm_baseline_pools_install_train_and_round_trip(kind, module, tmp_path
 
 
 def test_cli_pool_choices_are_the_plan_kinds():
-    from flexsurgeon.cli import convert as convert_command
-    from flexsurgeon.plan import SurgeryPlan
-    from flexsurgeon.pool_kinds import POOL_KINDS
+    from flexsurgeon.cli.main import convert as convert_command
+    from flexsurgeon.layers.kinds import POOL_KINDS
+    from flexsurgeon.surgery.plan import SurgeryPlan
 
     choices = next(p for p in convert_command.params if p.name == "pool").type.choices
     assert tuple(choices) == POOL_KINDS

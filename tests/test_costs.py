@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 
 
 def _numel(model) -> int:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 
 HERE = Path(__file__).resolve()
 DATA = "synthetic:classes=3,train=64,val=32,size=32"

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
-from flexsurgeon.data import load_data, make_loader, parse_synthetic
+from flexsurgeon.data import load_data
+from flexsurgeon.data.loaders import make_loader
+from flexsurgeon.data.synthetic import parse_synthetic
 from flexsurgeon.errors import DataError, FlexSurgeonError
 
 CFG = dict(input_size=(3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -410,7 +412,7 @@ def test_val_from_train_leaves_the_val_folder_unseen(tmp_path):
 
 
 def test_train_subset_is_seeded_and_keeps_val():
-    from flexsurgeon.data import subset_train
+    from flexsurgeon.data.bundle import subset_train
 
     bundle = load_data("synthetic:classes=4,train=64,val=16", data_config=RAW)
     a, b, c = (subset_train(bundle, 20, seed) for seed in (0, 0, 1))
@@ -422,8 +424,8 @@ def test_train_subset_is_seeded_and_keeps_val():
 
 
 def test_recipe_crop_scale_reaches_timms_random_resized_crop(tmp_path):
-    from flexsurgeon.recipe import Recipe
-    from flexsurgeon.train_data import train_transform_kwargs
+    from flexsurgeon.training.recipe import Recipe
+    from flexsurgeon.training.run_data import train_transform_kwargs
 
     kwargs = train_transform_kwargs(Recipe(scale=[0.35, 1.0], hflip=0.0))
     assert kwargs == {"hflip": 0.0, "scale": (0.35, 1.0)}

@@ -6,9 +6,11 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
-from flexsurgeon.cli import main
-from flexsurgeon.data import load_data, make_loader
-from flexsurgeon.evaluation import checkpoint_folder, evaluate_source
+from flexsurgeon.cli.main import main
+from flexsurgeon.commands.evaluate import evaluate_source
+from flexsurgeon.data import load_data
+from flexsurgeon.data.loaders import make_loader
+from flexsurgeon.runs.layout import checkpoint_folder
 
 DATA = "synthetic:classes=4,train=32,val=40"
 

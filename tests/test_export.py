@@ -7,21 +7,21 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import flexsurgeon
-from flexsurgeon.cli import main
-from flexsurgeon.errors import CheckpointError, ExportError
-from flexsurgeon.export import (
-    _MIN_TORCH,
-    _frozen_for_export,
-    _write_atomic_file,
+from flexsurgeon.cli.main import main
+from flexsurgeon.commands.export import (
+    MIN_TORCH,
     export_inference_folder,
     export_onnx,
+    frozen_for_export,
+    write_atomic_file,
 )
+from flexsurgeon.errors import CheckpointError, ExportError
 
 TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, float32
 POOL_WEIGHTS = ("global_pool.", "classifier.3.")  # the frozen FlexPool's weights, where the old pool was
 # Older torch gets a one-line "needs torch>=2.6" instead (test_onnx_export_on_old_torch_is_one_line).
-needs_onnx_exporter = pytest.mark.skipif(torch.__version__ < _MIN_TORCH,
-                                         reason=f"ONNX export needs torch>={_MIN_TORCH}")
+needs_onnx_exporter = pytest.mark.skipif(torch.__version__ < MIN_TORCH,
+                                         reason=f"ONNX export needs torch>={MIN_TORCH}")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_frozen_pools_give_the_models_outputs_at_native_and_other_sizes(converte
     model.train()
     for size in (64, 96):
         x = _x(2, size)
-        frozen = _frozen_for_export(model, x)
+        frozen = frozen_for_export(model, x)
         with torch.no_grad():
             got = frozen(x)
         assert model.training and all(m.training for m in model.modules())  # the mode is left alone
@@ -142,7 +142,7 @@ def test_writes_land_with_their_side_files_or_not_at_all(tmp_path):
         destination.write_bytes(b"model")
         destination.with_name(destination.name + ".data").write_bytes(b"weights")
 
-    assert _write_atomic_file(tmp_path / "big.onnx", write, force=False) == tmp_path / "big.onnx"
+    assert write_atomic_file(tmp_path / "big.onnx", write, force=False) == tmp_path / "big.onnx"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
 
     def broken(destination):
@@ -150,7 +150,7 @@ def test_writes_land_with_their_side_files_or_not_at_all(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(ExportError, match="could not write .*new.onnx: No space left on device"):
-        _write_atomic_file(tmp_path / "new.onnx", broken, force=False)
+        write_atomic_file(tmp_path / "new.onnx", broken, force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
 
 
@@ -240,7 +240,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(converted, tmp_path, args,
 
 
 def test_onnx_export_on_old_torch_is_one_line(monkeypatch, tmp_path):
-    import flexsurgeon.export as export
+    import flexsurgeon.commands.export as export
 
     monkeypatch.setattr(export.torch, "__version__", torch.torch_version.TorchVersion("2.3.1"))
     model = flexsurgeon.convert("resnet18", img_size=64, num_classes=4).eval()

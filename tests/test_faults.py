@@ -25,12 +25,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import flexsurgeon
-import flexsurgeon.folders as folders
-import flexsurgeon.io as fio
-from flexsurgeon.cli import main
+import flexsurgeon.checkpoints.folders as folders
+import flexsurgeon.checkpoints.io as fio
+from flexsurgeon.cli.main import main
 from flexsurgeon.errors import CheckpointError
-from flexsurgeon.recipe import load_recipe
-from flexsurgeon.train import run
+from flexsurgeon.training.loop import run
+from flexsurgeon.training.recipe import load_recipe
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork")
 
@@ -384,7 +384,7 @@ import json, os, sys
 import torch
 from click.testing import CliRunner
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 from flexsurgeon.errors import CheckpointError
 
 disk, old_dir, weights = sys.argv[1:4]
@@ -433,7 +433,7 @@ import json, sys
 import torch
 from click.testing import CliRunner
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 from flexsurgeon.errors import CheckpointError
 
 disk, converted = sys.argv[1:3]
@@ -517,7 +517,7 @@ CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to
 
 def _patch_forward_with_sac(monkeypatch, replacement):
     """Where finetune calls it: the training forward and the evaluation."""
-    for module in ("flexsurgeon.train", "flexsurgeon.metrics"):
+    for module in ("flexsurgeon.training.loop", "flexsurgeon.training.metrics"):
         monkeypatch.setattr(f"{module}.forward_with_sac", replacement)
 
 
@@ -530,7 +530,7 @@ def _patch_forward_with_sac(monkeypatch, replacement):
     (CPU_OOM, "eval", "out of CPU memory evaluating at batch size 16; try --batch-size 8"),
 ])
 def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(reference, tmp_path, monkeypatch, error, phase, message):
-    from flexsurgeon.sac import forward_with_sac as original
+    from flexsurgeon.surgery.sac import forward_with_sac as original
 
     def forward_with_sac(model, x):
         if model.training == (phase == "train"):
@@ -577,9 +577,9 @@ class _KilledInWorker(torch.utils.data.Dataset):
 
 
 def test_a_killed_loader_worker_is_a_clear_training_error():
-    from flexsurgeon.data import make_loader
+    from flexsurgeon.data.loaders import make_loader
     from flexsurgeon.errors import TrainingError
-    from flexsurgeon.train import evaluate
+    from flexsurgeon.training.metrics import evaluate
 
     loader = make_loader(_KilledInWorker(), batch_size=4, train=False, seed=0, num_workers=1)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))

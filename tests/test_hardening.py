@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import flexsurgeon
-import flexsurgeon.io as fio
-from flexsurgeon.cli import main
-from flexsurgeon.data import load_data, make_loader
+import flexsurgeon.checkpoints.io as fio
+from flexsurgeon.cli.main import main
+from flexsurgeon.data import load_data
+from flexsurgeon.data.loaders import make_loader
 from flexsurgeon.errors import CheckpointError, DataError, FlexSurgeonError, PlanError, RecipeError
-from flexsurgeon.plan import SurgeryPlan
-from flexsurgeon.recipe import Recipe, from_dict, load_recipe, parse_override, with_overrides
+from flexsurgeon.surgery.plan import SurgeryPlan
+from flexsurgeon.training.recipe import Recipe, from_dict, load_recipe, parse_override, with_overrides
 
 MODEL = "test_resnet"  # timm's 0.4M-parameter test network
 DATA = "synthetic:classes=4,train=32,val=16"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flexsurgeon
-from flexsurgeon.recipe import load_recipe
+from flexsurgeon.training.recipe import load_recipe
 
 TESTS = Path(__file__).resolve().parent
 
@@ -20,8 +20,8 @@ def test_on_a_machine_that_has_cuda_the_test_recipes_stay_on_the_cpu(tmp_path):
     (tmp_path / "test_inner.py").write_text(textwrap.dedent("""
         import os, subprocess, sys
         import torch
-        from flexsurgeon.recipe import load_recipe
-        from flexsurgeon.train_setup import resolve_device
+        from flexsurgeon.training.recipe import load_recipe
+        from flexsurgeon.training.setup import resolve_device
 
         def test_inner():
             assert not torch.cuda.is_available()
@@ -46,7 +46,7 @@ def test_the_outer_session_hides_cuda_from_itself_and_its_children():
 
 @pytest.mark.cuda
 def test_a_converted_model_fine_tunes_on_cuda_and_loads_back_on_the_cpu(tmp_path):
-    from flexsurgeon.train import run
+    from flexsurgeon.training.loop import run
 
     torch.manual_seed(0)
     flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), tmp_path / "converted")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 
 REPO = "someone/resnet18-flexpool"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import flexsurgeon
 from flexsurgeon.errors import CheckpointError, WeightsError
-from flexsurgeon.models import build_source, parse_source, read_state_dict
+from flexsurgeon.surgery.sources import build_source, parse_source, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_existing_folder_is_refused_without_force(saved, tmp_path):
 
 def test_a_failing_write_leaves_no_folder(saved, tmp_path, monkeypatch):
     model, _ = saved
-    import flexsurgeon.io as fio
+    import flexsurgeon.checkpoints.io as fio
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

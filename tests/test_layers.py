@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flexsurgeon.layers import POOL_MODES, FlexPool, SACHead, flex_pool2d
+from flexsurgeon.layers.kinds import POOL_MODES
+from flexsurgeon.layers.pools import FlexPool, flex_pool2d
+from flexsurgeon.layers.sac_head import SACHead
 
 LAYOUTS = ("nchw", "channels_last")
 

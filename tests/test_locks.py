@@ -7,13 +7,13 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from flexsurgeon.cli import main
-from flexsurgeon.locks import hold
+from flexsurgeon.checkpoints.locks import hold
+from flexsurgeon.cli.main import main
 
 DATA = "synthetic:classes=4,train=32,val=16"
 HOLDER = """
 import sys, time
-from flexsurgeon.locks import hold
+from flexsurgeon.checkpoints.locks import hold
 with hold(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

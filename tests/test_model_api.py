@@ -14,8 +14,8 @@ import timm.optim
 import torch
 
 import flexsurgeon
-from flexsurgeon.layers import FlexPool
-from flexsurgeon.surgery import PRESERVATION_TOLERANCE
+from flexsurgeon.layers.pools import FlexPool
+from flexsurgeon.surgery.convert import PRESERVATION_TOLERANCE
 
 # One model per timm family, the smallest variant; the last two have pools written as code
 # (a head module's forward, the model's own forward), so they take the graph-rewrite path.
@@ -177,12 +177,12 @@ def test_distributed_data_parallel_trains_the_heads(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from flexsurgeon.train import _TrainForward
+    from flexsurgeon.training.loop import TrainForward
 
     _, converted = _pair(timm.create_model("resnet18", num_classes=5))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        wrapped = DistributedDataParallel(_TrainForward(converted.train()))
+        wrapped = DistributedDataParallel(TrainForward(converted.train()))
         out, heads = wrapped(X)
         (out.sum() + sum(h.sum() for h in heads)).backward()
         assert all(p.grad is not None for p in converted.parameters())

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
-from flexsurgeon.ablation import parse_variants
-from flexsurgeon.cli import main
-from flexsurgeon.recipe import load_recipe
+from flexsurgeon.cli.main import main
+from flexsurgeon.commands.ablate import parse_variants
+from flexsurgeon.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = f"{ROOT / 'benchmarks' / 'paper_resnet20.py'}:resnet20"
@@ -75,13 +75,13 @@ def test_the_ablation_recipe_and_variants_are_the_papers_columns():
 
 def _idx_subset(out: Path, train: int, test: int) -> Path:
     """The first items of the packaged Fashion-MNIST, written back as an IDX folder (a smoke-sized copy)."""
-    from flexsurgeon.data.idx import _read_idx
+    from flexsurgeon.data.idx import read_idx
 
     out.mkdir()
     for split, count in (("train", train), ("t10k", test)):
         for kind, magic in (("images", 0x0803), ("labels", 0x0801)):
             dims = "idx3" if kind == "images" else "idx1"
-            array = _read_idx(FASHION / f"{split}-{kind}-{dims}-ubyte.gz")[:count]
+            array = read_idx(FASHION / f"{split}-{kind}-{dims}-ubyte.gz")[:count]
             header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
             (out / f"{split}-{kind}-{dims}-ubyte").write_bytes(header + array.astype("uint8").tobytes())
     return out

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from flexsurgeon.errors import PlanError
-from flexsurgeon.plan import PoolEdit, SacTap, SourceSpec, SurgeryPlan, default_sac_weights
+from flexsurgeon.surgery.plan import PoolEdit, SacTap, SourceSpec, SurgeryPlan, default_sac_weights
 
 
 def _plan(**changes):

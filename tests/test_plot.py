@@ -8,11 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import flexsurgeon
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 from flexsurgeon.errors import PlotError
-from flexsurgeon.layers import FlexPool
-from flexsurgeon.plot import plot_ablation, plot_folder, plot_training_curves
-from flexsurgeon.weight_maps import flex_pools_of, plot_weight_maps, pool_weights, top_channels
+from flexsurgeon.layers.pools import FlexPool
+from flexsurgeon.plotting.plot import plot_ablation, plot_folder, plot_training_curves
+from flexsurgeon.plotting.weight_maps import flex_pools_of, plot_weight_maps, pool_weights, top_channels
 
 pytest.importorskip("matplotlib")
 PERTURBED = [5, 40, 17]  # channels of the main pool given peaked weights, strongest first

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from flexsurgeon.errors import RecipeError
-from flexsurgeon.recipe import RECIPE_DIR, Recipe, available, load_recipe, parse_override, with_overrides
+from flexsurgeon.training.recipe import RECIPE_DIR, Recipe, available, load_recipe, parse_override, with_overrides
 
 
 def test_shipped_recipes_load_and_say_what_they_are_for():

@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
-from flexsurgeon.apply import head_parameter_names
-from flexsurgeon.cli import main
+from flexsurgeon.cli.main import main
 from flexsurgeon.data import load_data
-from flexsurgeon.recipe import load_recipe
-from flexsurgeon.train import finetune
+from flexsurgeon.training.heads import head_parameter_names
+from flexsurgeon.training.loop import finetune
+from flexsurgeon.training.recipe import load_recipe
 
 DATA = "synthetic:classes=4,train=96,val=64"
 VOLATILE = {"seconds", "images_per_s"}
@@ -93,16 +93,16 @@ def test_resume_before_the_first_checkpoint_starts_the_run_and_says_so(converted
 
 
 def test_ctrl_c_says_how_to_continue_and_resume_finishes_the_run(converted, tmp_path, monkeypatch):
-    from flexsurgeon.train import _FinetuneRun
+    from flexsurgeon.training.loop import FinetuneRun
 
-    run, original = tmp_path / "run", _FinetuneRun.train_epoch
+    run, original = tmp_path / "run", FinetuneRun.train_epoch
 
     def interrupted_in_the_second_epoch(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(_FinetuneRun, "train_epoch", interrupted_in_the_second_epoch)
+    monkeypatch.setattr(FinetuneRun, "train_epoch", interrupted_in_the_second_epoch)
     args = ["finetune", str(converted), "--data", DATA, "--recipe", "smoke", "-o", str(run)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 130
@@ -124,7 +124,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(converted, tmp_path):
     run = tmp_path / "killed"
     # The child kills itself at a fixed point: the 4th backward pass of epoch 2 (16 steps an epoch).
     child = ("import os, signal, sys, torch\n"
-             "from flexsurgeon.cli import main\n"
+             "from flexsurgeon.cli.main import main\n"
              "original, calls = torch.Tensor.backward, [0]\n"
              "def backward(*args, **kwargs):\n"
              "    calls[0] += 1\n"
@@ -249,7 +249,7 @@ def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
 def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     import json
 
-    from flexsurgeon.train_state import truncate_log
+    from flexsurgeon.runs.log import truncate_log
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"epoch": e, "val": {}}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "va')
@@ -258,8 +258,8 @@ def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
 
 
 def test_cuda_gets_bf16_channels_last_pinned_tf32_and_cpu_float32(monkeypatch):
-    from flexsurgeon import train_setup
-    from flexsurgeon.train import DeviceSettings, device_settings
+    from flexsurgeon.training import setup as train_setup
+    from flexsurgeon.training.setup import DeviceSettings, device_settings
 
     monkeypatch.setattr(train_setup, "_native_bf16", lambda: True)  # an Ampere or newer GPU
     quick = load_recipe("quick")
@@ -278,7 +278,8 @@ def test_the_gpu_code_path_trains_on_cpu(converted, tmp_path, monkeypatch, compi
     """What finetune does on CUDA (bf16 autocast, channels_last, pinned batches, loss read every
     few steps, optionally torch.compile), run here so CI covers that branch of the loop. The
     CUDA kernels themselves are checked by benchmarks/gpu_check.sh on a GPU machine."""
-    from flexsurgeon import train, train_setup
+    from flexsurgeon.training import loop as train
+    from flexsurgeon.training import setup as train_setup
 
     monkeypatch.setattr(train_setup, "_native_bf16", lambda: True)
     gpu = train.device_settings(torch.device("cuda"), load_recipe("quick"))
@@ -327,7 +328,7 @@ def _train_with_gpu_settings(converted, tmp_path, compiled):
 def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_steps():
     """torch 2.3's OneCycleLR keeps its annealing function in its state; JSON cannot hold it,
     and loading it back as None would break the scheduler."""
-    from flexsurgeon.train_state import json_ready
+    from flexsurgeon.training.state import json_ready
 
     def make():
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import flexsurgeon
-from flexsurgeon.apply import new_parameter_names
-from flexsurgeon.models import build_source, parse_source
-from flexsurgeon.surgery import PRESERVATION_TOLERANCE
+from flexsurgeon.surgery.apply import new_parameter_names
+from flexsurgeon.surgery.convert import PRESERVATION_TOLERANCE
+from flexsurgeon.surgery.sources import build_source, parse_source
 
 NUM_CLASSES = 5
 

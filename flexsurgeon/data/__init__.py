@@ -17,6 +17,8 @@ Images pass through timm's transforms (``create_transform`` with the model's dat
 ``transforms.py``). Unreadable images are skipped when first loaded and counted in
 ``DataBundle.skipped`` across DataLoader workers. Problems with the spec or layout raise a
 one-line ``DataError``.
+
+May import: the base modules (``errors``, ``utils``) and torch/timm/PIL only.
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ from pathlib import Path
 
 from ..errors import DataError
 from .bundle import DataBundle, subset_train
-from .idx import _find_idx, _load_idx
-from .image_folders import IMAGE_EXTENSIONS, _load_folder
+from .idx import find_idx, load_idx
+from .image_folders import IMAGE_EXTENSIONS, load_folder
 from .loaders import make_loader
-from .synthetic import SYNTHETIC_DEFAULTS, SYNTHETIC_MAX_CLASSES, _load_synthetic, parse_synthetic
-from .timm_sets import TIMM_PREFIXES, _load_timm
-from .transforms import _Transforms
+from .synthetic import SYNTHETIC_DEFAULTS, SYNTHETIC_MAX_CLASSES, load_synthetic, parse_synthetic
+from .timm_sets import TIMM_PREFIXES, load_timm
+from .transforms import Transforms
 
 __all__ = ["DataBundle", "IMAGE_EXTENSIONS", "SYNTHETIC_DEFAULTS", "SYNTHETIC_MAX_CLASSES", "TIMM_PREFIXES",
            "load_data", "make_loader", "parse_synthetic", "subset_train"]
@@ -55,15 +57,15 @@ def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: flo
     if in_chans < 1:
         raise DataError(f"in_chans must be at least 1, got {in_chans}")
     if spec.startswith("synthetic:") or (spec == "synthetic" and not os.path.exists(spec)):
-        return _load_synthetic(spec, data_config, in_chans, (train_transform_kwargs or {}).get("hflip", 0.5))
-    transforms = _Transforms(data_config, in_chans, train_transform_kwargs)
+        return load_synthetic(spec, data_config, in_chans, (train_transform_kwargs or {}).get("hflip", 0.5))
+    transforms = Transforms(data_config, in_chans, train_transform_kwargs)
     if spec.lower().startswith(TIMM_PREFIXES) and not os.path.exists(spec):
-        return _load_timm(spec, transforms)
+        return load_timm(spec, transforms)
     root = Path(spec).expanduser()
     if not root.exists():
         raise DataError(f"--data {spec}: no such file or folder; {_FORMS}")
     if not root.is_dir():
         raise DataError(f"--data {spec} is a file, not a folder; pass the folder that holds the data")
-    if _find_idx(root, "train", "images", required=False) is not None:
-        return _load_idx(root, transforms, val_split, seed, val_from_train)
-    return _load_folder(root, transforms, val_split, seed, val_from_train)
+    if find_idx(root, "train", "images", required=False) is not None:
+        return load_idx(root, transforms, val_split, seed, val_from_train)
+    return load_folder(root, transforms, val_split, seed, val_from_train)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ..errors import DataError
-from .seeds import _generator
+from .seeds import generator
 
 
 @dataclass
@@ -28,10 +28,10 @@ class DataBundle:
     @property
     def skipped(self) -> int:
         """Unreadable images skipped so far, in this process and its DataLoader workers."""
-        return _skipped(self.train) + _skipped(self.val)
+        return skipped(self.train) + skipped(self.val)
 
 
-def _skipped(dataset) -> int:
+def skipped(dataset) -> int:
     dataset = getattr(dataset, "dataset", dataset)  # through a Subset
     return int(getattr(dataset, "skipped", 0))
 
@@ -44,13 +44,13 @@ def subset_train(data: DataBundle, size: int, seed: int) -> DataBundle:
         raise DataError(f"a training subset of {size} images is impossible: the training set has {len(data.train)}")
     if size == len(data.train):
         return data
-    picked = torch.randperm(len(data.train), generator=_generator(seed, 0x5B5E7)).tolist()
+    picked = torch.randperm(len(data.train), generator=generator(seed, 0x5B5E7)).tolist()
     subset = Subset(data.train, sorted(picked[:size]))
     return DataBundle(subset, data.val, data.num_classes, data.class_names,
                       f"{data.description}; training on a seeded subset of {size}")
 
 
-def _stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[int]]:
+def stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[int]]:
     """Per class, a seeded shuffle puts ``round(n * val_split)`` images (at least 1 when n >= 2) in val."""
     if not 0.0 < float(val_split) < 1.0:
         raise DataError(f"{where} has no val part of its own; --val-split must be between 0 and 1, got {val_split}")
@@ -67,7 +67,7 @@ def _stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[i
     return sorted(train), sorted(val)
 
 
-def _sizes(train, val, num_classes: int) -> str:
+def sizes(train, val, num_classes: int) -> str:
     """``"N train / M val images, K classes"`` for a description; ``?`` where a set streams."""
     sizes = " / ".join(f"{len(d)} {s}" if hasattr(d, "__len__") else f"? {s}" for d, s in ((train, "train"),
                                                                                          (val, "val")))

@@ -15,12 +15,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .bundle import DataBundle, _sizes, _stratified_split
+from .bundle import DataBundle, sizes, stratified_split
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _find_idx(root: Path, split: str, kind: str, required: bool = True) -> Path | None:
+def find_idx(root: Path, split: str, kind: str, required: bool = True) -> Path | None:
     dims = "idx3" if kind == "images" else "idx1"
     split_re = "(?:t10k|test)" if split == "t10k" else split  # some copies name the test files test-*
     pattern = re.compile(rf"(^|[-_.]){split_re}[-_.]{kind}[-_.]{dims}[-_.]ubyte(\.gz)?$")
@@ -35,7 +35,7 @@ def _find_idx(root: Path, split: str, kind: str, required: bool = True) -> Path 
     return hits[0] if hits else None
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (optionally gzipped); DataError when corrupt or truncated."""
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
@@ -58,8 +58,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _read_idx_pair(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path, labels_path = _find_idx(root, split, "images"), _find_idx(root, split, "labels")
-    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    images_path, labels_path = find_idx(root, split, "images"), find_idx(root, split, "labels")
+    images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected N x H x W unsigned bytes, got shape {images.shape} {images.dtype}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
@@ -87,21 +87,21 @@ class _IdxImages(Dataset):
         return self.transform(Image.fromarray(self.images[i], "L")), int(self.labels[i])
 
 
-def _load_idx(root, transforms, val_split, seed, val_from_train) -> DataBundle:
+def load_idx(root, transforms, val_split, seed, val_from_train) -> DataBundle:
     images, labels = _read_idx_pair(root, "train")
-    has_test = _find_idx(root, "t10k", "images", required=False) is not None
+    has_test = find_idx(root, "t10k", "images", required=False) is not None
     if has_test and not val_from_train:
         val_images, val_labels = _read_idx_pair(root, "t10k")
         train_idx, val_idx = np.arange(len(labels)), np.arange(len(val_labels))
         how = "t10k files"
     else:
-        train_idx, val_idx = _stratified_split(labels, val_split, seed, root)
+        train_idx, val_idx = stratified_split(labels, val_split, seed, root)
         val_images, val_labels = images, labels
         how = f"{val_split:g} split of train, seed {seed}"
     num_classes = int(max(labels.max(), val_labels.max())) + 1
     names = [str(c) for c in range(num_classes)]
     train = _IdxImages(images, labels, train_idx, transforms(train=True))
     val = _IdxImages(val_images, val_labels, val_idx, transforms(train=False))
-    text = (f"IDX folder {root}: {_sizes(train, val, num_classes)}, {images.shape[1]}x{images.shape[2]} gray "
+    text = (f"IDX folder {root}: {sizes(train, val, num_classes)}, {images.shape[1]}x{images.shape[2]} gray "
             f"(val: {how})")
     return DataBundle(train, val, num_classes, names, text)

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..utils import first_line
-from .bundle import DataBundle, _sizes, _stratified_split
-from .transforms import _Transforms
+from .bundle import DataBundle, sizes, stratified_split
+from .transforms import Transforms
 
 _log = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def _scan_classes(folder: Path) -> dict[str, list[str]]:
     return found
 
 
-def _load_folder(root: Path, transforms: _Transforms, val_split: float, seed: int,
+def load_folder(root: Path, transforms: Transforms, val_split: float, seed: int,
                  val_from_train: bool = False) -> DataBundle:
     sub = {p.name: p for p in _subfolders(root)}
     val_dir = next((sub[n] for n in _VAL_FOLDERS if n in sub), None)
     if val_from_train and "train" in sub:  # the val/ folder stays unseen
-        return _load_folder(sub["train"], transforms, val_split, seed)
+        return load_folder(sub["train"], transforms, val_split, seed)
     if "train" in sub or val_dir is not None:
         if "train" not in sub:
             raise DataError(f"data folder {root} has {val_dir.name}/ but no train/ folder")
@@ -123,12 +123,12 @@ def _load_folder(root: Path, transforms: _Transforms, val_split: float, seed: in
         found = _scan_classes(root)
         names = list(found)
         samples = _labelled(names, found)
-        train_idx, val_idx = _stratified_split([c for _, c in samples], val_split, seed, root)
+        train_idx, val_idx = stratified_split([c for _, c in samples], val_split, seed, root)
         train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
         how = f"{val_split:g} split, seed {seed}"
     bundle_train = _ImageFiles(train, transforms(train=True), root)
     bundle_val = _ImageFiles(val, transforms(train=False), root)
-    text = f"image folder {root}: {_sizes(train, val, len(names))} (val: {how})"
+    text = f"image folder {root}: {sizes(train, val, len(names))} (val: {how})"
     return DataBundle(bundle_train, bundle_val, len(names), names, text)
 
 

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import DataError
-from .bundle import _skipped
-from .seeds import _generator, _mix, _seed_worker, _seeded_rngs
+from .bundle import skipped
+from .seeds import generator, mix, seed_worker, seeded_rngs
 
 
 def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int = 0, num_workers: int = 0,
@@ -35,8 +35,8 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int 
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     worker_args = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                       worker_init_fn=_seed_worker if num_workers > 0 else None,
-                       generator=_generator(seed, epoch, 0x5EED))
+                       worker_init_fn=seed_worker if num_workers > 0 else None,
+                       generator=generator(seed, epoch, 0x5EED))
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -71,13 +71,13 @@ class _SeededView(Dataset):
 
     @property
     def skipped(self) -> int:
-        return _skipped(self.dataset)
+        return skipped(self.dataset)
 
     def __getitem__(self, key):
         if isinstance(key, int):
             return self.dataset[key]
         index, epoch = key
-        with _seeded_rngs(_mix(self.seed, epoch, index)):
+        with seeded_rngs(mix(self.seed, epoch, index)):
             return self.dataset[index]
 
 
@@ -99,7 +99,7 @@ class _KeyedSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
-            order = torch.randperm(self.length, generator=_generator(self.seed, self.epoch))
+            order = torch.randperm(self.length, generator=generator(self.seed, self.epoch))
         else:
             order = torch.arange(self.length)
         return ((i, self.epoch) for i in order[self.rank::self.world].tolist())

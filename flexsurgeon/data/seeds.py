@@ -10,7 +10,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(*parts: int) -> int:
+def mix(*parts: int) -> int:
     """A well-spread 63-bit seed from a tuple of ints (splitmix64 over the parts)."""
     h = 0x9E3779B97F4A7C15
     for part in parts:
@@ -21,9 +21,9 @@ def _mix(*parts: int) -> int:
     return h >> 1
 
 
-def _generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by ``_mix(*parts)``."""
-    return torch.Generator().manual_seed(_mix(*parts))
+def generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by ``mix(*parts)``."""
+    return torch.Generator().manual_seed(mix(*parts))
 
 
 def _seed_python_numpy(seed: int) -> None:
@@ -31,12 +31,12 @@ def _seed_python_numpy(seed: int) -> None:
     np.random.seed(seed & 0xFFFFFFFF)
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     _seed_python_numpy(torch.initial_seed())  # DataLoader derives it from the loader's (seed, epoch) generator
 
 
 @contextmanager
-def _seeded_rngs(seed: int):
+def seeded_rngs(seed: int):
     """Seed torch's CPU, Python's and numpy's global RNGs; restore them afterwards."""
     torch_state, py_state, np_state = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
     torch.default_generator.manual_seed(seed)

@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .bundle import DataBundle, _sizes
-from .seeds import _generator
-from .transforms import _input_hw, _per_channel
+from ..utils import per_channel
+from .bundle import DataBundle, sizes
+from .seeds import generator
+from .transforms import input_hw
 
 SYNTHETIC_DEFAULTS = {"classes": 10, "train": 2000, "val": 500, "seed": 0, "size": None, "noise": 0.3}
 SYNTHETIC_MAX_CLASSES = 60  # distinct (orientation % 3, frequency % 4, blob % 5) combinations
@@ -89,7 +90,7 @@ class _SyntheticImages(Dataset):
         return image.sub_(self.mean).div_(self.std), label
 
     def _generate(self, index, label):
-        g = _generator(self.seed, self.split_id, index)
+        g = generator(self.seed, self.split_id, index)
         chans = self.mean.shape[0]
         r = torch.rand(6, generator=g).tolist()
         ys, xs = self._ys, self._xs
@@ -110,15 +111,16 @@ class _SyntheticImages(Dataset):
         return image.clamp_(0.0, 1.0)
 
 
-def _load_synthetic(spec, data_config, in_chans, hflip) -> DataBundle:
+def load_synthetic(spec, data_config, in_chans, hflip) -> DataBundle:
     options = parse_synthetic(spec)
-    size = _input_hw(data_config) if options["size"] is None else (options["size"], options["size"])
-    mean, std = _per_channel(data_config.get("mean"), in_chans), _per_channel(data_config.get("std"), in_chans)
+    size = input_hw(data_config) if options["size"] is None else (options["size"], options["size"])
+    mean = per_channel(data_config.get("mean") or (0.5,), in_chans)
+    std = per_channel(data_config.get("std") or (0.5,), in_chans)
     common = dict(num_classes=options["classes"], seed=options["seed"], size=size, mean=mean, std=std,
                   noise=options["noise"])
     train = _SyntheticImages(options["train"], "train", hflip=float(hflip), **common)
     val = _SyntheticImages(options["val"], "val", hflip=0.0, **common)
     names = [str(c) for c in range(options["classes"])]
-    text = (f"synthetic: {_sizes(train, val, len(names))}, {in_chans}x{size[0]}x{size[1]}, seed {options['seed']}, "
+    text = (f"synthetic: {sizes(train, val, len(names))}, {in_chans}x{size[0]}x{size[1]}, seed {options['seed']}, "
             f"noise {options['noise']:g}")
     return DataBundle(train, val, len(names), names, text)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..utils import first_line
-from .bundle import DataBundle, _sizes
-from .transforms import _Transforms
+from .bundle import DataBundle, sizes
+from .transforms import Transforms
 
 TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 
 
-def _load_timm(spec, transforms: _Transforms) -> DataBundle:
+def load_timm(spec, transforms: Transforms) -> DataBundle:
     name, _, root = spec.partition(":")
     root = root or str(Path("~/.cache/flexsurgeon/datasets").expanduser() / re.sub(r"[^\w.-]+", "_", name))
     hint = "no network? use synthetic: or a local image / IDX folder"
@@ -41,7 +41,7 @@ def _load_timm(spec, transforms: _Transforms) -> DataBundle:
     names = _timm_class_names(train)
     if names is None:
         raise DataError(f"--data {spec}: cannot tell the number of classes of this data set; {hint}")
-    return DataBundle(train, val, len(names), names, f"timm dataset {name} at {root}: {_sizes(train, val, len(names))}")
+    return DataBundle(train, val, len(names), names, f"timm dataset {name} at {root}: {sizes(train, val, len(names))}")
 
 
 def _timm_class_names(dataset) -> list[str] | None:

@@ -9,18 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
+from ..utils import per_channel
 
 
-def _input_hw(data_config) -> tuple[int, int]:
+def input_hw(data_config) -> tuple[int, int]:
     size = data_config.get("input_size", (3, 224, 224))
     if isinstance(size, int):
         return size, size
     return int(size[-2]), int(size[-1])
-
-
-def _per_channel(values, chans) -> tuple[float, ...]:
-    values = tuple(values) if values is not None else (0.5,)
-    return tuple(float(values[c % len(values)]) for c in range(chans))
 
 
 def _to_pil_mode(img, mode):
@@ -42,7 +38,7 @@ def _to_pil_mode(img, mode):
     return img if img.mode == mode else img.convert(mode)
 
 
-class _Transforms:
+class Transforms:
     """timm transforms for PIL images, built once from the model's data_config."""
 
     def __init__(self, data_config, in_chans, train_kwargs):
@@ -58,9 +54,9 @@ class _Transforms:
         pil_chans = 1 if self.mode == "L" else 3
         config = {k: v for k, v in self.config.items() if k in ("input_size", "interpolation", "mean", "std",
                                                                   "crop_pct", "crop_mode")}
-        config["input_size"] = (pil_chans, *_input_hw(self.config))
-        config["mean"] = _per_channel(self.config.get("mean"), pil_chans)
-        config["std"] = _per_channel(self.config.get("std"), pil_chans)
+        config["input_size"] = (pil_chans, *input_hw(self.config))
+        config["mean"] = per_channel(self.config.get("mean") or (0.5,), pil_chans)
+        config["std"] = per_channel(self.config.get("std") or (0.5,), pil_chans)
         try:
             train = create_transform(**{**config, **self.train_kwargs}, is_training=True)
         except TypeError as e:

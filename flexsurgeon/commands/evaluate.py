@@ -1,0 +1,99 @@
+"""``flexsurgeon eval``: accuracy and loss of the main classifier and of every SAC head.
+
+``evaluate_source`` scores a folder written by convert or finetune (a run folder means its
+``best/`` checkpoint, else ``last/``) or, for comparison, a plain timm / torchvision model
+name, on the validation split of any ``--data`` form that finetune takes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoints.folders import check_not_interrupted
+from ..errors import CheckpointError, DataError
+from ..runs.layout import checkpoint_folder
+from ..utils import training_mode
+
+
+def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
+               img_size=None, in_chans: int = 3, model_code: str | None = None):
+    """``(model, label, data_config)`` for a checkpoint folder, an ``hf-hub:`` checkpoint or a model
+    name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model."""
+    from timm.data import resolve_data_config
+
+    from ..checkpoints.hub import is_hub_name
+    from ..checkpoints.io import load_folder
+    from ..surgery.sources import build_from_code, build_source, is_model_code, load_weights_file, parse_source
+
+    if is_hub_name(source):  # a checkpoint on the Hugging Face Hub (or in its local cache)
+        model = load_folder(source, model_code)
+        return model, source, resolve_data_config(model=model)
+    if Path(source).is_dir():
+        folder = checkpoint_folder(source)
+        model = load_folder(folder, model_code)
+        return model, str(folder), resolve_data_config(model=model)
+    if is_model_code(source):
+        model = build_from_code(source, num_classes=num_classes, in_chans=in_chans)
+        if weights not in ("random", "pretrained"):
+            load_weights_file(model, Path(weights))
+        args = {"input_size": (in_chans, *img_size)} if img_size else {}
+        return model, source, resolve_data_config(args=args, model=model)
+
+    if "/" in source and not source.startswith(("tv:", "torchvision:")):
+        check_not_interrupted(Path(source))
+        raise CheckpointError(f"no such checkpoint folder: {source}")
+    spec = parse_source(source, num_classes=num_classes, in_chans=in_chans)
+    model = build_source(spec, weights)
+    args = {"input_size": (in_chans, *img_size)} if img_size else {}
+    return model, spec.label, resolve_data_config(args=args, model=model)
+
+
+def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, workers: int = 2, device: str = "auto",
+                    val_split: float = 0.1, seed: int = 0, weights: str | Path = "pretrained",
+                    num_classes: int | None = None, img_size=None, in_chans: int = 3,
+                    model_code: str | None = None, progress: bool = True) -> dict:
+    """Score ``source`` on the val split of ``data_spec``.
+
+    Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
+    accuracies in percent; heads are the SAC heads by module path, then ``main``.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from ..data import load_data
+    from ..data.loaders import make_loader
+    from ..training.metrics import evaluate
+    from ..training.recipe import Recipe
+    from ..training.setup import device_settings, resolve_device
+
+    model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
+                                           in_chans=in_chans, model_code=model_code)
+    chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
+    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
+    outputs = _num_outputs(model, data_config["input_size"])
+    if outputs != data.num_classes:  # a score against other classes would look like a result and mean nothing
+        raise DataError(f"{label} has {outputs} classes but the data has {data.num_classes}; evaluate a model "
+                        f"fine-tuned on these classes (flexsurgeon finetune ... --data {data_spec})")
+    torch_device = resolve_device(device)
+    settings = device_settings(torch_device, Recipe())  # what finetune's default recipe would use here
+    model.to(torch_device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = make_loader(data.val, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
+                         pin_memory=settings.pin_memory)
+    bar = tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    summary = evaluate(model, bar, torch_device, autocast=settings.autocast, channels_last=settings.channels_last)
+    heads = {h: {"top1": summary["top1"][h], "top5": summary["top5"][h], "loss": summary["loss"][h]}
+             for h in summary["top1"]}
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return {"model": label, "data": data.description, "count": summary["count"], "heads": heads,
+            "label_names": list(names) if names else None}
+
+
+def _num_outputs(model, input_size) -> int:
+    import torch
+
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    with training_mode(model, False), torch.no_grad():
+        out = model(torch.zeros(1, *input_size))
+    return out.shape[-1]

@@ -1,0 +1,222 @@
+"""Plots as PNG files: FlexPool weight maps, training curves and ablation accuracy.
+
+``plot_folder`` (``flexsurgeon plot DIR``) looks at what DIR holds and draws what fits:
+a model folder (config.json) gives one weight-map PNG per FlexPool (``weight_maps.py``);
+a finetune run (log.jsonl) gives the training curves and the weight maps of its best/
+(else last/) model; an ablation folder (results.csv) gives the accuracy plot.
+
+matplotlib is an optional extra (``pip install 'flexsurgeon[plot]'``); figures are drawn
+and saved as ``figures.py`` says.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from ..checkpoints.names import CONFIG_NAME
+from ..errors import PlotError
+from ..runs.layout import ABLATION_NAME, ABLATION_RESULTS, BEST, CURVES_NAME, LAST, LOG_NAME, PLOTS_DIR
+from ..runs.log import read_log
+from .figures import new_figure, require_matplotlib, save_png
+from .weight_maps import check_top, plot_weight_maps
+
+__all__ = ["plot_ablation", "plot_folder", "plot_training_curves", "plot_weight_maps", "read_results"]
+
+
+# ---------------------------------------------------------------- training curves
+
+
+def plot_training_curves(log_path, out_path) -> Path:
+    """Loss and top-1 per head (SAC heads and ``main``), train dashed and val solid, against epoch."""
+    require_matplotlib()
+    log_path = Path(log_path)
+    records = read_log(log_path)
+    heads: list[str] = []
+    for r in records:
+        for split in ("train", "val"):
+            heads += [h for h in r[split]["top1"] if h not in heads]
+    heads = [h for h in heads if h != "main"] + (["main"] if "main" in heads else [])
+    epochs = [r["epoch"] for r in records]
+
+    fig = new_figure(figsize=(11, 4.2))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    colours = ["C7", "C1", "C2", "C4", "C5", "C6", "C8", "C9"]
+    for i, head in enumerate(heads):
+        colour = "C0" if head == "main" else colours[i % len(colours)]
+        for split, style in (("train", "--"), ("val", "-")):
+            for ax, metric in ((loss_ax, "loss"), (acc_ax, "top1")):
+                ys = [r[split][metric].get(head, math.nan) for r in records]
+                ax.plot(epochs, ys, style, color=colour, marker="o", markersize=3,
+                        linewidth=2 if head == "main" else 1.2, label=f"{head} {split}")
+    frozen = [r["epoch"] for r in records if r.get("frozen_backbone")]
+    for ax in (loss_ax, acc_ax):
+        for e in frozen:
+            ax.axvspan(e - 0.5, e + 0.5, color="0.9", zorder=0)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(epochs) < 12:
+            ax.set_xticks(epochs)
+    loss_ax.set_ylabel("cross-entropy loss")
+    acc_ax.set_ylabel("top-1 (%)")
+    best = max(records, key=lambda r: r["val"]["top1"].get("main", -math.inf))
+    if "main" in best["val"]["top1"]:
+        acc_ax.axvline(best["epoch"], color="C0", linestyle=":", linewidth=1)
+        acc_ax.set_title(f"best val top-1 (main) {best['val']['top1']['main']:.2f}% at epoch {best['epoch']}",
+                         fontsize=9)
+    loss_ax.set_title("dashed: train, solid: val" + ("; grey: backbone frozen" if frozen else ""), fontsize=9)
+    loss_ax.legend(fontsize=7, ncols=2 if len(heads) > 2 else 1)
+    fig.suptitle(f"training curves: {log_path.parent.name or log_path.parent.resolve().name}", fontsize=10)
+    return save_png(fig, Path(out_path))
+
+
+# ---------------------------------------------------------------- ablation
+
+def read_results(csv_path) -> list[dict]:
+    """The rows of an ablation ``results.csv`` (header ``variant,seed,top1,...``) as dicts of strings."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PlotError(f"cannot read {csv_path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    missing = [c for c in ("variant", "seed", "top1") if c not in columns]
+    if missing:
+        raise PlotError(f"{csv_path} has no column {', '.join(missing)} (its header: {','.join(columns) or 'none'})")
+    return rows
+
+
+def _ablation_points(rows: Iterable[Mapping]) -> tuple[dict[str, list[tuple[int, float]]], int]:
+    """Top-1 per variant in first-seen order, and how many rows had no result (blank or NaN top1)."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    skipped = 0
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("variant", "seed", "top1") if k not in row]
+        if missing:
+            raise PlotError(f"ablation row {i} has no {', '.join(missing)}; each row needs variant, seed and top1")
+        variant = str(row["variant"])
+        try:
+            seed = int(row["seed"])
+            raw = row["top1"]
+            top1 = math.nan if raw is None or str(raw).strip() == "" else float(raw)
+        except (TypeError, ValueError):
+            raise PlotError(f"ablation row {i} ({variant}): seed must be an integer and top1 a number, "
+                            f"got seed={row['seed']!r} top1={row['top1']!r}") from None
+        points.setdefault(variant, [])
+        if math.isnan(top1):
+            skipped += 1
+        else:
+            points[variant].append((seed, top1))
+    if not any(points.values()):
+        raise PlotError("no ablation results to plot: no row has a top1 value")
+    return points, skipped
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def plot_ablation(rows: Iterable[Mapping], out_path, baseline: str = "avg") -> Path:
+    """Top-1 per variant: one point per seed, mean ± sample std, the ``baseline``'s mean as a
+    reference line. ``rows`` are mappings with ``variant``, ``seed`` and ``top1`` (%), e.g. the
+    rows of ``results.csv``; variants are drawn in the order first seen."""
+    require_matplotlib()
+    points, skipped = _ablation_points(rows)
+    variants = list(points)
+    stats = {v: _mean_std([t for _, t in points[v]]) for v in variants if points[v]}
+    reference = stats.get(baseline, (None, None))[0]
+
+    fig = new_figure(figsize=(max(5.0, 1.3 * len(variants) + 2.0), 4.8))
+    ax = fig.subplots()
+    if reference is not None:
+        ax.axhline(reference, color="0.4", linestyle="--", linewidth=1, zorder=1,
+                   label=f"{baseline} mean {reference:.2f}")
+    for x, variant in enumerate(variants):
+        seeds = sorted(points[variant])
+        if not seeds:
+            continue
+        n = len(seeds)
+        offsets = [0.0] if n == 1 else [-0.15 + 0.3 * k / (n - 1) for k in range(n)]
+        colour = "0.5" if variant == baseline else f"C{x % 10}"
+        ax.scatter([x + o for o in offsets], [t for _, t in seeds], s=22, color=colour, alpha=0.7, zorder=2)
+        mean, std = stats[variant]
+        ax.errorbar([x + 0.28], [mean], yerr=[std] if n > 1 else None, fmt="D", color="black", markersize=5,
+                    capsize=4, zorder=3)
+        note = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (one seed)"
+        if reference is not None and variant != baseline:
+            note += f"\nΔ {mean - reference:+.2f}"
+        ax.annotate(note, (x + 0.28, mean + std), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels([f"{v}\n(n={len(points[v])})" for v in variants], rotation=30 if len(variants) > 5 else 0,
+                       fontsize=8)
+    ax.set_xlim(-0.6, len(variants) - 0.4)
+    ax.margins(y=0.18)  # room for the mean ± std notes above the bars
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(axis="y", alpha=0.3)
+    if reference is not None:
+        ax.legend(fontsize=8, loc="best")
+    notes = [] if reference is not None else [f"no '{baseline}' rows: no reference line"]
+    if skipped:
+        notes.append(f"{skipped} run(s) without a top1 left out")
+    ax.set_title("top-1 per variant: dots are seeds, diamonds mean ± sample std"
+                 + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=9)
+    return save_png(fig, Path(out_path))
+
+
+# ---------------------------------------------------------------- folders
+
+def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None) -> list[Path]:
+    """Plot whatever ``path`` holds; PNGs go to ``out_dir`` (default ``path/plots``).
+
+    A model folder (config.json): weight maps. A finetune run (log.jsonl): training curves and
+    the weight maps of its best/ model (else last/). An ablation folder (results.csv): the
+    accuracy plot. A log.jsonl or results.csv file itself also works.
+    """
+    check_top(top)
+    require_matplotlib()
+    path = Path(path)
+    if not path.exists():
+        raise PlotError(f"nothing to plot: {path} does not exist")
+    if path.is_file():
+        out = Path(out_dir) if out_dir is not None else path.parent / PLOTS_DIR
+        if path.suffix == ".jsonl":
+            return [plot_training_curves(path, out / CURVES_NAME)]
+        if path.suffix == ".csv":
+            return [plot_ablation(read_results(path), out / ABLATION_NAME)]
+        raise PlotError(f"cannot plot {path}: give a folder, a log.jsonl or a results.csv")
+    out = Path(out_dir) if out_dir is not None else path / PLOTS_DIR
+    written: list[Path] = []
+    if (path / ABLATION_RESULTS).is_file():
+        written.append(plot_ablation(read_results(path / ABLATION_RESULTS), out / ABLATION_NAME))
+    if (path / LOG_NAME).is_file():
+        written.append(plot_training_curves(path / LOG_NAME, out / CURVES_NAME))
+        model_dir = next((path / d for d in (BEST, LAST) if (path / d / CONFIG_NAME).is_file()), None)
+        if model_dir is not None:
+            written += _plot_model_folder(model_dir, out, top, required=False, source=f"{path.name}/{model_dir.name}",
+                                          model_code=model_code)
+    elif (path / CONFIG_NAME).is_file():
+        written += _plot_model_folder(path, out, top, required=True, model_code=model_code)
+    if not written and not (path / LOG_NAME).is_file() and not (path / ABLATION_RESULTS).is_file():
+        raise PlotError(f"nothing to plot in {path}: it has no {CONFIG_NAME} (a model folder), "
+                        f"{LOG_NAME} (a finetune run) or {ABLATION_RESULTS} (an ablation)")
+    return written
+
+
+def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, source: str | None = None,
+                       model_code: str | None = None) -> list[Path]:
+    from ..checkpoints.io import load_folder
+
+    model = load_folder(directory, model_code)
+    written = plot_weight_maps(model, out, top=top, source=source or directory.resolve().name)
+    if required and not written:
+        kind = getattr(getattr(model, "flexsurgeon_plan", None), "pool_mode", "another kind")
+        raise PlotError(f"nothing to plot in {directory}: its pools are {kind}, not FlexPool, so they have "
+                        "no weight maps")
+    return written

@@ -1,0 +1,98 @@
+"""What a conversion costs: parameters and multiply-adds of the source and of the converted model.
+
+Multiply-adds come from torch's own FLOP counter (``torch.utils.flop_counter.FlopCounterMode``,
+half its FLOPs) on one image at the analysis input size. It counts convolutions and matrix
+products, FlexPool's weighted sum among them, and not elementwise work (activations,
+normalisation, an average pool's additions). The converted model is measured twice: for
+inference (``model(x)`` in eval mode, SAC heads neither run nor kept by an export) and for
+training (train mode, main classifier and SAC heads).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..utils import training_mode
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class CostReport:
+    source: Cost
+    inference: Cost
+    training: Cost
+    added: tuple[tuple[str, Cost], ...]  # each new FlexPool and SAC head: module path, its own cost
+
+    def to_dict(self) -> dict:
+        return {"source": asdict(self.source), "inference": asdict(self.inference), "training": asdict(self.training),
+                "added": [{"module": name, **asdict(cost)} for name, cost in self.added]}
+
+
+def _count(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, dict[str, int]]:
+    """Total multiply-adds of one forward, and per module path (timm's names, no class prefix)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .sac import forward_with_sac
+
+    with training_mode(model, train), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if train:
+            forward_with_sac(model, x)
+        else:
+            model(x)
+    per_module = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key != "Global":
+            per_module[key.partition(".")[2]] = sum(ops.values()) // 2
+    return counter.get_total_flops() // 2, per_module
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def measure(source: nn.Module, converted: nn.Module) -> CostReport:
+    """Costs of ``source`` and of ``converted`` (the same architecture after the plan), on one
+    image of the plan's input size; neither model's mode or weights change."""
+    from ..layers.pools import FlexPool
+
+    plan = converted.flexsurgeon_plan
+    reference = next(iter(converted.parameters()), None)
+    x = torch.randn(1, plan.in_chans, *plan.img_size, device=reference.device if reference is not None else "cpu",
+                    dtype=reference.dtype if reference is not None else torch.float32)
+    source_macs, _ = _count(source, x, train=False)
+    inference_macs, _ = _count(converted, x, train=False)
+    training_macs, per_module = _count(converted, x, train=True)
+    heads = converted.sac_heads
+    pools = [(name, m) for name, m in converted.named_modules() if isinstance(m, FlexPool)
+             and not name.startswith("sac_heads.")]
+    added = [(name, m) for name, m in pools] + [(f"sac_heads.{name}", m) for name, m in heads.named_children()]
+    total = _params(converted)
+    return CostReport(
+        source=Cost(_params(source), source_macs),
+        inference=Cost(total - _params(heads), inference_macs),
+        training=Cost(total, training_macs),
+        added=tuple((name, Cost(_params(m), per_module.get(name, 0))) for name, m in added),
+    )
+
+
+def measure_rebuilt(name: str, converted: nn.Module) -> CostReport:
+    """``measure`` for a model converted from the command line's MODEL (a timm name, tv:NAME or
+    FILE.py:FACTORY): the source is built again, at random init (costs do not depend on weights)."""
+    from .sources import build_from_code, build_source, is_model_code
+
+    plan = converted.flexsurgeon_plan
+    if is_model_code(name):
+        source = build_from_code(name, num_classes=plan.num_classes, in_chans=plan.in_chans)
+    else:
+        source = build_source(plan.source, "random")
+    return measure(source, converted)
+
+
+__all__ = ["Cost", "CostReport", "measure", "measure_rebuilt"]

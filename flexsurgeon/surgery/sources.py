@@ -1,0 +1,293 @@
+"""Build the unconverted source model: a timm name or a torchvision builder, and its weights.
+
+Names: a timm model name (``resnet50``), or ``tv:NAME`` / ``torchvision:NAME`` for a
+torchvision classification builder. Weights: ``"random"``, ``"pretrained"`` (the
+library's own download), or a file (``.safetensors``; ``.pth``/``.pt``/``.bin`` are read
+with ``torch.load(weights_only=True)``, so a file cannot run code).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelNotFoundError, WeightsError
+from ..utils import clip, first_line
+from .plan import SourceSpec
+
+_TV_PREFIXES = ("tv:", "torchvision:")
+# Builders whose defaults add training-only auxiliary outputs; surgery works on the plain classifier.
+_TV_DEFAULT_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
+def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -> SourceSpec:
+    """Turn a user's model name into a SourceSpec, or raise with the closest known names."""
+    for prefix in _TV_PREFIXES:
+        if name.startswith(prefix):
+            builder = name[len(prefix):]
+            known = _torchvision_models()
+            if builder not in known:
+                raise ModelNotFoundError(f"unknown torchvision model '{builder}'{_did_you_mean(builder, known, 'tv:')}")
+            if in_chans != 3:
+                raise ModelNotFoundError("torchvision models take 3 input channels; --in-chans applies to timm models")
+            kwargs = dict(_TV_DEFAULT_KWARGS.get(builder, {}))
+            if num_classes is not None:
+                kwargs["num_classes"] = num_classes
+            return SourceSpec("torchvision", builder, kwargs)
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelNotFoundError(f"unknown model '{name}'{_did_you_mean(name, timm.list_models(), '')} "
+                                 "(torchvision models are named tv:NAME)")
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans != 3:
+        kwargs["in_chans"] = in_chans
+    return SourceSpec("timm", name, kwargs)
+
+
+def _did_you_mean(name: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+_REGISTRY_ONLY = "plans name registered models only; module paths and callables are never imported"
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Refuse a source that is not a builder in timm's registry or torchvision's model list.
+
+    Names are looked up, never imported or evaluated, so a config.json cannot make
+    flexsurgeon run code by naming a module path or a callable.
+    """
+    if spec.library == "timm":
+        import timm
+
+        if spec.name.split(".")[0] == "flexsurgeon":
+            raise ModelNotFoundError("'flexsurgeon' is the architecture of converted checkpoints, not a source model")
+        if not timm.is_model(spec.name):
+            raise ModelNotFoundError(f"unknown timm model '{spec.name}' ({_REGISTRY_ONLY})")
+    elif spec.library == "torchvision":
+        if spec.name not in _torchvision_models():
+            raise ModelNotFoundError(f"unknown torchvision model '{spec.name}' ({_REGISTRY_ONLY})")
+    elif spec.library == "custom":
+        raise ModelNotFoundError(f"this checkpoint was converted from a custom model ({spec.name}), which "
+                                 "flexsurgeon does not build: pass it, flexsurgeon.load(DIR, model=YOUR_MODEL), "
+                                 "or on the command line --model-code FILE.py:FACTORY")
+    else:
+        raise ModelNotFoundError(f"unknown model library '{spec.library}'")
+
+
+def weights_origin(spec: SourceSpec | None, weights: str | Path, model: nn.Module) -> str:
+    """Where ``model``'s weights came from, for ``SourceSpec.weights``: ``hf-hub:ID`` (timm's
+    pretrained weights), ``torchvision:DEFAULT``, ``file:NAME`` or ``random``."""
+    if weights == "random":
+        return "random"
+    if weights != "pretrained":
+        return f"file:{Path(weights).name}"
+    if spec is not None and spec.library == "torchvision":
+        return "torchvision:DEFAULT"
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if cfg.get("hf_hub_id"):
+        return f"hf-hub:{cfg['hf_hub_id']}"
+    return f"timm:{cfg['architecture']}.{cfg['tag']}" if cfg.get("architecture") and cfg.get("tag") else "pretrained"
+
+
+def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
+    """Instantiate ``spec`` with random, pretrained or file weights."""
+    check_source(spec)
+    if spec.library == "timm":
+        import timm
+
+        if weights == "pretrained":
+            overlay = _offline_hub_weights(spec)
+            try:
+                return timm.create_model(spec.name, pretrained=True, **overlay, **spec.kwargs)
+            except Exception as exc:  # hub, URL and file errors all mean "no weights here"
+                raise _download_error(spec, exc) from exc
+        model = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+    elif spec.library == "torchvision":
+        import torchvision
+
+        if weights == "pretrained":
+            kwargs = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+            try:
+                model = torchvision.models.get_model(spec.name, weights="DEFAULT", **kwargs)
+            except Exception as exc:
+                raise _download_error(spec, exc) from exc
+            num_classes = spec.kwargs.get("num_classes")
+            if num_classes is not None:
+                _reset_last_classifier(model, num_classes)
+            return model
+        model = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+    if weights not in ("random", "pretrained"):
+        load_weights_file(model, Path(weights))
+    return model
+
+
+def _offline_hub_weights(spec: SourceSpec) -> dict:
+    """Where the Hugging Face Hub cannot be reached, the cached weights file as timm's
+    ``pretrained_cfg_overlay`` (or a WeightsError at once): the hub client would retry for
+    most of a minute before falling back to its cache or failing."""
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.name)
+    if cfg is None or not cfg.hf_hub_id:
+        return {}
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return {}
+    except OSError:
+        pass
+    for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(cached, str):
+            return {"pretrained_cfg_overlay": {"file": cached, "hf_hub_id": None, "url": None}}
+    raise WeightsError(f"could not get pretrained weights for {spec.label}: no network (huggingface.co cannot be "
+                       f"reached) and they are not in the local cache; pass --weights FILE (a local state dict) "
+                       "or --random-init")
+
+
+def _download_error(spec: SourceSpec, exc: Exception) -> WeightsError:
+    reason = first_line(exc)
+    return WeightsError(f"could not get pretrained weights for {spec.label} ({clip(reason, 160)}); without network "
+                        "access pass --weights FILE (a local state dict) or --random-init")
+
+
+def _reset_last_classifier(model: nn.Module, num_classes: int) -> None:
+    """Give a torchvision model a fresh last layer with ``num_classes`` outputs."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = (name, module)
+    if last is None:
+        raise WeightsError("cannot find the classifier layer to resize for --num-classes")
+    name, old = last
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without running code: safetensors, or a weights-only torch file."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = first_line(exc)
+        raise WeightsError(f"cannot read weights from {path}: {clip(reason, 200)} "
+                           "(only safetensors and weights-only torch files are accepted)") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def classes_in_weights(model: nn.Module, path: Path) -> int | None:
+    """The class count of the classifier in the weights at ``path`` where only its size differs
+    from ``model``'s (a head trained for other classes), else None."""
+    own, state = model.state_dict(), read_state_dict(path)
+    resized = {k: v for k, v in state.items() if k in own and own[k].shape != v.shape}
+    counts = {v.shape[0] for v in resized.values()}
+    if len(counts) == 1 and all(v.shape[1:] == own[k].shape[1:] for k, v in resized.items()):
+        return counts.pop()
+    return None
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a source-model state dict; the classifier may differ in size (a new --num-classes)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in resized}
+    missing = [k for k in own if k not in state and k not in resized]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise WeightsError(f"{path} does not fit {type(model).__name__}: {detail} "
+                           f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    model.load_state_dict(state, strict=False)
+    if resized:
+        import warnings
+
+        warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape (a classifier for other classes); "
+                      f"they are re-initialised: {', '.join(resized[:4])}", stacklevel=2)
+
+
+_MODEL_CODE = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def is_model_code(text) -> bool:
+    """True for ``FILE.py:FACTORY``, the command line's way to name a model in the user's own code."""
+    return isinstance(text, str) and _MODEL_CODE.match(text) is not None
+
+
+def build_from_code(text: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    """Import ``FILE.py`` and call its ``FACTORY`` (with ``num_classes`` / ``in_chans`` where it
+    takes them). Only for code the user named on the command line or in a call."""
+    import importlib.util
+    import inspect
+    import sys
+
+    match = _MODEL_CODE.match(text)
+    if match is None:
+        raise ModelNotFoundError(f"'{text}' is not FILE.py:FACTORY")
+    path, name = Path(match["file"]), match["name"]
+    if not path.is_file():
+        raise ModelNotFoundError(f"model code file not found: {path}")
+    module_name = f"flexsurgeon_model_code.{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so classes defined there pickle and unpickle (torch.save of a model)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        reason = clip(first_line(exc), 200)
+        raise ModelNotFoundError(f"importing {path} failed: {type(exc).__name__}: {reason}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelNotFoundError(f"{path} has no function '{name}'")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    wanted = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in params)}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelNotFoundError(f"{text} failed: {type(exc).__name__}: {clip(first_line(exc), 200)}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelNotFoundError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,390 @@
+"""Fine-tuning: the SAC loss, timm's optimizer / scheduler / EMA, checkpoints and resume.
+
+One loop for one process and for torch.distributed (``torchrun --nproc-per-node N -m
+flexsurgeon finetune ...``): DistributedDataParallel, a DistributedSampler, metrics summed
+over ranks, and only rank 0 writes. Checkpoints are convert-style folders (``last/`` with
+the SAC heads and the training state, ``best/`` without the heads unless ``keep_sac``),
+written atomically; ``--resume`` continues exactly where the last finished epoch left off
+(``train_state.py``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints.io import check_can_save
+from ..errors import CheckpointError, TrainingError
+from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME, STATE_JSON
+from ..runs.log import truncate_log
+from ..surgery.sac import forward_with_sac, strip_sac_heads
+from .batches import device_batches, raise_if_out_of_memory
+from .metrics import Tally, evaluate, head_names
+from .recipe import Recipe
+from .run_data import name_classes
+from .setup import (
+    DeviceSettings,
+    Distributed,
+    device_settings,
+    enable_tf32,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
+from .state import restore_state, state_writers, write_recipe
+
+__all__ = ["DeviceSettings", "FinetuneResult", "device_settings", "evaluate", "finetune", "run"]
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    epochs: int
+    best_top1: float
+    best_epoch: int
+    last: dict  # the last epoch's log record
+    main: bool = True  # False on the other ranks of a torchrun job, which write and print nothing
+
+
+def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resume: bool = False,
+             progress: bool = True, log=print) -> FinetuneResult:
+    """Fine-tune a converted ``model`` on ``data`` (a DataBundle) as ``recipe`` says.
+
+    Writes ``output/last``, ``output/best``, ``output/log.jsonl`` and ``output/recipe.yaml``.
+    With ``resume``, continues from ``output/last``: ``model`` must be that checkpoint's model.
+    """
+    output = Path(output)
+    device = resolve_device(recipe.device)
+    dist = init_distributed(device)
+    settings = device_settings(device, recipe)
+    if settings.tf32:
+        enable_tf32()
+    seed_everything(recipe.seed)
+    if dist.main:
+        check_can_save(model, output)
+    if data.num_classes != model.flexsurgeon_plan.num_classes:
+        raise TrainingError(f"the model has {model.flexsurgeon_plan.num_classes} classes but the data has "
+                            f"{data.num_classes}; pass --num-classes {data.num_classes} to re-initialise its "
+                            "classifier and SAC heads")
+    name_classes(model, data)
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    job = FinetuneRun(model, data, recipe, output, device, dist, settings, log=log, progress=progress)
+    if resume:
+        job.resume()
+    job.start()
+    for epoch in range(job.epoch, recipe.epochs):
+        job.end_epoch(epoch, *job.train_epoch(epoch))
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=job.best_top1, best_epoch=job.best_epoch,
+                          last=job.last_record, main=dist.main)
+
+
+class TrainForward(nn.Module):
+    """Exposes ``forward_with_sac`` as ``forward`` so DDP (and torch.compile) see the SAC path."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return forward_with_sac(self.model, x)
+
+
+class FinetuneRun:
+    """One ``finetune`` call: what it trains with, built once, and how far it has got
+    (``epoch`` is the number of finished epochs)."""
+
+    def __init__(self, model: nn.Module, data, recipe: Recipe, output: Path, device: torch.device,
+                 dist: Distributed, settings: DeviceSettings, log, progress: bool):
+        from timm.optim import create_optimizer_v2
+        from timm.utils import ModelEmaV3
+
+        from .heads import head_parameter_names
+
+        self.model, self.data, self.recipe, self.output = model, data, recipe, output
+        self.device, self.dist, self.settings, self.log, self.progress = device, dist, settings, log, progress
+        self.loss_weights = _loss_weights(model, recipe)
+        self.heads = head_names(model)
+        head_params = set(head_parameter_names(model))
+        self.backbone = [p for n, p in model.named_parameters() if n not in head_params]
+        self.optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=recipe.lr,
+                                             weight_decay=recipe.weight_decay, momentum=recipe.momentum)
+        self.ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema else None
+        self.train_loader, self.val_loader = self._loader(data.train), self._loader(data.val)
+        steps_per_epoch = len(self.train_loader)
+        if steps_per_epoch == 0:
+            raise TrainingError(f"the training set ({len(data.train)} images) is smaller than one batch "
+                                f"of {recipe.batch_size}; lower --batch-size")
+        self.scheduler = _make_scheduler(self.optimizer, recipe, steps_per_epoch)
+        self.mixup, self.criterion = _mixup_and_criterion(recipe, data.num_classes)
+        self.train_forward: nn.Module = TrainForward(model)
+        self.epoch, self.step, self.best_top1, self.best_epoch = 0, 0, -1.0, -1
+        self.last_record: dict = {}
+
+    def _loader(self, split):  # built once; set_epoch moves it (and its persistent workers) on
+        from ..data.loaders import make_loader
+
+        recipe = self.recipe
+        return make_loader(split, batch_size=recipe.batch_size, train=split is self.data.train, seed=recipe.seed,
+                           epoch=0, num_workers=recipe.workers, distributed=self.dist.enabled,
+                           pin_memory=self.settings.pin_memory)
+
+    def resume(self) -> None:
+        meta = restore_state(self.output / LAST, self.optimizer, self.scheduler, self.ema)
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.best_top1, self.best_epoch = meta["best_top1"], meta["best_epoch"]
+        if self.dist.main:
+            self.log(f"resuming {self.output} after epoch {self.epoch} of {self.recipe.epochs}")
+            truncate_log(self.output / LOG_NAME, self.epoch)
+
+    def start(self) -> None:
+        """Wrap the training forward (DDP, torch.compile); rank 0 writes the recipe and says how it trains."""
+        recipe, device, dist, settings = self.recipe, self.device, self.dist, self.settings
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.train_forward = DistributedDataParallel(self.train_forward, device_ids=device_ids)
+        if recipe.compile:
+            self.train_forward = torch.compile(self.train_forward)
+        if not dist.main:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        write_recipe(self.output / RECIPE_NAME, recipe)
+        no_bf16 = recipe.amp and device.type == "cuda" and not settings.autocast
+        how = ["bf16 autocast" if settings.autocast else "float32 (this GPU has no bfloat16)" if no_bf16 else "float32",
+               "channels_last" if settings.channels_last else "",
+               "compiled" if recipe.compile else "", f"{dist.world} processes" if dist.enabled else ""]
+        self.log(f"fine-tuning on {device} ({', '.join(filter(None, how))}): {self.data.description}")
+
+    def train_epoch(self, epoch: int) -> tuple[dict, float, bool]:
+        """One pass over the training set: its summed metrics, the seconds it took, and whether
+        the backbone was frozen."""
+        from tqdm import tqdm
+
+        recipe, sync_every = self.recipe, self.settings.sync_every
+        frozen = recipe.freeze_backbone or epoch < recipe.freeze_epochs
+        self.model.train()
+        tally = Tally(self.heads, self.device)
+        if hasattr(self.train_loader.sampler, "set_epoch"):  # not for streaming (iterable) data sets
+            self.train_loader.sampler.set_epoch(epoch)
+        started, seen = time.perf_counter(), 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}{' (head only)' if frozen else ''}",
+                   disable=not (self.progress and self.dist.main), leave=False, dynamic_ncols=True)
+        for x, y in device_batches(bar, self.device, self.settings.channels_last, "training"):
+            outputs, losses, loss = self._train_step(x, y, frozen)
+            tally.add(outputs, losses, y)
+            seen += x.shape[0]
+            # Reading the loss waits for the GPU, so it happens every few steps, not every step.
+            if self.step % sync_every == 0:
+                _check_finite(loss, epoch, self.step, self.output)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{tally.summary()['top1']['main']:.1f}",
+                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        _check_finite(loss, epoch, self.step, self.output)
+        seconds = time.perf_counter() - started
+        tally.reduce(self.dist)
+        return tally.summary(), seconds, frozen
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, frozen: bool):
+        """Forward, the weighted loss over the heads, backward and the updates; returns the
+        outputs, the per-head losses and the total loss."""
+        from .heads import regularizer
+
+        recipe = self.recipe
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.autocast):
+                out, sac = self.train_forward(x)
+            outputs = [*sac, out]
+            losses = [self.criterion(o.float(), target) for o in outputs]
+            loss = sum(w * part for w, part in zip(self.loss_weights, losses))
+            if self.model.flexsurgeon_plan.pool_mode == "linear" and recipe.reg_weight > 0:
+                loss = loss + recipe.reg_weight * regularizer(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if frozen:  # the backbone keeps its weights; cheaper than re-wrapping DDP per phase
+                for p in self.backbone:
+                    p.grad = None
+            if recipe.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
+            self.optimizer.step()  # optimizers allocate their state on the first step
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+            raise_if_out_of_memory(exc, recipe.batch_size, "training")
+            raise
+        self.step += 1
+        _step_scheduler(self.scheduler, self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return outputs, losses, loss
+
+    def end_epoch(self, epoch: int, train: dict, seconds: float, frozen: bool) -> None:
+        """Validate, log the epoch, and (rank 0) save ``best/`` when it improved and ``last/``."""
+        settings = self.settings
+        evaluated = self.ema.module if self.ema is not None else self.model
+        val = evaluate(evaluated, self.val_loader, self.device, self.dist, settings.autocast, settings.channels_last)
+        top1 = val["top1"]["main"]
+        improved = top1 > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch = top1, epoch + 1
+        self.epoch = epoch + 1
+        self.last_record = {
+            "epoch": epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+            "frozen_backbone": frozen, "train": train, "val": val, "images_per_s": train["count"] / seconds,
+            "seconds": seconds, "best_top1": self.best_top1, "skipped_images": self.data.skipped,
+            "world_size": self.dist.world,
+        }
+        if self.dist.main:
+            self._write_epoch(self.last_record, evaluated, improved)
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def _write_epoch(self, record: dict, evaluated: nn.Module, improved: bool) -> None:
+        from ..checkpoints.io import save
+
+        output, recipe, val, train = self.output, self.recipe, record["val"], record["train"]
+        with open(output / LOG_NAME, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        sac_acc = "  ".join(f"{h} {val['top1'][h]:.1f}" for h in self.heads[:-1])
+        self.log(f"epoch {record['epoch']}/{recipe.epochs}: train loss {train['loss']['main']:.3f}  "
+                 f"val top-1 {val['top1']['main']:.2f}{'  (best)' if improved else ''}  {sac_acc}  "
+                 f"{record['images_per_s']:.0f} img/s")
+        if improved:  # best first: a kill between the two writes re-runs this epoch
+            save(evaluated if recipe.keep_sac else strip_sac_heads(evaluated), output / BEST, force=True)
+        progress = {"epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
+                    "best_epoch": self.best_epoch}
+        save(self.model, output / LAST, force=True,
+             extra_files=state_writers(self.optimizer, self.scheduler, self.ema, progress, recipe))
+
+
+def _loss_weights(model, recipe: Recipe) -> list[float]:
+    weights = list(recipe.sac_weights) if recipe.sac_weights is not None else list(model.flexsurgeon_plan.sac_weights)
+    needed = len(model.flexsurgeon_plan.sac) + 1
+    if len(weights) != needed:
+        raise TrainingError(f"recipe sac_weights has {len(weights)} values but the model has {needed - 1} SAC heads "
+                            f"(give {needed}: heads, then main)")
+    return weights
+
+
+def _mixup_and_criterion(recipe: Recipe, num_classes: int):
+    """timm's Mixup / CutMix (None when the recipe has neither) and the loss that goes with it."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    if recipe.mixup <= 0 and recipe.cutmix <= 0:
+        return None, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
+                  num_classes=num_classes)
+    return mixup, SoftTargetCrossEntropy()
+
+
+def _make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
+    if recipe.sched == "none":
+        return None
+    if recipe.sched == "onecycle":  # timm has no one-cycle; torch's is the field's standard one
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr,
+                                                   total_steps=recipe.epochs * steps_per_epoch)
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs,
+                                       warmup_epochs=recipe.warmup_epochs, min_lr=recipe.min_lr,
+                                       warmup_lr=recipe.lr * 0.01, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+def _step_scheduler(scheduler, step: int) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        scheduler.step()
+    else:
+        scheduler.step_update(num_updates=step)
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, output: Path) -> None:
+    value = loss.item()
+    if not math.isfinite(value):
+        kept = f"; the last good checkpoint is {output / LAST}" if (output / LAST).exists() else ""
+        raise TrainingError(f"the loss became {value} at epoch {epoch + 1}, step {step}; "
+                            f"stopping (try a lower --lr){kept}")
+
+
+def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resume: bool = False,
+        overrides: dict | None = None, weights: str | Path = "random", sac_stages=None, in_chans: int = 3,
+        replace_gating: bool = False, model_code: str | None = None, num_classes: int | None = None,
+        progress: bool = True, log=print) -> FinetuneResult:
+    """``flexsurgeon finetune``: resolve the model (a converted folder or a name to convert), the
+    data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
+    with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
+    source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own.
+    ``num_classes`` re-initialises a converted folder's classifier and SAC heads for that many classes."""
+    from ..checkpoints.locks import hold
+    from ..surgery.sources import is_model_code
+
+    if is_model_code(source):
+        model_code = source
+    output = Path(output)
+    with hold(output):
+        return _run_held(source, data_spec, recipe, output, resume=resume, overrides=overrides,
+                         weights=weights, sac_stages=sac_stages, in_chans=in_chans,
+                         replace_gating=replace_gating, model_code=model_code, num_classes=num_classes,
+                         progress=progress, log=log)
+
+
+def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, weights, sac_stages, in_chans,
+              replace_gating, model_code, num_classes, progress, log) -> FinetuneResult:
+    """``run`` once the run folder is this process's."""
+    from ..checkpoints.folders import recover
+    from ..checkpoints.io import load_folder, read_config
+    from ..surgery.convert import convert
+    from .heads import reset_head
+    from .recipe import load_recipe, with_overrides
+    from .run_data import checkpoint_data, data_config_for_name, load_run_data
+
+    if resume:
+        last = output / LAST
+        for folder in (last, output / BEST):  # what killed saves left: this run is their writer now
+            recover(folder)
+        if (last / STATE_JSON).is_file():
+            recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
+            seed_everything(recipe.seed)
+            model = load_folder(last, model_code)
+            data = checkpoint_data(data_spec, model, recipe)
+            return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
+        if last.exists():
+            raise CheckpointError(f"cannot resume: {last} has no training state; move it away to start the run again")
+        # a preemptible job reruns one command: before the first checkpoint, that starts the run
+        log(f"nothing to resume in {output} yet: starting the run")
+
+    if (output / LAST).exists():
+        raise CheckpointError(f"{output} already holds a run; pass --resume to continue it or choose another -o")
+    seed_everything(recipe.seed)
+    if Path(source).is_dir():
+        read_config(source)  # a clear error for a folder that is not a checkpoint
+        model = load_folder(source, model_code)
+        data = checkpoint_data(data_spec, model, recipe)
+    else:
+        data = load_run_data(data_spec, data_config_for_name(source, recipe.img_size, in_chans), in_chans, recipe)
+        seed_everything(recipe.seed)
+        model = convert(source, weights=weights, num_classes=data.num_classes, img_size=recipe.img_size,
+                        in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
+                        sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
+    if num_classes is not None:
+        reset_head(model, num_classes, data.num_classes, log)
+    return finetune(model, data, recipe, output, progress=progress, log=log)
