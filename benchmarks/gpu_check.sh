@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The CUDA checks of issues 3 and 13 in one prepared run, for a session that is lent a GPU
+# The CUDA checks in one prepared run, on a machine with a CUDA GPU
 # (a few minutes on one H200 plus the capped test suite; everything
 # it needs is in the device machine's image: torch, timm, safetensors, click, tqdm, pyyaml,
 # pytest). From the repository root:
-#     OUT=/some/folder bash benchmarks/gpu_check.sh      # $OUT is set by the device tool
+#     OUT=/some/folder bash benchmarks/gpu_check.sh      # logs and figures go to $OUT
 # What it shows, each step logged to $OUT/gpu_check.log:
-#   1. first, what SAC heads cost in training (issue 13): the training step of the converted
+#   1. first, what SAC heads cost in training: the training step of the converted
 #      model with SAC heads against the original, resnet50 at 224, batch 128, bf16 autocast,
 #      channels_last, eager and then compiled; each prints its ratio against the target 1.03;
 #   2. `flexsurgeon finetune --device cuda` runs the quick recipe (bf16 autocast,

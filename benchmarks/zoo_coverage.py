@@ -345,7 +345,8 @@ def check_model(label: str, args) -> dict:
                 problem = _verify(source, converted, size)
                 plan = converted.flexsurgeon_plan
                 record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
-                record["method"] = "graph rewrite" if any(p.method == "graph_rewrite" for p in plan.pools) \
+                # the record field keeps its historic name "method" (earlier JSONL files use it)
+                record["method"] = "graph rewrite" if any(p.replacement == "graph_rewrite" for p in plan.pools) \
                     else "in place"
                 if type(converted) is not type(source):
                     return done("wrong", f"the converted model is a {type(converted).__name__}, not a "

@@ -41,3 +41,22 @@ def converted(tmp_path_factory):
 @pytest.fixture
 def x64():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def compiled_matches_eager():
+    """A check that ``torch.compile(net, fullgraph=True)`` gives ``net``'s outputs in eval mode and
+    its parameter gradients in train mode; returns the compiled module."""
+
+    def check(net, x):
+        compiled = torch.compile(net, fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+        net.train()
+        eager = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+        got = torch.autograd.grad(compiled(x).square().sum(), list(net.parameters()))
+        for g, e in zip(got, eager):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        return compiled
+
+    return check

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from flexsurgeon.cli.main import main
 from flexsurgeon.commands.ablate import parse_variants, summarize
-from flexsurgeon.commands.stats import t_quantile
+from flexsurgeon.commands.stats import holm, t_quantile, t_two_sided_p
 from flexsurgeon.errors import AblationError
 
 ARGS = ["resnet10t", "--random-init", "--img-size", "64", "--data", "synthetic:classes=3,train=32,val=16",
@@ -32,6 +32,51 @@ def test_variants_parse_into_pool_kinds_heads_and_dropout():
 @pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)])
 def test_t_quantile_matches_the_table(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.parametrize("df, expected", [(3, 3.182), (5, 2.571), (6, 2.447), (10, 2.228), (15, 2.131),
+                                          (20, 2.086), (25, 2.060), (29, 2.045)])
+def test_t_quantile_matches_published_values(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=6e-4)  # 3 decimals, rounded
+
+
+@pytest.mark.parametrize("p, df", [(0.975, 0), (0.975, 31), (0.95, 4), (0.975, 2.5)])
+def test_t_quantile_outside_the_table_is_a_clear_error(p, df):
+    with pytest.raises(ValueError, match="t_quantile"):
+        t_quantile(p, df)
+
+
+@pytest.mark.parametrize("t, df, expected", [
+    (2.776, 4, 0.05), (2.228, 10, 0.05), (-2.228, 10, 0.05), (12.706, 1, 0.05), (2.042, 30, 0.05),
+    (1.0, 1, 0.5),  # Cauchy: P(|T| > 1) = 1/2
+    (2.0, 2, 1 - 2 / math.sqrt(6)),  # df 2: p = 1 - |t| / sqrt(2 + t^2)
+    (3.0, 7, 0.019942), (0.1, 30, 0.921010), (0.0, 5, 1.0), (math.inf, 3, 0.0)])
+def test_two_sided_p_of_the_t_statistic_matches_known_values(t, df, expected):
+    assert t_two_sided_p(t, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_the_p_value_at_each_tabled_quantile_is_five_percent():
+    assert all(t_two_sided_p(t_quantile(0.975, df), df) == pytest.approx(0.05, abs=2e-5) for df in range(1, 31))
+
+
+def test_holm_multiplies_the_i_th_smallest_p_by_k_minus_i_plus_one_and_keeps_the_order():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.2, 0.9]) == pytest.approx([0.4, 0.9]) and holm([0.6, 0.7]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_summary_against_another_baseline_with_holm_adjusted_p_values():
+    rows = [{"variant": v, "seed": s, "top1": t} for v, s, t in [
+        ("avg", 0, 80.0), ("avg", 1, 82.0), ("avg", 2, 90.0),
+        ("flex", 0, 81.0), ("flex", 1, 83.5), ("flex", 2, 91.2),
+        ("lse", 0, 79.0), ("lse", 1, 84.0), ("lse", 2, 89.5)]]
+    avg, flex, lse = summarize(rows, ["avg", "flex", "lse"], baseline="flex")
+    assert flex["diff"] is None and flex["p"] is None and flex["baseline"] == "flex"
+    diffs = [-1.0, -1.5, -1.2]
+    assert avg["diff"] == pytest.approx(statistics.fmean(diffs))
+    t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    assert avg["p"] == pytest.approx(t_two_sided_p(t, 2))
+    assert [avg["p_holm"], lse["p_holm"]] == pytest.approx(holm([avg["p"], lse["p"]]))
+    assert avg["p_holm"] == pytest.approx(min(1.0, 2 * min(avg["p"], lse["p"])))  # the smaller p, times k = 2
 
 
 def test_summary_pairs_seeds_against_the_baseline():
@@ -57,9 +102,13 @@ def test_ablation_runs_pairs_reports_and_resumes(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["variant"], r["seed"]) for r in rows] == [("avg", "0"), ("avg", "1"), ("flex+sac", "0"),
                                                          ("flex+sac", "1")]
-    for r in rows:  # the score is the final epoch's val top-1, as the run's log has it
-        log = [json.loads(line) for line in (out / "runs" / r["variant"] / f"seed{r['seed']}" / "log.jsonl").open()]
+    for r in rows:  # the score is the final epoch's val top-1, as the run's log has it, with every epoch's
+        folder = out / "runs" / r["variant"] / f"seed{r['seed']}"
+        log = [json.loads(line) for line in (folder / "log.jsonl").open()]
         assert float(r["top1"]) == pytest.approx(log[-1]["val"]["top1"]["main"])
+        by_epoch = json.loads((folder / "score.json").read_text())["top1_by_epoch"]
+        assert by_epoch == [e["val"]["top1"]["main"] for e in log] and len(by_epoch) == int(r["epochs"])
+    assert (out / "accuracy.png").is_file() and (out / "accuracy_by_epoch.png").is_file()
     # paired: seed k of both variants ran with the same seed, and the variant decided pool and heads
     for k in (0, 1):
         recipes = {v: yaml.safe_load((out / "runs" / v / f"seed{k}" / "recipe.yaml").read_text())
@@ -89,3 +138,36 @@ def test_unknown_variant_is_one_line_before_any_work(tmp_path):
     result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "avg,flexx", "-o", str(tmp_path / "a")])
     assert result.exit_code == 1 and "unknown variant 'flexx'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "a").exists()
+
+
+def test_baseline_flex_compares_against_flex_with_a_holm_column(tmp_path):
+    out = tmp_path / "abl"
+    result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "avg,flex+sac,lse", "--seeds", "2",
+                                       "--baseline", "flex+sac", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(r["variant"], int(r["seed"])): float(r["top1"]) for r in csv.DictReader((out / "results.csv").open())}
+    summary = {e["variant"]: e for e in json.loads((out / "summary.json").read_text())}
+    base = summary["flex+sac"]
+    assert base["diff"] is None and base["p"] is None and base["baseline"] == "flex+sac"
+    for v in ("avg", "lse"):  # paired differences against flex+sac, not against avg
+        diffs = [rows[v, k] - rows["flex+sac", k] for k in (0, 1)]
+        assert summary[v]["diff"] == pytest.approx(statistics.fmean(diffs)) and summary[v]["paired_runs"] == 2
+        assert summary[v]["baseline"] == "flex+sac"
+    tested = [summary[v] for v in ("avg", "lse")]
+    assert [e["p_holm"] for e in tested] == pytest.approx(holm([e["p"] for e in tested]))
+    lines = (out / "summary.md").read_text().splitlines()
+    assert "vs flex+sac: mean paired diff" in lines[0] and lines[0].endswith("| p | Holm |")
+    table = {line.split("|")[1].strip(): line for line in lines[2:5]}
+    assert "(baseline)" in table["flex+sac"] and "(baseline)" not in table["avg"]
+    assert f"| {summary['avg']['diff']:+.2f} |" in table["avg"]
+    assert "Holm's step-down method for the 2 comparisons with flex+sac" in lines[-1]
+    assert lines[-1] in result.output
+
+
+def test_a_baseline_not_among_the_variants_is_one_line_before_any_work(tmp_path):
+    result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "avg,flex+sac", "--baseline", "flex",
+                                       "-o", str(tmp_path / "a")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "Error: --baseline flex is not among the variants (avg, flex+sac); name one of them"]
+    assert not (tmp_path / "a").exists()

@@ -80,10 +80,10 @@ def test_converting_each_pool_form_preserves_the_output_and_the_class(kind):
     assert type(converted) is _Net
     (edit,) = converted.flexsurgeon_plan.pools
     if kind == "module":
-        assert (edit.method, edit.module) == ("in_place", "module_pool")
+        assert (edit.replacement, edit.module) == ("in_place", "module_pool")
         assert isinstance(converted.module_pool, FlexPool) and "forward" not in vars(converted)
     else:
-        assert (edit.method, edit.module) == ("graph_rewrite", "")
+        assert (edit.replacement, edit.module) == ("graph_rewrite", "")
         assert len(converted.flex_pools) == 1 and "forward" in vars(converted)
 
 
@@ -224,7 +224,7 @@ def test_a_pool_in_an_untraceable_forward_head_is_rewritten_in_forward():
     reference = copy.deepcopy(source)
     converted = flexsurgeon.convert(source, img_size=32, sac_stages=[])
     (edit,) = converted.flexsurgeon_plan.pools
-    assert (edit.method, edit.module, edit.forward) == ("graph_rewrite", "", "forward")
+    assert (edit.replacement, edit.module, edit.forward) == ("graph_rewrite", "", "forward")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(converted(x), reference(x), atol=1e-6)

@@ -65,7 +65,7 @@ def test_train_mode_forward_returns_main_logits_and_forward_with_sac_adds_heads(
 def test_new_layers_are_flexpool_and_sac_heads_sized_from_the_plan(resnet):
     _, converted = resnet
     plan = converted.flexsurgeon_plan
-    assert plan.pools[0].method == "in_place" and plan.pools[0].module == "global_pool"
+    assert plan.pools[0].replacement == "in_place" and plan.pools[0].module == "global_pool"
     pool = converted.global_pool
     assert isinstance(pool, FlexPool) and tuple(pool.weight.shape) == (512, 2, 2)
     heads = [converted.sac_heads[t.node] for t in plan.sac]
@@ -121,7 +121,7 @@ def test_linear_mode_regulariser_and_dropout_options():
     converted = flexsurgeon.convert("resnet18", img_size=64, num_classes=3, pool="linear", dropout=0.25,
                                     sac_stages=["layer3"])
     plan = converted.flexsurgeon_plan
-    assert plan.pool_mode == "linear" and plan.dropout == 0.25
+    assert plan.pool == "linear" and plan.dropout == 0.25
     assert [t.node for t in plan.sac] == ["layer3_1_act2"] and plan.sac_weights == (0.3, 0.7)
     assert regularizer(converted).item() == pytest.approx(0.0, abs=1e-8)  # weights start summing to one
     with torch.no_grad():
@@ -181,14 +181,14 @@ def test_timm_baseline_pools_install_train_and_round_trip(kind, module, tmp_path
     torch.manual_seed(0)
     converted = flexsurgeon.convert("resnet10t", img_size=64, num_classes=5, pool=kind, sac_stages=[])
     pool = converted.global_pool
-    assert type(pool.pool).__name__ == module
+    assert pool.pool == kind and type(pool.timm_pool).__name__ == module
     new = new_parameter_names(converted)
     assert new and all(n.startswith("global_pool.") for n in new)
     assert set(head_parameter_names(converted)) == set(new) | {"fc.weight", "fc.bias"}
     converted.train()
     out, heads = flexsurgeon.forward_with_sac(converted, x64)
     out.sum().backward()
-    assert pool.pool.parameters().__next__().grad is not None and heads == []
+    assert pool.timm_pool.parameters().__next__().grad is not None and heads == []
     flexsurgeon.save(converted, tmp_path / "m")
     loaded = flexsurgeon.load(tmp_path / "m").eval()
     converted.eval()
@@ -204,8 +204,8 @@ def test_cli_pool_choices_are_the_plan_kinds():
     choices = next(p for p in convert_command.params if p.name == "pool").type.choices
     assert tuple(choices) == POOL_KINDS
     plan = flexsurgeon.inspect("resnet10t", img_size=64).plan
-    with pytest.raises(flexsurgeon.errors.PlanError, match="pool_mode 'max'"):
-        SurgeryPlan.from_dict({**json.loads(plan.to_json()), "pool_mode": "max"})
+    with pytest.raises(flexsurgeon.errors.PlanError, match="pool 'max'"):
+        SurgeryPlan.from_dict({**json.loads(plan.to_json()), "pool": "max"})
 
 
 class _Terminal:

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import flexsurgeon
+import flexsurgeon.surgery.costs
 from flexsurgeon.cli.main import main
 
 
@@ -50,3 +51,23 @@ def test_inspect_json_and_convert_print_the_costs(tmp_path):
     assert result.exit_code == 0, result.output
     assert "converted, training (with SAC heads)" in result.output and "+ global_pool" in result.output
     assert f"{costs['source']['params']:,}" in result.output
+
+
+def test_a_batchnorm_on_a_pooled_map_is_measured_before_the_save_and_changes_nothing(tmp_path):
+    """Split attention (ResNeSt) pools to 1x1 and normalises that map: a train-mode forward of one
+    image fails there, which once ended convert with an error after the folder was written."""
+    runner = CliRunner()
+    args = ["resnest14d", "--img-size", "64", "--num-classes", "4"]
+    result = runner.invoke(main, ["inspect", *args])
+    assert result.exit_code == 0, result.output
+    assert "converted, training (with SAC heads)" in result.output
+    out = tmp_path / "c"
+    result = runner.invoke(main, ["convert", *args, "--random-init", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output and "converted, training (with SAC heads)" in result.output
+    flexsurgeon.load(out)
+
+    converted = flexsurgeon.convert(timm.create_model("resnest14d", num_classes=4), img_size=64)
+    before = {name: b.clone() for name, b in converted.named_buffers()}
+    flexsurgeon.surgery.costs.measure(timm.create_model("resnest14d", num_classes=4), converted)
+    assert all(torch.equal(b, before[name]) for name, b in converted.named_buffers())

@@ -58,7 +58,7 @@ def test_convert_save_and_load_into_a_model_the_user_built(tmp_path):
     assert converted is source and type(converted) is SmallCNN
     plan = converted.flexsurgeon_plan
     assert (plan.source.library, plan.source.name) == ("custom", "SmallCNN")
-    assert [(p.method, p.module) for p in plan.pools] == [("in_place", "pool")]
+    assert [(p.replacement, p.module) for p in plan.pools] == [("in_place", "pool")]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(converted(x, temperature=2.0), reference(x, temperature=2.0), atol=1e-6)

@@ -262,29 +262,85 @@ def test_missing_path_and_file_errors(tmp_path):
 
 
 def _truncated_jpeg(path: Path):
+    """A JPEG whose header opens but whose data ends half way: it fails only when decoded."""
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
-    path.write_bytes(buffer.getvalue()[:300])
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+def _items(dataset, train=False):
+    """Every ``(red value 0..255, label)`` an unaugmented (val) dataset yields through a loader
+    (RAW config); in order unless ``train``."""
+    loader = make_loader(dataset, batch_size=4, train=train, seed=0)
+    return [(round(float(x[0, 0, 0]) * 255), int(label)) for xs, ys in loader for x, label in zip(xs, ys)]
+
+
+def _names(*datasets):
+    """Sorted ``(class folder/file name, label)`` of every sample."""
+    return sorted((f"{Path(p).parent.name}/{Path(p).name}", label) for d in datasets for p, label in d.samples)
+
+
+def test_unreadable_images_are_left_out_at_scan_time_named_and_counted(tmp_path, caplog):
     _folder(tmp_path / "train", n=3)
-    _folder(tmp_path / "val", n=1)
-    _truncated_jpeg(tmp_path / "train" / "cat" / "broken.jpg")
-    (tmp_path / "train" / "dog" / "garbage.png").write_bytes(b"this is not a png at all")
-    bundle = load_data(str(tmp_path), data_config=CFG)
-    assert len(bundle.train) == 8 and bundle.skipped == 0  # nothing is opened at scan time
+    _folder(tmp_path / "val", n=2)
+    (tmp_path / "train" / "cat" / "random.jpg").write_bytes(random.Random(0).randbytes(2000))
+    (tmp_path / "train" / "dog" / "empty.png").write_bytes(b"")
+    (tmp_path / "val" / "dog" / "0b.png").write_bytes(b"this is not a png at all")
+    bundle = load_data(str(tmp_path), data_config=RAW)
+    assert (len(bundle.train), len(bundle.val)) == (6, 4) and bundle.skipped == 3
+    assert "6 train / 4 val images, 2 classes" in bundle.description
+    assert "3 unreadable images left out" in bundle.description
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "left out 3 unreadable images" in warnings[0], warnings
+    assert all(name in warnings[0] for name in ("cat/random.jpg", "dog/empty.png", "dog/0b.png"))
+    assert _names(bundle.train) == [(f"{c}/{i}.png", label) for label, c in enumerate(("cat", "dog")) for i in range(3)]
+    assert _items(bundle.val) == [(0, 0), (1, 0), (40, 1), (41, 1)]
+    assert bundle.skipped == 3  # reading the rest adds nothing
+
+
+def test_a_class_folder_of_only_unreadable_images_is_one_error_line(tmp_path):
+    _folder(tmp_path, n=3)
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError) as info:
+        load_data(str(tmp_path), data_config=RAW)
+    assert str(info.value).startswith(f"no readable images under {tmp_path / 'bird'}: its 1 image fails to open")
+    assert "\n" not in str(info.value)
+
+
+def test_an_image_that_fails_to_decode_is_dropped_from_its_batch_never_replaced(tmp_path, caplog):
+    _folder(tmp_path / "train", n=1)
+    _folder(tmp_path / "val", n=3)
+    _truncated_jpeg(tmp_path / "val" / "cat" / "1b.jpg")  # sorts between cat's images 1 and 2
+    bundle = load_data(str(tmp_path), data_config=RAW)
+    assert len(bundle.val) == 7 and bundle.skipped == 0  # its header is fine
     for _ in range(2):  # a bad file is counted once, however often it is asked for
-        items = [bundle.train[i] for i in range(len(bundle.train))]
-    assert all(x.shape == (3, 32, 32) and torch.isfinite(x).all() for x, _ in items)
-    assert bundle.skipped == 2
-    assert "broken.jpg" in caplog.text and "garbage.png" in caplog.text
+        assert _items(bundle.val) == [(0, 0), (1, 0), (2, 0), (40, 1), (41, 1), (42, 1)]  # no stand-in for 1b.jpg
+    assert bundle.skipped == 1 and caplog.text.count("1b.jpg") == 1
+    loader = make_loader(bundle.val, batch_size=7, train=False, seed=0)
+    assert [len(y) for _, y in loader] == [6]  # the batch is smaller, not refilled
+
+
+def test_a_training_batch_that_loses_images_stays_even_and_never_below_two(tmp_path):
+    _folder(tmp_path / "train", n=1)
+    _folder(tmp_path / "val", n=3)
+    for name in ("cat", "dog"):
+        _truncated_jpeg(tmp_path / "val" / name / "bad.jpg")
+    bundle = load_data(str(tmp_path), data_config=RAW)
+    seen = set()
+    for seed in range(8):  # shuffled batches of 4 out of 8 images, 2 of them bad
+        sizes = tuple(sorted(len(y) for _, y in make_loader(bundle.val, batch_size=4, train=True, seed=seed)))
+        assert sizes in ((2, 2), (2, 4)), sizes  # 3 left are cut to 2: timm's mixup needs an even batch
+        seen.add(sizes)
+    assert seen == {(2, 2), (2, 4)} and bundle.skipped == 2
+    assert len(list(make_loader(bundle.val, batch_size=1, train=False, seed=0))) == 6  # empty batches left out
 
 
 def test_skip_count_crosses_worker_processes(tmp_path):
     _folder(tmp_path / "train", n=3)
     _folder(tmp_path / "val", n=1)
-    (tmp_path / "train" / "dog" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    _truncated_jpeg(tmp_path / "train" / "dog" / "broken.jpg")
     bundle = load_data(str(tmp_path), data_config=CFG)
     loader = make_loader(bundle.train, batch_size=3, train=True, seed=0, num_workers=1)
     worker_batches = [(x, y) for x, y in loader]
@@ -292,6 +348,44 @@ def test_skip_count_crosses_worker_processes(tmp_path):
     in_process = list(make_loader(bundle.train, batch_size=3, train=True, seed=0, num_workers=0))
     for (a, ya), (b, yb) in zip(worker_batches, in_process, strict=True):  # the same batches either way
         assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_a_symlink_loop_reads_each_image_once_under_its_own_class(tmp_path, caplog):
+    root = _folder(tmp_path / "data", classes=("a", "b"), n=6)
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)
+    (root / "b" / "self").symlink_to(".", target_is_directory=True)
+    bundle = load_data(str(root), data_config=RAW, val_split=0.5)
+    assert (len(bundle.train), len(bundle.val)) == (6, 6)
+    assert _names(bundle.train, bundle.val) == [(f"{c}/{i}.png", label) for label, c in enumerate("ab")
+                                                for i in range(6)]
+    items = _items(bundle.val)  # a's images are red 0..5, b's 40..45
+    assert len(items) == 6 and all((red < 40) == (label == 0) for red, label in items), items
+    assert "skipped 2 symlinked folders that loop back into the data folder" in caplog.text
+    assert "a/loop" in caplog.text and "b/self" in caplog.text
+
+
+def test_symlinks_to_folders_outside_the_data_folder_are_read(tmp_path, caplog):
+    outside = _folder(tmp_path / "elsewhere", classes=("cats", "more_dogs"), n=3)
+    root = tmp_path / "data"
+    _folder(root, classes=("dog",), n=3)
+    (root / "cat").symlink_to(outside / "cats", target_is_directory=True)  # a whole class folder
+    (root / "dog" / "more").symlink_to(outside / "more_dogs", target_is_directory=True)  # part of one
+    (root / "dog" / "more_again").symlink_to(outside / "more_dogs", target_is_directory=True)  # read once
+    (outside / "cats" / "up").symlink_to("..", target_is_directory=True)  # a loop outside
+    bundle = load_data(str(root), data_config=RAW, val_split=0.5)
+    assert bundle.class_names == ["cat", "dog"] and (len(bundle.train), len(bundle.val)) == (4, 5)
+    assert _names(bundle.train, bundle.val) == [*((f"cat/{i}.png", 0) for i in range(3)),
+                                                *((f"dog/{i}.png", 1) for i in range(3)),
+                                                *((f"more/{i}.png", 1) for i in range(3))]
+    assert "skipped 2 symlinked folders" in caplog.text and "cat/up" in caplog.text
+    assert "dog/more_again" in caplog.text
+
+
+def test_a_class_folder_linked_back_into_the_data_folder_is_one_error_line(tmp_path):
+    root = _folder(tmp_path / "data", classes=("a", "b"), n=3)
+    (root / "c").symlink_to("a", target_is_directory=True)
+    with pytest.raises(DataError, match=f"class folder {root / 'c'} is a symlink to {root / 'a'}"):
+        load_data(str(root), data_config=RAW)
 
 
 def test_gray_rgba_and_16bit_images_convert(tmp_path):

@@ -43,7 +43,7 @@ def _reference_scores(model, data_spec):
 def test_scores_every_head_and_main_matches_a_direct_count(converted_dir):
     scores = evaluate_source(str(converted_dir), DATA, batch_size=16, workers=0, device="cpu", progress=False)
     plan = flexsurgeon.load(converted_dir).flexsurgeon_plan
-    assert list(scores["heads"]) == [f"sac:{t.module}" for t in plan.sac] + ["main"]
+    assert list(scores["heads"]) == [f"sac:{t.node}" for t in plan.sac] + ["main"]
     top1, loss, n = _reference_scores(flexsurgeon.load(converted_dir), DATA)
     main_scores = scores["heads"]["main"]
     assert scores["count"] == n == 40

@@ -123,7 +123,7 @@ def test_onnx_at_another_size_carries_weights_for_that_size(converted, tmp_path)
 
 @needs_onnx_exporter
 def test_torchvision_model_exports(tmp_path):
-    """SqueezeNet pools after its classifier conv, keeping dims (FlexPool flatten=False); a 3x3
+    """SqueezeNet pools after its classifier conv, keeping dims (FlexPool keepdim=True); a 3x3
     map at 64, 3x5 at the exported 64x96."""
     torch.manual_seed(0)
     model = flexsurgeon.convert("tv:squeezenet1_0", img_size=64, num_classes=3, weights="random").eval()

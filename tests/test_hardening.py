@@ -193,7 +193,7 @@ FILE_DAMAGE = {  # name -> (damage, words the message holds); all refused before
     "plan field missing": (_edit_plan(lambda p: p.pop("pools")), "plan is missing field(s): pools"),
     "plan field extra": (_edit_plan(lambda p: p.update(evil="x")), "plan has unknown field(s): evil"),
     "plan wrong type": (_edit_plan(lambda p: p.update(num_classes="4")), "num_classes must be a positive integer"),
-    "plan version": (_edit_plan(lambda p: p.update(version=3)), "plan version 3 is not supported"),
+    "plan version": (_edit_plan(lambda p: p.update(version=4)), "plan version 4 is not supported"),
     "plan custom source": (_set_source(library="custom", name="MyNet"), "custom model (MyNet)"),
     "plan in-place module path": (_edit_plan(lambda p: p["pools"][0].update(module="__import__('os')")),
                                   "is not a module path"),
@@ -231,6 +231,26 @@ def test_damaged_checkpoint_files_are_refused_before_any_model_is_built(checkpoi
     monkeypatch.setattr(fio, "build_from_plan", no_build)
     with pytest.raises(FlexSurgeonError) as info:
         flexsurgeon.load(copy)
+    message = str(info.value)
+    assert words in message and str(copy) in message and "\n" not in message, message
+
+
+# what timm itself reads before it reaches our architecture (a config it cannot parse or that names
+# another architecture, a config with no plan for the entrypoint) is timm's to refuse
+TIMM_READS_FIRST = ("config missing", "config empty", "config not JSON", "config binary", "config a list",
+                    "config unknown architecture", "config no plan", "config pretrained_cfg not an object")
+
+
+@pytest.mark.parametrize("case", [c for c in FILE_DAMAGE if c not in TIMM_READS_FIRST])
+def test_timm_local_dir_refuses_what_flexsurgeon_load_refuses_naming_the_file(checkpoint, tmp_path, monkeypatch,
+                                                                               case):
+    damage, words = FILE_DAMAGE[case]
+    copy = tmp_path / "ck"
+    shutil.copytree(checkpoint, copy)
+    shutil.copytree(checkpoint.parent / "other", tmp_path / "other")
+    damage(copy)
+    with pytest.raises(FlexSurgeonError) as info:
+        timm.create_model(f"local-dir:{copy}", pretrained=True)
     message = str(info.value)
     assert words in message and str(copy) in message and "\n" not in message, message
 
@@ -352,20 +372,53 @@ def _garbage_image_folder(root: Path) -> Path:
     return root
 
 
+def _truncated_image_folder(root: Path) -> Path:
+    """Images whose headers open (so the scan keeps them) but whose data ends early."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    for split in ("train", "val"):
+        for name in ("cat", "dog", "cow", "pig"):
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "x.jpg").write_bytes(data[:len(data) // 2])
+    return root
+
+
 def test_an_error_inside_a_dataloader_worker_stays_one_line(tmp_path):
-    bundle = load_data(str(_garbage_image_folder(tmp_path / "data")), data_config={"input_size": (3, 32, 32)})
+    bundle = load_data(str(_truncated_image_folder(tmp_path / "data")), data_config={"input_size": (3, 32, 32)})
     with pytest.raises(DataError) as info:
         list(make_loader(bundle.train, batch_size=2, train=True, seed=0, num_workers=1))
     assert str(info.value) == f"no readable images under {tmp_path / 'data'}: all 4 failed to load"
     assert "Traceback" in info.value.worker_traceback  # kept for --debug
 
 
-def test_a_folder_of_unreadable_images_is_one_error_line_through_the_cli(checkpoint, tmp_path):
-    data = _garbage_image_folder(tmp_path / "data")
+@pytest.mark.parametrize("make", [_garbage_image_folder, _truncated_image_folder], ids=["unreadable", "undecodable"])
+def test_a_folder_of_bad_images_is_one_error_line_through_the_cli(checkpoint, tmp_path, make):
+    """Files that are no images are left out when the folder is read; images that open but fail to
+    decode are left out of their batches: either way nothing is left, and that is one line."""
+    data = make(tmp_path / "data")
     code, output, errors = _cli("finetune", checkpoint, "--data", data, "--recipe", "smoke", "--workers", "1",
                                 "--batch-size", "2", "-o", tmp_path / "run")
     assert code == 1 and len(errors) == 1, output
     assert "no readable images under" in errors[0] and "Traceback" not in output
+    assert not (tmp_path / "run" / "best").exists()
+
+
+@pytest.mark.parametrize("how", ["recipe file", "--set"])
+def test_an_optimizer_typo_is_one_line_naming_the_field_before_any_run_folder(tmp_path, how):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 1\noptimizer: adamm\n" if how == "recipe file" else "epochs: 1\n")
+    extra = ["--set", "optimizer=adamm"] if how == "--set" else []
+    code, output, errors = _cli("finetune", MODEL, "--random-init", "--data", DATA, "--recipe", recipe, *extra,
+                                "-o", tmp_path / "run")
+    assert code != 0 and len(errors) == 1 and len(output.strip().splitlines()) == 1, output
+    assert "recipe field 'optimizer' = 'adamm'" in errors[0] and "did you mean 'adam'?" in errors[0], output
+    assert "sgd" in errors[0] and "adamw" in errors[0]  # the choices
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------- property-based
@@ -403,11 +456,11 @@ def _valid_plan() -> dict:
         "source": {"library": "timm", "name": "resnet18", "kwargs": {"num_classes": 10}},
         "num_classes": 10, "in_chans": 3, "img_size": [64, 64],
         "pools": [{"node": "global_pool_pool", "input": "layer4_1_act2", "channels": 512, "size": [2, 2],
-                   "keepdim": False, "layout": "nchw", "module": "global_pool", "method": "in_place"}],
+                   "keepdim": False, "layout": "nchw", "module": "global_pool", "replacement": "in_place"}],
         "sac": [{"node": "layer2_1_act2", "channels": 128, "size": [8, 8], "module": "layer2.1.act2",
                  "read": "output"},
                 {"node": "layer3_1_act2", "channels": 256, "size": [4, 4], "module": "layer4", "read": "input"}],
-        "sac_weights": [0.1, 0.2, 0.7], "pool_mode": "softmax", "dropout": 0.0, "version": 2,
+        "sac_weights": [0.1, 0.2, 0.7], "pool": "softmax", "dropout": 0.0, "version": 3,
     }
 
 

@@ -68,6 +68,14 @@ def test_timm_keyword_arguments_are_refused_in_one_line_never_ignored(saved, kwa
         timm.create_model(f"local-dir:{directory}", pretrained=True, **kwargs)
 
 
+def test_features_only_for_a_torchvision_source_points_at_torchvisions_feature_extractor(tmp_path):
+    directory = tmp_path / "tv"
+    flexsurgeon.save(flexsurgeon.convert("tv:resnet18", img_size=64, num_classes=4), directory)
+    with pytest.raises(flexsurgeon.FlexSurgeonError) as info:
+        timm.create_model(f"local-dir:{directory}", pretrained=True, features_only=True)
+    assert "create_feature_extractor" in str(info.value) and "forward_intermediates" not in str(info.value)
+
+
 def test_timm_keyword_arguments_reach_the_source_builder(saved, x64):
     model, directory = saved
     loaded = timm.create_model(f"local-dir:{directory}", pretrained=True, drop_rate=0.3, drop_path_rate=0.1,
@@ -100,6 +108,55 @@ def test_a_folder_from_before_in_place_surgery_is_refused_with_what_to_do(saved,
     (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(flexsurgeon.FlexSurgeonError, match="convert the source model again"):
         flexsurgeon.load(old)
+
+
+def _as_version_2(directory) -> None:
+    """Rewrite a converted folder's plan (config.json and the weights' metadata) in the form version 2
+    wrote: ``pool_mode`` for ``pool``, each pool's ``method`` for ``replacement``."""
+    from safetensors.torch import load_file, save_file
+
+    def old_form(plan: dict) -> dict:
+        plan = {**plan, "version": 2, "pool_mode": plan["pool"]}
+        del plan["pool"]
+        plan["pools"] = [{**{k: v for k, v in p.items() if k != "replacement"}, "method": p["replacement"]}
+                         for p in plan["pools"]]
+        return plan
+
+    config = json.loads((directory / "config.json").read_text())
+    config["model_args"]["plan"] = old_form(config["model_args"]["plan"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    metadata["flexsurgeon_plan"] = json.dumps(old_form(json.loads(metadata["flexsurgeon_plan"])))
+    save_file(load_file(str(weights)), str(weights), metadata=metadata)
+
+
+def test_a_version_2_folder_is_refused_in_one_line_by_load_timm_and_the_cli(saved, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from flexsurgeon.cli.main import main
+
+    _, directory = saved
+    old = tmp_path / "v2"
+    shutil.copytree(directory, old)
+    _as_version_2(old)
+    assert "pool_mode" in (old / "config.json").read_text()
+    expected = "plan version 2 is not supported (this flexsurgeon reads 3); convert the source model again"
+    for load in (lambda: flexsurgeon.load(old), lambda: timm.create_model(f"local-dir:{old}", pretrained=True)):
+        with pytest.raises(flexsurgeon.FlexSurgeonError) as info:
+            load()
+        message = str(info.value)
+        assert expected in message and "unknown field" not in message and "\n" not in message, message
+    for args in (["eval", old, "--data", "synthetic:classes=7,train=8,val=8,size=64"],
+                 ["export", old, "--format", "safetensors", "-o", tmp_path / "exported"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1 and expected in lines[0], result.output
+        assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output  # no crash
+    assert not (tmp_path / "exported").exists()
 
 
 def test_torchvision_model_round_trips(tmp_path, x64):

@@ -8,6 +8,8 @@ tree, so its own failure is shown on a small package made for the purpose.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import flexsurgeon
 
 # imports point from right to left only; the base modules (first entry) import no other part
 LAYERS = (("errors", "utils", "version"), "layers", "surgery", "checkpoints", "runs", "data", "training",
-          "plotting", "commands", "cli")
+          "plotting", "commands", ("cli", "launch"))
 MAX_LINES = 400
 PACKAGE = Path(flexsurgeon.__file__).parent
 
@@ -150,3 +152,11 @@ def test_tests_import_public_names_only():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_the_plan_record_imports_no_torch():
+    """Reading a plan (a folder's config.json) needs the standard library only."""
+    code = ("import sys, flexsurgeon.surgery.plan; "
+            "print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

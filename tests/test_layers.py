@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flexsurgeon.layers.kinds import POOL_MODES
+from flexsurgeon.layers.kinds import FLEXPOOL_KINDS
 from flexsurgeon.layers.pools import FlexPool, flex_pool2d
 from flexsurgeon.layers.sac_head import SACHead
 
@@ -31,33 +31,33 @@ def _perturb(pool: FlexPool, seed: int = 1) -> None:
         pool.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference(x: torch.Tensor, weight: torch.Tensor, mode: str) -> torch.Tensor:
+def _reference(x: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
     """Naive definition: y[b, c] = sum_{h,w} A[c,h,w] x[b,c,h,w]."""
     c, h, w = weight.shape
-    a = weight.flatten(1).softmax(-1).view(c, h, w) if mode == "softmax" else weight
+    a = weight.flatten(1).softmax(-1).view(c, h, w) if kind == "softmax" else weight
     return (a * x).sum((2, 3))
 
 
-@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("flatten", [True, False])
-def test_equals_mean_at_init_float32(mode, layout, flatten):
-    pool = FlexPool(5, (4, 6), mode=mode, flatten=flatten).eval()
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_equals_mean_at_init_float32(kind, layout, keepdim):
+    pool = FlexPool(5, (4, 6), pool=kind, keepdim=keepdim).eval()
     x = _input(layout=layout)
-    expected = x.mean((2, 3), keepdim=not flatten)
+    expected = x.mean((2, 3), keepdim=keepdim)
     for grad in (True, False):  # uncached and cached paths
         with torch.set_grad_enabled(grad):
             y = pool(x)
-        assert y.shape == expected.shape == ((3, 5) if flatten else (3, 5, 1, 1))
+        assert y.shape == expected.shape == ((3, 5, 1, 1) if keepdim else (3, 5))
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_equals_mean_at_init_low_precision(dtype, mode, layout):
-    pool = FlexPool(5, (4, 6), mode=mode).eval()
+def test_equals_mean_at_init_low_precision(dtype, kind, layout):
+    pool = FlexPool(5, (4, 6), pool=kind).eval()
     x = _input(layout=layout, dtype=dtype)
     with torch.no_grad():
         y = pool(x)
@@ -75,32 +75,32 @@ def test_init_weight_value_and_name():
     assert FlexPool(3, 7).weight.shape == (3, 7, 7)
 
 
-@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("size", [(8, 9), (2, 3), (4, 6)])
-def test_other_input_size_is_mean_at_init(mode, layout, size):
-    pool = FlexPool(5, (4, 6), mode=mode).eval()
+def test_other_input_size_is_mean_at_init(kind, layout, size):
+    pool = FlexPool(5, (4, 6), pool=kind).eval()
     x = _input((2, 5, *size), layout=layout)
     torch.testing.assert_close(pool(x), x.mean((2, 3)), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_trained_weight_matches_naive_reference_at_native_size(mode, layout):
-    pool = FlexPool(5, (4, 6), mode=mode).eval()
+def test_trained_weight_matches_naive_reference_at_native_size(kind, layout):
+    pool = FlexPool(5, (4, 6), pool=kind).eval()
     _perturb(pool)
     x = _input(layout=layout)
-    expected = _reference(x, pool.weight.detach(), mode)
+    expected = _reference(x, pool.weight.detach(), kind)
     assert not torch.allclose(expected, x.mean((2, 3)), atol=1e-3)  # the weights matter
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(pool(x), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(flex_pool2d(x, pool.weight.detach(), mode=mode), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flex_pool2d(x, pool.weight.detach(), pool=kind), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", POOL_MODES)
-def test_pooling_weights_are_what_the_pool_applies(mode):
-    pool = FlexPool(5, (4, 6), mode=mode).eval()
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
+def test_pooling_weights_are_what_the_pool_applies(kind):
+    pool = FlexPool(5, (4, 6), pool=kind).eval()
     torch.testing.assert_close(pool.pooling_weights(), torch.full((5, 4, 6), 1 / 24))  # average pooling
     _perturb(pool)
     for size in ((4, 6), (7, 3)):
@@ -108,7 +108,7 @@ def test_pooling_weights_are_what_the_pool_applies(mode):
         assert a.shape == (5, *size) and a.dtype == torch.float32
         x = _input((2, 5, *size))
         torch.testing.assert_close(pool(x), (x * a).sum((2, 3)), rtol=1e-5, atol=1e-6)
-    if mode == "softmax":
+    if kind == "softmax":
         torch.testing.assert_close(pool.pooling_weights().sum((1, 2)), torch.ones(5))
     assert pool.pooling_weights().requires_grad  # a penalty on the weights can train them
 
@@ -123,7 +123,7 @@ def test_softmax_resampling_follows_bilinear_logits():
 
 
 def test_linear_resampling_preserves_channel_sums():
-    pool = FlexPool(5, (4, 6), mode="linear").eval()
+    pool = FlexPool(5, (4, 6), pool="linear").eval()
     _perturb(pool)
     with torch.no_grad():
         pool.weight.add_(1.0)  # keep channel sums away from zero
@@ -137,7 +137,7 @@ def test_linear_resampling_preserves_channel_sums():
 
 
 def test_linear_regularizer_value_and_gradient():
-    pool = FlexPool(2, (1, 2), mode="linear")
+    pool = FlexPool(2, (1, 2), pool="linear")
     with torch.no_grad():
         pool.weight.copy_(torch.tensor([[[0.25, 0.25]], [[1.0, 2.0]]]))
     reg = pool.regularizer()
@@ -155,7 +155,7 @@ def test_softmax_regularizer_is_zero():
 
 
 def test_sac_head():
-    head = SACHead(5, (4, 6), num_classes=7, mode="linear", dropout=0.0).eval()
+    head = SACHead(5, (4, 6), num_classes=7, pool="linear", dropout=0.0).eval()
     assert isinstance(head.pool, FlexPool) and isinstance(head.fc, nn.Linear)
     assert [n for n, _ in head.named_parameters()] == ["pool.weight", "fc.weight", "fc.bias"]
     x = _input()
@@ -166,35 +166,35 @@ def test_sac_head():
     assert head.regularizer().item() > 0
 
 
-def _plain_weights(weight: torch.Tensor, mode: str, size: tuple[int, int]) -> torch.Tensor:
+def _plain_weights(weight: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
     """A (C, H, W) written out from the method's definition, independent of flexsurgeon.layers."""
     c, h, w = weight.shape
     resampled = weight if size == (h, w) else nn.functional.interpolate(
         weight[None], size=size, mode="bilinear", align_corners=False)[0]
-    if mode == "softmax":
+    if kind == "softmax":
         return resampled.flatten(1).softmax(-1).view(c, *size)
     return resampled * (weight.sum((1, 2)) / resampled.sum((1, 2)))[:, None, None]
 
 
-@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("kind", FLEXPOOL_KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("size", [(4, 6), (5, 3)], ids=["native", "resampled"])
-def test_forward_and_gradients_match_plain_reference_in_float64(mode, layout, size):
+def test_forward_and_gradients_match_plain_reference_in_float64(kind, layout, size):
     x = _input((2, 3, *size), layout=layout, dtype=torch.float64).requires_grad_(True)
     weight = (torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 1.0)
     weight.requires_grad_(True)
-    y = flex_pool2d(x, weight, mode=mode)
-    expected = (x * _plain_weights(weight, mode, size)).sum((2, 3))
+    y = flex_pool2d(x, weight, pool=kind)
+    expected = (x * _plain_weights(weight, kind, size)).sum((2, 3))
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grads = torch.autograd.grad(y, (x, weight), g)
     expected_grads = torch.autograd.grad(expected, (x, weight), g)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w: flex_pool2d(x, w, mode=mode), (x, weight))
+    assert torch.autograd.gradcheck(lambda x, w: flex_pool2d(x, w, pool=kind), (x, weight))
     # Only one of the two inputs trainable: a frozen pool still passes the gradient on.
-    assert torch.autograd.gradcheck(lambda x: flex_pool2d(x, weight.detach(), mode=mode), (x,))
-    assert torch.autograd.gradcheck(lambda w: flex_pool2d(x.detach(), w, mode=mode), (weight,))
+    assert torch.autograd.gradcheck(lambda x: flex_pool2d(x, weight.detach(), pool=kind), (x,))
+    assert torch.autograd.gradcheck(lambda w: flex_pool2d(x.detach(), w, pool=kind), (weight,))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -274,7 +274,7 @@ def test_1x1_feature_map_warns_once():
 
 
 def test_weight_updates_show_in_eval():
-    pool = FlexPool(5, (4, 6), mode="linear")
+    pool = FlexPool(5, (4, 6), pool="linear")
     x = _input()
     opt = torch.optim.SGD(pool.parameters(), lr=1.0)
     with torch.inference_mode():
@@ -285,7 +285,7 @@ def test_weight_updates_show_in_eval():
         y1 = pool.eval()(x)
     assert not torch.allclose(y0, y1, atol=1e-4)
     torch.testing.assert_close(y1, _reference(x, pool.weight.detach(), "linear"), rtol=1e-5, atol=1e-6)
-    pool.load_state_dict(FlexPool(5, (4, 6), mode="linear").state_dict())
+    pool.load_state_dict(FlexPool(5, (4, 6), pool="linear").state_dict())
     with torch.no_grad():
         torch.testing.assert_close(pool(x), x.mean((2, 3)), rtol=0, atol=1e-6)
 
@@ -315,17 +315,17 @@ def test_dropout_only_in_train():
 
 
 def test_extra_repr():
-    r = repr(FlexPool(8, (3, 4), mode="linear", dropout=0.25))
-    for part in ("channels=8", "size=(3, 4)", "mode='linear'", "dropout=0.25"):
+    r = repr(FlexPool(8, (3, 4), pool="linear", dropout=0.25))
+    for part in ("channels=8", "size=(3, 4)", "pool='linear'", "dropout=0.25"):
         assert part in r
 
 
-def test_invalid_mode_names_choices():
+def test_invalid_pool_names_choices():
     with pytest.raises(ValueError, match="'softmax', 'linear'") as e:
-        FlexPool(4, 3, mode="max")
+        FlexPool(4, 3, pool="max")
     assert "'max'" in str(e.value)
     with pytest.raises(ValueError, match="'softmax', 'linear'"):
-        flex_pool2d(_input(), torch.zeros(5, 4, 6), mode="mean")
+        flex_pool2d(_input(), torch.zeros(5, 4, 6), pool="mean")
 
 
 def test_bad_shapes_raise():
@@ -351,19 +351,12 @@ def _net_input(layout: str, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_torch_compile_fullgraph_matches_eager_forward_and_backward(layout):
+def test_torch_compile_fullgraph_matches_eager_forward_and_backward(layout, compiled_matches_eager):
     net = _tiny_net()
     if layout == "channels_last":
         net = net.to(memory_format=torch.channels_last)  # the conv hands FlexPool a channels_last map
     x = _net_input(layout)
-    compiled = torch.compile(net, fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
-    net.train()
-    eager_grads = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
-    compiled_grads = torch.autograd.grad(compiled(x).square().sum(), list(net.parameters()))
-    for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled = compiled_matches_eager(net, x)
     net.eval()
     with torch.no_grad():
         before = net(x)

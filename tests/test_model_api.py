@@ -83,7 +83,7 @@ def test_timm_model_keeps_its_class_methods_and_hooks(name):
     assert type(converted) is type(reference)
     plan = converted.flexsurgeon_plan
     (edit,) = plan.pools
-    assert (edit.method, edit.module, edit.forward) == (
+    assert (edit.replacement, edit.module, edit.forward) == (
         ("graph_rewrite", *REWRITTEN[name]) if name in REWRITTEN else ("in_place", edit.module, "forward"))
     with torch.no_grad():
         features = converted.forward_features(X)

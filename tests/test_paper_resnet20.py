@@ -58,7 +58,8 @@ def test_convert_finds_the_pool_after_stage_3_and_taps_after_stages_1_and_2():
     model = _module().resnet20()
     converted = flexsurgeon.convert(model, img_size=28, in_chans=1)
     plan = converted.flexsurgeon_plan
-    assert [(p.module, p.method, p.channels, p.size) for p in plan.pools] == [("global_pool", "in_place", 64, (7, 7))]
+    assert [(p.module, p.replacement, p.channels, p.size) for p in plan.pools] == [
+        ("global_pool", "in_place", 64, (7, 7))]
     assert [(t.module, t.channels, t.size) for t in plan.sac] == [("layer1.2.bn2", 16, (28, 28)),
                                                                   ("layer2.2.bn2", 32, (14, 14))]
     assert plan.sac_weights == (0.1, 0.2, 0.7)

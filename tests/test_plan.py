@@ -20,7 +20,7 @@ def _plan(**changes):
 def test_plan_round_trips_through_json():
     plan = _plan()
     assert SurgeryPlan.from_json(plan.to_json()) == plan
-    assert json.loads(plan.to_json())["version"] == 2
+    assert json.loads(plan.to_json())["version"] == 3
 
 
 def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
@@ -35,7 +35,7 @@ def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
 @pytest.mark.parametrize("changes,message", [
     ({"sac_weights": (0.2, 0.1, 0.7)}, "must increase with depth"),
     ({"sac_weights": (0.1, 0.9)}, "needs 3 values"),
-    ({"pool_mode": "max"}, "pool_mode 'max' is not one of softmax, linear"),
+    ({"pool": "max"}, "pool 'max' is not one of softmax, linear"),
     ({"dropout": 1.5}, "dropout must be in"),
     ({"num_classes": 0}, "num_classes must be a positive integer"),
     ({"img_size": (64,)}, "img_size must be two positive integers"),
@@ -45,7 +45,8 @@ def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
     ({"source": SourceSpec("timm", "resnet18", {"act_layer": ["x"]})}, "plain values"),
     ({"pools": (PoolEdit("__import__('os')", "x", 1, (2, 2), module="m"),)}, "is not a graph node name"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2)),)}, "replaced in place but names no module"),
-    ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a", method="monkeypatch"),)}, "method 'monkeypatch'"),
+    ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a", replacement="monkeypatch"),)},
+     "replacement 'monkeypatch'"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="os.system('x')"),)}, "is not a module path"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a b"),)}, "is not a module path"),
     ({"sac": (SacTap("t", 1, (2, 2), "layer2", "both"), SacTap("u", 1, (2, 2), "layer3"))},

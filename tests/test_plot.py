@@ -50,7 +50,7 @@ def model(model_dir):
     return flexsurgeon.load(model_dir)
 
 
-def _record(epoch, heads=("sac:layer2.0.act2", "sac:layer3.0.act2", "main")):
+def _record(epoch, heads=("sac:layer2_0_act2", "sac:layer3_0_act2", "main")):
     def split(base):
         return {"loss": {h: base / epoch + i for i, h in enumerate(heads)},
                 "top1": {h: 20.0 * epoch - 5 * i for i, h in enumerate(heads)},
@@ -85,7 +85,7 @@ def test_weights_come_from_flexpools_own_path_and_the_perturbed_channels_are_on_
     torch.testing.assert_close((x * a).sum((2, 3)), pool.eval()(x).flatten(1))
     assert top_channels(a, 3) == PERTURBED
     assert top_channels(a, 10_000)[:3] == PERTURBED and len(top_channels(a, 10_000)) == 512
-    linear = FlexPool(4, 3, mode="linear")
+    linear = FlexPool(4, 3, pool="linear")
     with torch.no_grad():
         linear.weight[2, 1, 1] = -0.5
     torch.testing.assert_close(pool_weights(linear), linear.weight.detach())  # linear: the raw weights
@@ -132,8 +132,8 @@ def test_ablation_plot_from_rows_and_from_a_results_folder(tmp_path):
     (tmp_path / "abl" / "results.csv").write_text(RESULTS)
     code, output = _run("plot", tmp_path / "abl")
     assert code == 0, output
-    assert output.strip() == f"wrote {tmp_path / 'abl' / 'plots' / 'ablation.png'}"
-    _png(tmp_path / "abl" / "plots" / "ablation.png")
+    assert output.strip() == f"wrote {tmp_path / 'abl' / 'plots' / 'accuracy.png'}"
+    _png(tmp_path / "abl" / "plots" / "accuracy.png")
     with pytest.raises(PlotError, match="row 1 .*top1 a number"):
         plot_ablation([{"variant": "avg", "seed": 0, "top1": "n/a"}], tmp_path / "b.png")
 

@@ -31,6 +31,8 @@ def test_probe_freezes_the_backbone():
     ({"lr": -1}, "'lr' = -1.0 must be positive"),
     ({"sac_weights": [0.7, 0.2, 0.1]}, "must increase with depth"),
     ({"sched": "linear"}, "'sched' = 'linear' must be one of"),
+    ({"optimizer": "adamm"}, "'optimizer' = 'adamm' is not an optimizer timm knows (did you mean 'adam'?)"),
+    ({"optimizer": "lookahead_adamm"}, "'optimizer' = 'lookahead_adamm' is not an optimizer timm knows"),
     ({"ema": "yes"}, "'ema' must be true or false"),
     ({"freeze_epochs": 9, "epochs": 2}, "'freeze_epochs' = 9"),
     ([1, 2], "a recipe must be a mapping"),
@@ -63,3 +65,19 @@ def test_command_line_overrides_are_typed_and_checked():
         parse_override("lr")
     with pytest.raises(RecipeError, match="unknown recipe field 'lrr'"):
         with_overrides(recipe, {"lrr": 1})
+
+
+def test_optimizer_names_are_timms_in_any_case_with_lookahead():
+    for name in ("sgd", "AdamW", "lookahead_adamw", "lamb"):
+        assert with_overrides(load_recipe("smoke"), {"optimizer": name}).optimizer == name
+    with pytest.raises(RecipeError, match="choose one of .*sgd.*adamw.*timm.optim.list_optimizers"):
+        with_overrides(load_recipe("smoke"), {"optimizer": "nope"})
+
+
+def test_an_old_timm_without_the_optimizer_registry_still_gets_one_line(monkeypatch):
+    import flexsurgeon.training.recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "_timm_optimizers", lambda: None)  # timm < 1.0.12 has no list_optimizers
+    assert with_overrides(load_recipe("smoke"), {"optimizer": "adamw"}).optimizer == "adamw"
+    with pytest.raises(RecipeError, match="recipe field 'optimizer' = 'adamm' is not an optimizer this timm knows"):
+        with_overrides(load_recipe("smoke"), {"optimizer": "adamm"})

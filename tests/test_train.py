@@ -44,7 +44,7 @@ def test_smoke_run_writes_checkpoints_and_a_log_and_best_loads_in_timm(converted
     records = _log(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["frozen_backbone"] and not records[1]["frozen_backbone"]
-    heads = ["sac:layer2.1.act2", "sac:layer3.1.act2", "main"]
+    heads = ["sac:layer2_1_act2", "sac:layer3_1_act2", "main"]
     for split in ("train", "val"):
         assert list(records[-1][split]["top1"]) == heads and list(records[-1][split]["loss"]) == heads
     assert records[-1]["val"]["count"] == 64 and records[-1]["images_per_s"] > 0
@@ -241,7 +241,7 @@ def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
     _finetune("resnet18", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "paper",
               "--epochs", "1", "--batch-size", "32", "--workers", "0", "--set", "mixup=0.2", "-o", run)
     plan = flexsurgeon.load(run / "last").flexsurgeon_plan
-    assert plan.pool_mode == "linear" and plan.dropout == 0.25 and plan.sac_weights == (0.1, 0.2, 0.7)
+    assert plan.pool == "linear" and plan.dropout == 0.25 and plan.sac_weights == (0.1, 0.2, 0.7)
     record = _log(run)[0]
     assert record["val"]["count"] == 64 and all(v == v for v in record["train"]["loss"].values())  # no NaN
 

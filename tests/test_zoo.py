@@ -151,7 +151,7 @@ def test_zoo_convert_preserves_and_round_trips(name, size, tmp_path):
     converted(x).square().sum().backward()
     pools = [converted.get_parameter(k) for k in new if not k.startswith("sac_heads.")]
     dead = [k for k in new if not k.startswith("sac_heads.") and converted.get_parameter(k).grad is None]
-    assert pools or plan.pool_mode == "avg", f"{name}: no new pool parameters"
+    assert pools or plan.pool == "avg", f"{name}: no new pool parameters"
     assert not dead, f"{name}: FlexPool {dead} gets no gradient from the output"
     converted.zero_grad(set_to_none=True)
 

@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError, FlexSurgeonError, PlanError
+from ..surgery.apply import apply_plan
 from ..surgery.convert import make_pretrained_cfg
 from ..surgery.plan import SurgeryPlan
+from ..surgery.sources import build_from_code, build_source, check_source
 from ..surgery.state import ARCHITECTURE
 from ..utils import clip, first_line
 from .folders import check_not_interrupted, write_folder
+from .hub import download_checkpoint, is_hub_name
 from .names import CONFIG_NAME, PLAN_METADATA_KEY, WEIGHTS_NAME
 
 # what config.json may hold: ours, plus the fields timm's hub tools add
@@ -127,6 +130,23 @@ def check_model_args(model_args: dict, plan: SurgeryPlan) -> None:
                               "the file has been edited or was not written from a converted model")
 
 
+def read_folder(directory, buildable: bool = True) -> tuple[dict, SurgeryPlan]:
+    """A checkpoint folder's config and plan, with the checks every way of reading a folder makes
+    (``flexsurgeon.load``, ``local-dir:`` and ``hf-hub:`` through timm); each refusal names the file.
+    ``buildable``: the plan's source must be a model flexsurgeon can build (not so when the caller
+    brings the source model)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
+        if buildable:  # looked up before anything is built
+            check_source(plan.source)
+    except FlexSurgeonError as exc:
+        raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from exc
+    _check_config_matches_plan(config, plan, directory)
+    return config, plan
+
+
 def _check_config_matches_plan(config: dict, plan: SurgeryPlan, directory: Path) -> None:
     num_classes = config.get("num_classes", plan.num_classes)
     if num_classes != plan.num_classes:
@@ -173,9 +193,6 @@ def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str
 def build_from_plan(plan: SurgeryPlan, **builder_kwargs):
     """A converted model with fresh weights: the source rebuilt at random init (with
     ``builder_kwargs`` on top of the plan's), the plan applied."""
-    from ..surgery.apply import apply_plan
-    from ..surgery.sources import build_source
-
     if plan.source is None or plan.source.library == "custom":
         raise PlanError("the plan has no source model flexsurgeon can build")
     spec = dataclasses.replace(plan.source, kwargs={**plan.source.kwargs, **builder_kwargs})
@@ -222,30 +239,15 @@ def load(directory, model=None):
     from a custom model (any ``nn.Module``), optional otherwise. The plan is applied to that
     object itself and the weights are loaded strictly.
     """
-    from .hub import is_hub_name
-
     hub_name = str(directory) if is_hub_name(directory) else None
     if hub_name:
-        from .hub import download_checkpoint
-
         directory = download_checkpoint(hub_name)
     directory = Path(directory)
-    config = read_config(directory)
-    from ..surgery.sources import check_source
-
-    try:  # the plan is validated, and its source looked up, before anything is built
-        plan = SurgeryPlan.from_dict(config["model_args"]["plan"])
-        if model is None:
-            check_source(plan.source)
-    except FlexSurgeonError as exc:
-        raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from exc
-    _check_config_matches_plan(config, plan, directory)
+    config, plan = read_folder(directory, buildable=model is None)
     shapes = read_weights_header(directory / WEIGHTS_NAME, plan)
     if model is None:
         model = build_from_plan(plan)
     else:
-        from ..surgery.apply import apply_plan
-
         apply_plan(model, plan)
     load_weights(model, directory / WEIGHTS_NAME, shapes)
     cfg = as_tuples(config.get("pretrained_cfg") or {})
@@ -259,9 +261,6 @@ def load_folder(directory, model_code: str | None = None):
     """``load``, with the source built from ``FILE.py:FACTORY`` when the command line names one."""
     model = None
     if model_code is not None:
-        from ..surgery.sources import build_from_code
-        from .hub import download_checkpoint, is_hub_name
-
         folder = download_checkpoint(str(directory)) if is_hub_name(directory) else directory
         plan = SurgeryPlan.from_dict(read_config(folder)["model_args"]["plan"])
         model = build_from_code(model_code, num_classes=plan.num_classes, in_chans=plan.in_chans)
@@ -273,5 +272,6 @@ def as_tuples(cfg: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
-__all__ = ["save", "load", "load_folder", "read_config", "build_from_plan", "load_weights", "read_weights_header"]
+__all__ = ["save", "load", "load_folder", "read_config", "read_folder", "build_from_plan", "load_weights",
+           "read_weights_header"]
 

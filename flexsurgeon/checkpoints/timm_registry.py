@@ -13,14 +13,16 @@ from ..errors import CheckpointError, PlanError
 from ..surgery.plan import SurgeryPlan
 from ..surgery.state import ARCHITECTURE
 from ..utils import first_line
+from .hub import download_file
 from .io import (
-    WEIGHTS_NAME,
     as_tuples,
     build_from_plan,
     check_model_args,
     load_weights,
+    read_folder,
     read_weights_header,
 )
+from .names import CONFIG_NAME, WEIGHTS_NAME
 
 # timm keyword arguments the plan fixes: given, they must agree with it
 _PLAN_FIXED = {"num_classes": lambda plan: plan.num_classes, "in_chans": lambda plan: plan.in_chans}
@@ -34,6 +36,7 @@ _REFUSED = {
     "img_size": "img_size is fixed by the conversion (FlexPool resamples its weights for other input sizes); "
                 "convert again with --img-size to change it",
 }
+_FEATURES = ("features_only", "out_indices")  # their advice is timm's API
 # what timm's create_model passes to every entrypoint, and what we set ourselves
 _TIMM_PLUMBING = ("pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
 
@@ -52,13 +55,21 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, p
     if plan is None:
         raise PlanError("the flexsurgeon architecture needs the plan from a checkpoint's config.json "
                         "(timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True))")
-    plan = SurgeryPlan.from_dict(plan)
+    cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg or {})
+    folder = _folder(cfg)
+    if folder is not None:  # the checks flexsurgeon.load makes, on the file timm read the plan from
+        _, plan = read_folder(folder)
+    else:
+        plan = SurgeryPlan.from_dict(plan)
     recorded = dict(pretrained_model_args or {})
     check_model_args(recorded, plan)
     extra = {k: v for k, v in kwargs.items() if v is not None and k not in _TIMM_PLUMBING
              and (k in _PLAN_FIXED or k not in recorded or recorded[k] != v)}
     for key, message in _REFUSED.items():
         if extra.get(key) not in (None, False):
+            if key in _FEATURES and plan.source is not None and plan.source.library == "torchvision":
+                message = message.split(";")[0] + ("; for features of a torchvision model, use torchvision's "
+                                                   "feature_extraction.create_feature_extractor(model, return_nodes)")
             raise PlanError(message)
         extra.pop(key, None)
     for key, fixed in _PLAN_FIXED.items():
@@ -72,19 +83,26 @@ def _timm_entrypoint(pretrained: bool = False, plan=None, pretrained_cfg=None, p
     except TypeError as exc:
         raise PlanError(f"the source model {plan.source.label} does not take {', '.join(sorted(extra))}: "
                         f"{first_line(exc, str(exc))}") from exc
-    cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg or {})
     if pretrained:
         if cfg.get("file"):
             weights = Path(cfg["file"]) / WEIGHTS_NAME
         elif cfg.get("hf_hub_id"):
-            from .hub import download_file
-
             weights = download_file(cfg["hf_hub_id"], WEIGHTS_NAME)
         else:
             raise CheckpointError("pretrained=True needs a checkpoint: use 'local-dir:DIR' or 'hf-hub:ORG/NAME'")
         load_weights(model, weights, read_weights_header(weights, plan))
     model.pretrained_cfg = model.default_cfg = as_tuples(cfg)
     return model
+
+
+def _folder(cfg: dict) -> Path | None:
+    """The checkpoint folder timm read the config from: ``local-dir:`` names it; for ``hf-hub:`` it
+    is the Hub cache's copy of the repository (config.json is there: timm downloaded it)."""
+    if cfg.get("file"):
+        return Path(cfg["file"])
+    if cfg.get("hf_hub_id"):
+        return download_file(cfg["hf_hub_id"], CONFIG_NAME).parent
+    return None
 
 
 def register_timm_architecture() -> None:

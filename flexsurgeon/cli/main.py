@@ -11,7 +11,10 @@ import sys
 
 import click
 
+from ..commands.ablate import BASELINE, MAX_SEEDS, check_baseline, parse_variants, run_ablation
 from ..layers.kinds import POOL_KINDS
+from ..runs.layout import ABLATION_RESULTS, ACCURACY_NAME, SUMMARY_MD
+from ..utils import first_line
 from .options import (
     friendly_errors,
     model_code_option,
@@ -50,7 +53,7 @@ def convert(model, output, weights, weights_file, seed, force, **params):
 
     from ..checkpoints.io import save
     from ..checkpoints.locks import hold
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, FlexSurgeonError
     from ..surgery.convert import convert as convert_model
     from ..surgery.costs import measure_rebuilt
     from .report import converted_line, cost_lines
@@ -61,10 +64,14 @@ def convert(model, output, weights, weights_file, seed, force, **params):
         source = weights_file if weights_file else weights
         torch.manual_seed(seed)  # the same command writes the same weights
         converted = convert_model(model, weights=source, progress=True, **surgery_kwargs(params))
+        try:  # measured before the save: nothing after it can fail the command
+            costs = cost_lines(measure_rebuilt(model, converted))
+        except (FlexSurgeonError, RuntimeError, ValueError) as exc:
+            costs = [f"warning: costs not measured: {first_line(exc)}"]
         path = save(converted, output, force=force)
     plan = converted.flexsurgeon_plan
     click.echo(converted_line(plan))
-    click.echo("\n".join(cost_lines(measure_rebuilt(model, converted))))
+    click.echo("\n".join(costs))
     click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
                "pretrained=True) after import flexsurgeon)")
 
@@ -280,8 +287,10 @@ def push(directory, repo_id, private, revision, dry_run, force):
 @click.option("--data", "data_spec", required=True, metavar="PATH", help="Any --data form finetune takes.")
 @click.option("--variants", default="avg,flex,flex+sac", show_default=True, metavar="LIST",
               help="Comma-separated: avg, flex, flex-linear, lse, simpool, each optionally +sac and/or +dropout.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--seeds", type=click.IntRange(min=1, max=MAX_SEEDS), default=3, show_default=True,
               help="Runs per variant; seed k of every variant sees the same batches.")
+@click.option("--baseline", default=BASELINE, show_default=True, metavar="VARIANT",
+              help="The variant every other one is compared with (paired differences, p-values); one of --variants.")
 @click.option("--recipe", default="smoke", show_default=True, metavar="NAME|FILE", help="Recipe for every run.")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False),
               help="Ablation folder [default: ablations/MODEL].")
@@ -297,26 +306,30 @@ def push(directory, repo_id, private, revision, dry_run, force):
               help="Input channels (timm models; 1 for gray data).")
 @weight_options
 @friendly_errors
-def ablate(model, data_spec, variants, seeds, recipe, output, sets, in_chans, weights, weights_file, **overrides):
+def ablate(model, data_spec, variants, seeds, baseline, recipe, output, sets, in_chans, weights, weights_file,
+           **overrides):
     """Fine-tune pooling variants of MODEL (a timm name, tv:NAME or FILE.py:FACTORY) with paired
-    seeds and compare their accuracy.
+    seeds and compare each with the baseline variant.
 
-    Writes a Markdown table, results.csv and accuracy.png (with matplotlib) to the ablation
-    folder; repeating the command skips finished runs."""
+    Writes summary.md (a Markdown table: paired differences, 95% intervals, p-values and their
+    Holm adjustment), summary.json, results.csv, accuracy.png and accuracy_by_epoch.png (with
+    matplotlib) to the ablation folder, the report after each run; repeating the command skips
+    finished runs."""
     from pathlib import Path
 
-    from ..commands.ablate import parse_variants, run_ablation
     from ..training.recipe import load_recipe, parse_override, with_overrides
 
     parsed = parse_variants(variants)
+    check_baseline(baseline, [v.name for v in parsed])
     changes = {k: v for k, v in overrides.items() if v is not None}
     changes.update(parse_override(s) for s in sets)
     resolved = with_overrides(load_recipe(recipe), changes)
     output = output or str(Path("ablations") / Path(model.replace(":", "_")).name)
     result = run_ablation(model, data_spec, parsed, seeds, resolved, output, weights=weights_file or weights,
-                          in_chans=in_chans, log=click.echo)
+                          in_chans=in_chans, log=click.echo, baseline=baseline)
     click.echo(result.table)
-    click.echo(f"results in {result.output}/results.csv, summary.md" + (", accuracy.png" if result.plot else ""))
+    written = [ABLATION_RESULTS, SUMMARY_MD] + ([ACCURACY_NAME] if result.plot else [])
+    click.echo(f"results in {result.output}/{', '.join(written)}")
 
 
 if __name__ == "__main__":

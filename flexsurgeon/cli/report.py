@@ -1,7 +1,7 @@
 """The text reports of the command line: what inspect found and what convert did."""
 from __future__ import annotations
 
-from ..layers.kinds import POOL_MODES
+from ..layers.kinds import FLEXPOOL_KINDS
 from ..surgery.costs import CostReport
 
 
@@ -9,7 +9,7 @@ def converted_line(plan) -> str:
     """One line on what convert changed: where each pool was replaced and how, and the SAC taps."""
     pools = ", ".join(pool_site(p) for p in plan.pools)
     heads = ", ".join(t.module or t.node for t in plan.sac) or "none"
-    return f"converted {plan.source.label}: {pool_label(plan.pool_mode)} at {pools}; SAC heads: {heads}"
+    return f"converted {plan.source.label}: {pool_label(plan.pool)} at {pools}; SAC heads: {heads}"
 
 
 def inspection_report(model: str, found) -> str:
@@ -31,7 +31,7 @@ def inspection_report(model: str, found) -> str:
         plan = found.plan
         for p in plan.pools:
             dropout = f", dropout {plan.dropout}" if plan.dropout else ""
-            lines.append(f"  replace the pool at {pool_site(p)} with {pool_label(plan.pool_mode)} "
+            lines.append(f"  replace the pool at {pool_site(p)} with {pool_label(plan.pool)} "
                          f"{p.channels}x{p.size[0]}x{p.size[1]}{dropout}")
         for t, w in zip(plan.sac, plan.sac_weights):
             lines.append(f"  attach a SAC head at {t.node} ({t.read} of {t.module}), "
@@ -46,7 +46,7 @@ def inspection_report(model: str, found) -> str:
 
 def pool_site(edit) -> str:
     """Where a pool is replaced and how: ``global_pool (in place)``, ``forward of head (graph rewrite)``."""
-    if edit.method == "in_place":
+    if edit.replacement == "in_place":
         return f"{edit.module} (in place)"
     return f"{'.'.join(filter(None, (edit.module, edit.forward)))}, node {edit.node} (graph rewrite)"
 
@@ -71,6 +71,6 @@ def cost_lines(report: CostReport) -> list[str]:
     return table(rows)
 
 
-def pool_label(kind: str) -> str:
+def pool_label(pool: str) -> str:
     """How reports name a pool kind: ``FlexPool[softmax]``, ``avg pool``, ..."""
-    return f"FlexPool[{kind}]" if kind in POOL_MODES else f"{kind} pool"
+    return f"FlexPool[{pool}]" if pool in FLEXPOOL_KINDS else f"{pool} pool"

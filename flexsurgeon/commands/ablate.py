@@ -13,7 +13,12 @@ val split). Layout of OUTPUT:
 - ``ablation.json``: what was asked (model, data, variants, seeds, recipe); a repeat of the
   command must ask the same, and then skips every finished (variant, seed);
 - ``runs/VARIANT/seedK/``: finetune run folders (an interrupted run is resumed);
-- ``results.csv`` (one row per run), ``summary.md``, ``summary.json`` and ``accuracy.png``.
+- ``results.csv`` (one row per run), ``summary.md``, ``summary.json`` (rewritten after each run),
+  ``accuracy.png`` and ``accuracy_by_epoch.png`` (val top-1 after each epoch, mean and range over seeds).
+
+Each variant is compared with the baseline variant (``avg`` unless ``--baseline`` names
+another): the mean paired difference with its 95% interval, the paired t-test's p-value, and
+that p-value adjusted by Holm's method for the number of variants compared with the baseline.
 """
 from __future__ import annotations
 
@@ -26,22 +31,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AblationError, FlexSurgeonError
-from ..runs.layout import LAST, LOG_NAME
+from ..plotting.plot import plot_ablation, plot_ablation_by_epoch
+from ..runs.layout import (
+    ABLATION_REQUEST,
+    ABLATION_RESULTS,
+    ABLATION_RUNS,
+    ACCURACY_BY_EPOCH_NAME,
+    ACCURACY_NAME,
+    LAST,
+    LOG_NAME,
+    SCORE_NAME,
+    STATE_JSON,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+)
+from ..runs.log import read_log
 from ..training.recipe import Recipe
 from ..utils import write_text_replacing
-from .stats import t_quantile
+from .stats import MAX_DF, holm, t_quantile, t_two_sided_p
 
 BASES = {"avg": "avg", "flex": "softmax", "flex-linear": "linear", "lse": "lse", "simpool": "simpool"}
 OPTIONS = ("sac", "dropout")
 PAPER_DROPOUT = 0.25
 BASELINE = "avg"
+MAX_SEEDS = MAX_DF + 1  # the t table's reach: 2 to 31 paired seeds give 1 to 30 degrees of freedom
+SIGNIFICANCE = 0.05  # the family-wise level of the Holm column
 CSV_FIELDS = ("variant", "seed", "top1", "top5", "loss", "best_top1", "epochs", "seconds")
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    pool: str  # a pool kind (flexsurgeon.pool_kinds)
+    pool: str  # a pool kind (layers/kinds.py)
     sac: bool
     dropout: float
 
@@ -68,9 +89,18 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+def check_baseline(baseline: str, variants: list[str]) -> None:
+    """Refuse a baseline that is not one of the variants, in one line naming them."""
+    if baseline not in variants:
+        raise AblationError(f"--baseline {baseline} is not among the variants ({', '.join(variants)}); "
+                            "name one of them")
+
+
 def summarize(rows: list[dict], variants: list[str], baseline: str = BASELINE) -> list[dict]:
-    """Per variant: mean and std of top-1 over seeds, and the mean paired difference to the
-    baseline with its 95% confidence interval (seeds both ran; None where undefined)."""
+    """Per variant: mean and std of top-1 over seeds, and against the baseline (over the seeds
+    both ran) the mean paired difference with its 95% confidence interval, the two-sided
+    p-value of the paired t-test (``p``) and that p-value adjusted by Holm's step-down over
+    the variants that have one (``p_holm``); None where undefined."""
     by_variant = {v: {int(r["seed"]): float(r["top1"]) for r in rows if r["variant"] == v} for v in variants}
     base = by_variant.get(baseline, {})
     summary = []
@@ -80,7 +110,8 @@ def summarize(rows: list[dict], variants: list[str], baseline: str = BASELINE) -
         entry = {"variant": v, "runs": len(values),
                  "mean": statistics.fmean(values) if values else None,
                  "std": statistics.stdev(values) if len(values) > 1 else None,
-                 "diff": None, "diff_std": None, "ci_low": None, "ci_high": None, "paired_runs": 0}
+                 "baseline": baseline, "diff": None, "diff_std": None, "ci_low": None, "ci_high": None,
+                 "p": None, "p_holm": None, "paired_runs": 0}
         if v != baseline:
             diffs = [scores[s] - base[s] for s in sorted(scores) if s in base]
             entry["paired_runs"] = len(diffs)
@@ -89,25 +120,54 @@ def summarize(rows: list[dict], variants: list[str], baseline: str = BASELINE) -
             if len(diffs) > 1:
                 sd = statistics.stdev(diffs)
                 half = t_quantile(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-                entry.update(diff_std=sd, ci_low=entry["diff"] - half, ci_high=entry["diff"] + half)
+                entry.update(diff_std=sd, ci_low=entry["diff"] - half, ci_high=entry["diff"] + half,
+                             p=_paired_p(entry["diff"], sd, len(diffs)))
         summary.append(entry)
+    tested = [e for e in summary if e["p"] is not None]
+    for entry, adjusted in zip(tested, holm([e["p"] for e in tested])):
+        entry["p_holm"] = adjusted
     return summary
+
+
+def _paired_p(mean: float, sd: float, n: int) -> float:
+    """The paired t-test's two-sided p-value; identical differences give 0 (or 1 when all are 0)."""
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
 
 
 def markdown_table(summary: list[dict], baseline: str = BASELINE) -> str:
     def num(x, signed=False):
         return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}")
 
-    lines = [f"| variant | runs | top-1 mean | std | vs {baseline}: mean paired diff | 95% CI |",
-             "|---|---|---|---|---|---|"]
+    def pval(x):
+        return "n/a" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
+
+    lines = [f"| variant | runs | top-1 mean | std | vs {baseline}: mean paired diff | 95% CI | p | Holm |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in summary:
         if e["variant"] == baseline:
-            diff, ci = "(baseline)", ""
+            diff, ci, p, adjusted = "(baseline)", "", "", ""
         else:
             diff = num(e["diff"], signed=True)
             ci = "n/a" if e["ci_low"] is None else f"[{e['ci_low']:+.2f}, {e['ci_high']:+.2f}]"
-        lines.append(f"| {e['variant']} | {e['runs']} | {num(e['mean'])} | {num(e['std'])} | {diff} | {ci} |")
+            p = pval(e["p"])
+            adjusted = pval(e["p_holm"]) + (" *" if e["p_holm"] is not None and e["p_holm"] < SIGNIFICANCE else "")
+        lines.append(f"| {e['variant']} | {e['runs']} | {num(e['mean'])} | {num(e['std'])} | {diff} | {ci} "
+                     f"| {p} | {adjusted} |")
     return "\n".join(lines)
+
+
+def holm_note(summary: list[dict], baseline: str = BASELINE) -> str:
+    """The sentence under the table that says what its p and Holm columns mean."""
+    k = sum(e["p_holm"] is not None for e in summary)
+    if k == 0:
+        return (f"p and Holm: no variant has two seeds paired with {baseline} yet, so no paired t-test; "
+                f"run more seeds (--seeds) for them.")
+    return (f"p: the two-sided paired t-test of each variant against {baseline} over the seeds both ran; "
+            f"Holm: those p-values adjusted by Holm's step-down method for the {k} comparison{'s' * (k != 1)} "
+            f"with {baseline}, so that * (adjusted p < {SIGNIFICANCE:g}) marks a difference significant at "
+            f"{SIGNIFICANCE:.0%} with all {k} taken together.")
 
 
 @dataclass
@@ -121,14 +181,15 @@ class AblationResult:
 
 def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int, recipe: Recipe,
                  output: str | Path, *, weights: str | Path = "random", in_chans: int = 3, progress: bool = True,
-                 log=print) -> AblationResult:
-    """Fine-tune every (variant, seed) that has not finished yet, then write the comparison."""
+                 log=print, baseline: str = BASELINE) -> AblationResult:
+    """Fine-tune every (variant, seed) that has not finished yet, then write the comparison
+    against ``baseline`` (one of the variants)."""
     from ..checkpoints.locks import hold
-    from ..runs.layout import STATE_JSON
     from ..training.loop import run
 
-    if seeds < 1:
-        raise AblationError(f"--seeds must be at least 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise AblationError(f"--seeds must be 1 to {MAX_SEEDS} (the t table's reach), got {seeds}")
+    check_baseline(baseline, [v.name for v in variants])
     output = Path(output)
     with hold(output):
         _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],
@@ -137,10 +198,10 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
         total = len(variants) * seeds
         for k in range(seeds):  # seed-major, so a stopped ablation has balanced pairs
             for v in variants:
-                folder = output / "runs" / v.name / f"seed{k}"
-                if (folder / "score.json").is_file():
+                folder = output / ABLATION_RUNS / v.name / f"seed{k}"
+                if (folder / SCORE_NAME).is_file():
                     continue
-                done = sum((output / "runs" / u.name / f"seed{j}" / "score.json").is_file()
+                done = sum((output / ABLATION_RUNS / u.name / f"seed{j}" / SCORE_NAME).is_file()
                            for j in range(seeds) for u in variants)
                 log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
                 run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
@@ -148,12 +209,14 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
                 resume = (folder / LAST / STATE_JSON).is_file()
                 run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
                     sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
-                write_text_replacing(folder / "score.json", json.dumps(_score(folder, v.name, k)))
-        return write_report(output, [v.name for v in variants], seeds, log=log)
+                write_text_replacing(folder / SCORE_NAME, json.dumps(_score(folder, v.name, k)))
+                # the report so far, after each run: a long ablation stopped early still has its summary
+                write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline, plot=False)
+        return write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline)
 
 
 def _check_same_request(output: Path, request: dict) -> None:
-    path = output / "ablation.json"
+    path = output / ABLATION_REQUEST
     if path.is_file():
         try:
             previous = json.loads(path.read_text())
@@ -170,41 +233,43 @@ def _check_same_request(output: Path, request: dict) -> None:
 
 def _score(folder: Path, variant: str, k: int) -> dict:
     """The run's final epoch, from its log (the run may have finished before a restart)."""
-    by_epoch = {}  # a kill between the log write and the checkpoint repeats an epoch on resume: keep the last
-    for line in (folder / LOG_NAME).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record
-    records = [by_epoch[e] for e in sorted(by_epoch)]
+    records = read_log(folder / LOG_NAME)  # a repeated (resumed) epoch counts once, its last record
     last = records[-1]
     val = last["val"]
     return {"variant": variant, "seed": k, "top1": val["top1"]["main"], "top5": val["top5"]["main"],
             "loss": val["loss"]["main"], "best_top1": last["best_top1"], "epochs": last["epoch"],
-            "seconds": sum(r["seconds"] for r in records)}
+            "seconds": sum(r["seconds"] for r in records),
+            "top1_by_epoch": [r["val"]["top1"]["main"] for r in records]}
 
 
-def write_report(output: Path, variants: list[str], seeds: int, log=print) -> AblationResult:
+def write_report(output: Path, variants: list[str], seeds: int, log=print,
+                 baseline: str | None = None, plot: bool = True) -> AblationResult:
+    """Write the comparison of the finished runs; ``baseline`` defaults to ``avg`` where it is a
+    variant, else the first variant. ``plot``: also draw the figures (matplotlib)."""
+    if baseline is None:
+        baseline = BASELINE if BASELINE in variants else variants[0]
+    check_baseline(baseline, variants)
     rows = []
     for v in variants:
         for k in range(seeds):
-            path = output / "runs" / v / f"seed{k}" / "score.json"
+            path = output / ABLATION_RUNS / v / f"seed{k}" / SCORE_NAME
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
-    baseline = BASELINE if BASELINE in variants else variants[0]
     summary = summarize(rows, variants, baseline)
-    table = markdown_table(summary, baseline)
+    table = markdown_table(summary, baseline) + "\n\n" + holm_note(summary, baseline)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-    write_text_replacing(output / "results.csv", buffer.getvalue())
-    write_text_replacing(output / "summary.md", table + "\n")
-    write_text_replacing(output / "summary.json", json.dumps(summary, indent=2))
-    plot = None
-    try:
-        from ..plotting.plot import plot_ablation
-
-        plot = plot_ablation(rows, output / "accuracy.png", baseline=baseline)
-    except FlexSurgeonError as exc:  # matplotlib is optional
-        log(f"no accuracy.png: {exc}")
-    return AblationResult(output, rows, summary, table, plot)
+    write_text_replacing(output / ABLATION_RESULTS, buffer.getvalue())
+    write_text_replacing(output / SUMMARY_MD, table + "\n")
+    write_text_replacing(output / SUMMARY_JSON, json.dumps(summary, indent=2))
+    figure = None
+    if plot:
+        try:
+            figure = plot_ablation(rows, output / ACCURACY_NAME, baseline=baseline)
+            if any(r.get("top1_by_epoch") for r in rows):
+                plot_ablation_by_epoch(rows, output / ACCURACY_BY_EPOCH_NAME)
+        except FlexSurgeonError as exc:  # matplotlib is optional
+            log(f"no {ACCURACY_NAME}: {exc}")
+    return AblationResult(output, rows, summary, table, figure)

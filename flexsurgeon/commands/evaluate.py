@@ -22,7 +22,7 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
 
     from ..checkpoints.hub import is_hub_name
     from ..checkpoints.io import load_folder
-    from ..surgery.sources import build_from_code, build_source, is_model_code, load_weights_file, parse_source
+    from ..surgery.sources import is_model_code, resolve_source
 
     if is_hub_name(source):  # a checkpoint on the Hugging Face Hub (or in its local cache)
         model = load_folder(source, model_code)
@@ -31,20 +31,13 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
         folder = checkpoint_folder(source)
         model = load_folder(folder, model_code)
         return model, str(folder), resolve_data_config(model=model)
-    if is_model_code(source):
-        model = build_from_code(source, num_classes=num_classes, in_chans=in_chans)
-        if weights not in ("random", "pretrained"):
-            load_weights_file(model, Path(weights))
-        args = {"input_size": (in_chans, *img_size)} if img_size else {}
-        return model, source, resolve_data_config(args=args, model=model)
-
-    if "/" in source and not source.startswith(("tv:", "torchvision:")):
+    if "/" in source and not source.startswith(("tv:", "torchvision:")) and not is_model_code(source):
         check_not_interrupted(Path(source))
         raise CheckpointError(f"no such checkpoint folder: {source}")
-    spec = parse_source(source, num_classes=num_classes, in_chans=in_chans)
-    model = build_source(spec, weights)
+    model, spec = resolve_source(source, num_classes=num_classes, in_chans=in_chans, weights=weights)
     args = {"input_size": (in_chans, *img_size)} if img_size else {}
-    return model, spec.label, resolve_data_config(args=args, model=model)
+    label = source if is_model_code(source) else spec.label
+    return model, label, resolve_data_config(args=args, model=model)
 
 
 def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, workers: int = 2, device: str = "auto",
@@ -54,7 +47,7 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     """Score ``source`` on the val split of ``data_spec``.
 
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
-    accuracies in percent; heads are the SAC heads by module path, then ``main``.
+    accuracies in percent; heads are the SAC heads (``sac:NODE``), then ``main``.
     """
     import torch
     from tqdm import tqdm

@@ -28,6 +28,7 @@ from ..layers.pools import FlexPool, FlexPoolNHWC
 from ..surgery.apply import pool_paths
 from ..surgery.plan import SurgeryPlan
 from ..surgery.sac import strip_sac_heads
+from ..surgery.state import plan_of
 from ..utils import as_size, clip, first_line, replacing
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_inference_folder", "export_onnx"]
@@ -45,9 +46,9 @@ class _FrozenFlexPool(nn.Module):
 
     def __init__(self, weights: torch.Tensor, pool: FlexPool):
         super().__init__()
-        self.register_buffer("weights", weights)  # (C, H, W), sums to one per channel in softmax mode
+        self.register_buffer("weights", weights)  # (C, H, W), sums to one per channel for pool softmax
         self.nhwc = isinstance(pool, FlexPoolNHWC)
-        self.keepdim = pool.keepdim if self.nhwc else not pool.flatten
+        self.keepdim = pool.keepdim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nhwc:
@@ -57,13 +58,6 @@ class _FrozenFlexPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.weights.shape[0]}, size={tuple(self.weights.shape[1:])}, keepdim={self.keepdim}"
-
-
-def _plan_of(model) -> SurgeryPlan:
-    plan = getattr(model, "flexsurgeon_plan", None)
-    if not isinstance(plan, SurgeryPlan):
-        raise ExportError("only models returned by flexsurgeon.convert or flexsurgeon.load can be exported")
-    return plan
 
 
 def _input_size(plan: SurgeryPlan, img_size) -> tuple[int, int]:
@@ -181,7 +175,7 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
     at the feature-map sizes of that input. ``opset`` defaults to torch's choice. Larger
     than 2 GB, the weights go to ``path`` + ``.data`` beside it. ``model`` is not changed.
     """
-    plan = _plan_of(model)
+    plan = plan_of(model, "exported", ExportError)
     size = _input_size(plan, img_size)
     _check_onnx_exporter()
     path = check_output_file(path, force)  # refuse before spending time on the model
@@ -215,5 +209,5 @@ def export_inference_folder(model, out_dir, force: bool = False) -> Path:
     model.safetensors): loadable with ``flexsurgeon.load`` and timm's ``local-dir:``."""
     from ..checkpoints.io import save
 
-    _plan_of(model)
+    plan_of(model, "exported", ExportError)
     return save(strip_sac_heads(model), out_dir, force=force)

@@ -126,8 +126,8 @@ def _card(pushed: _Pushed, repo_id: str) -> str:
 
     lines += ["## Surgery", "", "| replaced pool | how | input CxHxW | FlexPool variant | dropout |",
               "|---|---|---|---|---|"]
-    lines += [f"| `{p.module or p.node}` | {p.method.replace('_', ' ')} | {p.channels}x{p.size[0]}x{p.size[1]} | "
-              f"{plan.pool_mode} | {plan.dropout:g} |" for p in plan.pools]
+    lines += [f"| `{p.module or p.node}` | {p.replacement.replace('_', ' ')} | {p.channels}x{p.size[0]}x{p.size[1]} | "
+              f"{plan.pool} | {plan.dropout:g} |" for p in plan.pools]
     if plan.sac:
         lines += ["", "SAC heads (training only; `model(x)` does not run them):", "",
                   "| tap | input CxHxW | loss weight |", "|---|---|---|"]

@@ -14,9 +14,10 @@ datasets whose items are ``(normalised float tensor C x H x W, int label)``;
   one folder of class folders split by a seeded stratified ``val_split`` (``image_folders.py``).
 
 Images pass through timm's transforms (``create_transform`` with the model's data_config,
-``transforms.py``). Unreadable images are skipped when first loaded and counted in
-``DataBundle.skipped`` across DataLoader workers. Problems with the spec or layout raise a
-one-line ``DataError``.
+``transforms.py``). An image folder's scan leaves out the files whose header PIL cannot
+open, and symlinked folders that would read images twice; an image that fails to decode later
+is left out of its batch, never replaced. Both count in ``DataBundle.skipped``, across
+DataLoader workers. Problems with the spec or layout raise a one-line ``DataError``.
 
 May import: the base modules (``errors``, ``utils``) and torch/timm/PIL only.
 """

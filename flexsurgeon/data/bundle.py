@@ -24,11 +24,13 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     description: str
+    left_out: int = 0  # unreadable images the scan left out (not in train or val)
 
     @property
     def skipped(self) -> int:
-        """Unreadable images skipped so far, in this process and its DataLoader workers."""
-        return skipped(self.train) + skipped(self.val)
+        """Unreadable images left out: at scan time, and those that failed to decode so far in
+        this process and its DataLoader workers."""
+        return self.left_out + skipped(self.train) + skipped(self.val)
 
 
 def skipped(dataset) -> int:
@@ -47,7 +49,7 @@ def subset_train(data: DataBundle, size: int, seed: int) -> DataBundle:
     picked = torch.randperm(len(data.train), generator=generator(seed, 0x5B5E7)).tolist()
     subset = Subset(data.train, sorted(picked[:size]))
     return DataBundle(subset, data.val, data.num_classes, data.class_names,
-                      f"{data.description}; training on a seeded subset of {size}")
+                      f"{data.description}; training on a seeded subset of {size}", data.left_out)
 
 
 def stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[int]]:

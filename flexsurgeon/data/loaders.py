@@ -5,10 +5,11 @@ A batch depends only on ``(seed, epoch)`` (and the rank when distributed), whate
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import DataError
@@ -57,8 +58,35 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int 
     sampler.set_epoch(epoch)
     if drop_last is None:
         drop_last = train and len(sampler) >= batch_size
-    return DataLoader(_SeededView(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      **worker_args)
+    return _Loader(_SeededView(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                   collate_fn=functools.partial(_collate, train=train), **worker_args)
+
+
+def _collate(items: list, train: bool):
+    """A batch of the items that are not ``None`` (images that failed to decode); ``None`` when
+    none is left. A training batch that lost images keeps an even number, at least 2 (timm's
+    mixup and cutmix need an even batch, batch norm two images)."""
+    kept = [item for item in items if item is not None]
+    if train and len(kept) < len(items):
+        kept = kept[:len(kept) - len(kept) % 2]
+    return default_collate(kept) if kept else None
+
+
+class _Loader(DataLoader):
+    """A DataLoader that leaves out the batches that lost all their images (see ``_collate``);
+    a pass that leaves out every batch is a one-line DataError."""
+
+    def __iter__(self):
+        batches, yielded = super().__iter__(), 0
+        for batch in batches:
+            if batch is not None:
+                yielded += 1
+                yield batch
+        if not yielded and len(self) > 0:
+            inner = self.dataset.dataset
+            root = getattr(getattr(inner, "dataset", inner), "root", "the data set")  # through a Subset
+            raise DataError(f"no readable images under {root}: every batch lost all its images "
+                            f"({skipped(inner)} failed to load)")
 
 class _SeededView(Dataset):
     """Reads ``(index, epoch)`` keys from the keyed samplers and seeds each sample's augmentation."""

@@ -7,8 +7,9 @@ Simple Auxiliary Classifiers in Deep Networks", VISAPP 2023.
 
 Public names: ``flex_pool2d`` (functional form), ``FlexPool``, ``FlexPoolNHWC`` (for a
 (B, H, W, C) map), ``SACHead``, ``GlobalPool`` and ``make_pool`` (FlexPool or a baseline
-pool, by kind), ``POOL_MODES`` (FlexPool's parametrisations) and ``POOL_KINDS`` (those
-plus the baselines).
+pool, by kind), ``FLEXPOOL_KINDS`` (FlexPool's parametrisations) and ``POOL_KINDS`` (those
+plus the baselines). The kind is the argument and attribute ``pool`` throughout; ``keepdim``
+(default False, as in torch) returns (B, C, 1, 1) instead of (B, C).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import BASELINE_POOLS, POOL_KINDS, POOL_MODES
+from .kinds import BASELINE_POOLS, FLEXPOOL_KINDS, POOL_KINDS
 
-__all__ = ["POOL_KINDS", "POOL_MODES", "FlexPool", "FlexPoolNHWC", "GlobalPool", "flex_pool2d", "make_pool"]
+__all__ = ["FLEXPOOL_KINDS", "POOL_KINDS", "FlexPool", "FlexPoolNHWC", "GlobalPool", "flex_pool2d", "make_pool"]
 
 
 def _pair(size: tuple[int, int] | int, name: str = "size") -> tuple[int, int]:
@@ -32,14 +33,14 @@ def _pair(size: tuple[int, int] | int, name: str = "size") -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in POOL_MODES:
-        raise ValueError(f"unknown FlexPool mode {mode!r}; choose one of {', '.join(map(repr, POOL_MODES))}")
-    return mode
+def _check_pool(pool: str) -> str:
+    if pool not in FLEXPOOL_KINDS:
+        raise ValueError(f"unknown FlexPool pool {pool!r}; choose one of {', '.join(map(repr, FLEXPOOL_KINDS))}")
+    return pool
 
 
 def _normalized_weight(
-    weight: torch.Tensor, mode: str, native: tuple[int, int], size: tuple[int, int]
+    weight: torch.Tensor, pool: str, native: tuple[int, int], size: tuple[int, int]
 ) -> torch.Tensor:
     """Pooling weights ``A`` at ``size`` as (C, H*W).
 
@@ -51,7 +52,7 @@ def _normalized_weight(
     """
     w = weight.unsqueeze(0)
     wide = torch.promote_types(weight.dtype, torch.float32)
-    if mode == "softmax":
+    if pool == "softmax":
         w = w.to(wide)
         if size != native:
             w = F.interpolate(w, size=size, mode="bilinear", align_corners=False)
@@ -143,36 +144,36 @@ def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"input has {x.shape[1]} channels but the FlexPool weight has {weight.shape[0]}")
 
 
-def _pool(x: torch.Tensor, weight: torch.Tensor, mode: str, native: tuple[int, int], flatten: bool) -> torch.Tensor:
+def _pool(x: torch.Tensor, weight: torch.Tensor, pool: str, native: tuple[int, int], keepdim: bool) -> torch.Tensor:
     if isinstance(x, torch.fx.Proxy):
         # torch.fx.symbolic_trace: no shapes or layout to decide on; record the native-size NCHW form.
-        y = _sum_nchw(x, _normalized_weight(weight, mode, native, native).to(x.dtype))
+        y = _sum_nchw(x, _normalized_weight(weight, pool, native, native).to(x.dtype))
     else:
-        a = _normalized_weight(weight, mode, native, (x.shape[-2], x.shape[-1])).to(x.dtype)
+        a = _normalized_weight(weight, pool, native, (x.shape[-2], x.shape[-1])).to(x.dtype)
         y = _WeightedSum.apply(x, a, _channels_last(x))
-    return y if flatten else y[:, :, None, None]
+    return y[:, :, None, None] if keepdim else y
 
 
 def flex_pool2d(
     x: torch.Tensor,
     weight: torch.Tensor,
-    mode: str = "softmax",
-    flatten: bool = True,
+    pool: str = "softmax",
+    keepdim: bool = False,
 ) -> torch.Tensor:
     """Learned global weighted average pool: ``y[b, c] = sum_{h,w} A[c,h,w] x[b,c,h,w]``.
 
     Args:
         x: input (B, C, H', W'), NCHW or channels_last, float32/bfloat16/float16.
-        weight: (C, H, W) logits (softmax mode) or weights (linear mode).
-        mode: "softmax" (``A[c] = softmax(weight[c].flatten())``) or "linear" (``A = weight``).
-        flatten: return (B, C) when True, (B, C, 1, 1) when False.
+        weight: (C, H, W) logits (pool "softmax") or weights (pool "linear").
+        pool: "softmax" (``A[c] = softmax(weight[c].flatten())``) or "linear" (``A = weight``).
+        keepdim: return (B, C, 1, 1) when True, (B, C) when False.
 
     If (H', W') != (H, W) the weights are resampled, see ``FlexPool``. The output has
     the dtype of ``x``.
     """
-    _check_mode(mode)
+    _check_pool(pool)
     _check_input(x, weight)
-    return _pool(x, weight, mode, tuple(weight.shape[-2:]), flatten)
+    return _pool(x, weight, pool, tuple(weight.shape[-2:]), keepdim)
 
 
 # torch < 2.5 has no is_exporting; its export is strict (dynamo) only, which is_compiling sees.
@@ -204,8 +205,8 @@ class FlexPool(_TimmPoolInterface, nn.Module):
     ``y[b, c] = sum_{h,w} A[c, h, w] * x[b, c, h, w]`` where, for the parameter
     ``weight`` of shape (C, H, W):
 
-    - mode "softmax" (default, the reference code's form): ``A[c] = softmax(weight[c].flatten())``;
-    - mode "linear" (the paper's text): ``A = weight``; add ``regularizer()`` (times a
+    - pool "softmax" (default, the reference code's form): ``A[c] = softmax(weight[c].flatten())``;
+    - pool "linear" (the paper's text): ``A = weight``; add ``regularizer()`` (times a
       coefficient) to the loss to keep each channel's weights summing to one.
 
     ``weight`` starts at the constant ``1 / (H * W)``, so at initialisation FlexPool is
@@ -214,13 +215,14 @@ class FlexPool(_TimmPoolInterface, nn.Module):
 
     Input size: ``weight`` is bound to the feature-map size ``size``. At that size the
     weights are used as they are. At any other size they are resampled bilinearly
-    (``align_corners=False``): softmax mode resamples the logits and then normalises,
-    so constant logits stay uniform (still average pooling at init); linear mode
+    (``align_corners=False``): softmax FlexPool resamples the logits and then normalises,
+    so constant logits stay uniform (still average pooling at init); linear FlexPool
     resamples the weights and rescales each channel so its sum is unchanged (a channel
     whose resampled sum is zero is scaled by the area ratio instead). A 1x1
     feature map makes FlexPool a no-op; this warns once per module.
 
     Dropout (``drop``, identity for p=0) is applied to the pooled vector in train mode.
+    ``keepdim`` returns (B, C, 1, 1) instead of (B, C).
 
     The weights are normalised on every call (no cache); the weighted sum is one
     formulation per memory layout (NCHW, channels_last) with its own backward, see
@@ -232,17 +234,17 @@ class FlexPool(_TimmPoolInterface, nn.Module):
         self,
         channels: int,
         size: tuple[int, int] | int,
-        mode: str = "softmax",
+        pool: str = "softmax",
         dropout: float = 0.0,
-        flatten: bool = True,
+        keepdim: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         self.channels = channels
         self.size = _pair(size)
-        self.mode = _check_mode(mode)
-        self.flatten = flatten
+        self.pool = _check_pool(pool)
+        self.keepdim = keepdim
         self.weight = nn.Parameter(torch.empty(channels, *self.size))
         self.drop = nn.Dropout(dropout)
         self._warned_1x1 = False
@@ -254,19 +256,22 @@ class FlexPool(_TimmPoolInterface, nn.Module):
             self.weight.fill_(1.0 / (self.size[0] * self.size[1]))
 
     def regularizer(self) -> torch.Tensor:
-        """``sum_c (sum_{h,w} W[c,h,w] - 1)^2`` in linear mode; a zero tensor in softmax mode."""
-        if self.mode != "linear":
+        """``sum_c (sum_{h,w} W[c,h,w] - 1)^2`` for pool "linear"; a zero tensor for "softmax"."""
+        if self.pool != "linear":
             return self.weight.new_zeros(())
         return (self.weight.sum((1, 2)) - 1.0).square().sum()
 
     def pooling_weights(self, size: tuple[int, int] | int | None = None) -> torch.Tensor:
         """The weights ``A`` (C, H, W) this pool applies to an H x W map (default: its own
-        size), in float32: each channel's softmax in softmax mode, the weights resampled
-        with their sum kept in linear mode. Differentiable; ``y[b, c] = (A[c] * x[b, c]).sum()``."""
+        size), in float32: each channel's softmax for pool "softmax", the weights resampled
+        with their sum kept for "linear". Differentiable; ``y[b, c] = (A[c] * x[b, c]).sum()``."""
         size = self.size if size is None else _pair(size)
-        return _normalized_weight(self.weight, self.mode, self.size, size).float().view(self.channels, *size)
+        return _normalized_weight(self.weight, self.pool, self.size, size).float().view(self.channels, *size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.keepdim)
+
+    def _forward(self, x: torch.Tensor, keepdim: bool) -> torch.Tensor:
         if not isinstance(x, torch.fx.Proxy):
             _check_input(x, self.weight)
             if x.shape[-2] == 1 and x.shape[-1] == 1 and not self._warned_1x1 and not _compiling():
@@ -275,15 +280,15 @@ class FlexPool(_TimmPoolInterface, nn.Module):
                     f"FlexPool got a 1x1 feature map (input {tuple(x.shape)}): it is a no-op at this "
                     f"input size (its weights are {self.size[0]}x{self.size[1]}); use a larger input",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        y = _pool(x, self.weight, self.mode, self.size, self.flatten)
+        y = _pool(x, self.weight, self.pool, self.size, keepdim)
         return self.drop(y) if self.training and self.drop.p > 0 else y
 
     def extra_repr(self) -> str:
-        s = f"channels={self.channels}, size={self.size}, mode={self.mode!r}, dropout={self.drop.p}"
-        if not self.flatten:
-            s += ", flatten=False"
+        s = f"channels={self.channels}, size={self.size}, pool={self.pool!r}, dropout={self.drop.p}"
+        if self.keepdim:
+            s += ", keepdim=True"
         return s
 
 
@@ -291,61 +296,61 @@ class FlexPoolNHWC(FlexPool):
     """FlexPool on a channels-last ``(B, H, W, C)`` map (timm's ``input_fmt='NHWC'`` pools):
     returns ``(B, C)``, or ``(B, 1, 1, C)`` with ``keepdim``. The permute is a view, no copy."""
 
-    def __init__(self, channels, size, keepdim: bool = False, **kwargs):
-        super().__init__(channels, size, flatten=True, **kwargs)
-        self.keepdim = keepdim
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x.permute(0, 3, 1, 2))
+        y = self._forward(x.permute(0, 3, 1, 2), keepdim=False)
         return y[:, None, None, :] if self.keepdim else y
 
 
 class GlobalPool(_TimmPoolInterface, nn.Module):
     """A global pool that is not FlexPool, with FlexPool's interface, for ablation baselines.
 
-    kind "avg": ``x.mean((2, 3))`` (what the source did; no parameters); "lse": timm's
+    pool "avg": ``x.mean((2, 3))`` (what the source did; no parameters); "lse": timm's
     ``LsePlus2d`` (log-sum-exp, a learnable temperature between average and max pooling);
     "simpool": timm's ``SimPool2d`` (attention with the average as query). lse and simpool
     do not start out as average pooling, so a model converted with them changes its output.
+    The kind is ``pool``; timm's module, where there is one, is ``timm_pool``.
     """
 
-    def __init__(self, kind: str, channels: int, dropout: float = 0.0, flatten: bool = True) -> None:
+    def __init__(self, pool: str, channels: int, dropout: float = 0.0, keepdim: bool = False) -> None:
         super().__init__()
-        if kind not in BASELINE_POOLS:
-            raise ValueError(f"unknown baseline pool {kind!r}; choose one of {', '.join(BASELINE_POOLS)}")
-        self.kind, self.channels, self.flatten = kind, channels, flatten
-        self.pool = None if kind == "avg" else _timm_pool(kind, channels)
+        if pool not in BASELINE_POOLS:
+            raise ValueError(f"unknown baseline pool {pool!r}; choose one of {', '.join(BASELINE_POOLS)}")
+        self.pool, self.channels, self.keepdim = pool, channels, keepdim
+        self.timm_pool = None if pool == "avg" else _timm_pool(pool, channels)
         self.drop = nn.Dropout(dropout)
 
     def regularizer(self) -> torch.Tensor:
         return torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.mean((2, 3)) if self.pool is None else self.pool(x)
+        y = x.mean((2, 3)) if self.timm_pool is None else self.timm_pool(x)
         if self.training and self.drop.p > 0:
             y = self.drop(y)
-        return y if self.flatten else y[:, :, None, None]
+        return y[:, :, None, None] if self.keepdim else y
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, channels={self.channels}, dropout={self.drop.p}"
+        s = f"pool={self.pool!r}, channels={self.channels}, dropout={self.drop.p}"
+        if self.keepdim:
+            s += ", keepdim=True"
+        return s
 
 
-def _timm_pool(kind: str, channels: int) -> nn.Module:
+def _timm_pool(pool: str, channels: int) -> nn.Module:
     import timm.layers
 
-    name = {"lse": "LsePlus2d", "simpool": "SimPool2d"}[kind]
+    name = {"lse": "LsePlus2d", "simpool": "SimPool2d"}[pool]
     cls = getattr(timm.layers, name, None)
     if cls is None:
-        raise ValueError(f"pool {kind!r} needs timm's {name}, which this timm ({timm.__version__}) does not have; "
+        raise ValueError(f"pool {pool!r} needs timm's {name}, which this timm ({timm.__version__}) does not have; "
                          "upgrade timm")
-    return cls(flatten=True) if kind == "lse" else cls(channels)
+    return cls(flatten=True) if pool == "lse" else cls(channels)
 
 
-def make_pool(kind: str, channels: int, size: tuple[int, int] | int, dropout: float = 0.0,
-              flatten: bool = True) -> nn.Module:
-    """FlexPool for kinds "softmax" and "linear", else the baseline ``GlobalPool``."""
-    if kind in POOL_MODES:
-        return FlexPool(channels, size, mode=kind, dropout=dropout, flatten=flatten)
-    return GlobalPool(kind, channels, dropout=dropout, flatten=flatten)
+def make_pool(pool: str, channels: int, size: tuple[int, int] | int, dropout: float = 0.0,
+              keepdim: bool = False) -> nn.Module:
+    """FlexPool for pools "softmax" and "linear", else the baseline ``GlobalPool``."""
+    if pool in FLEXPOOL_KINDS:
+        return FlexPool(channels, size, pool=pool, dropout=dropout, keepdim=keepdim)
+    return GlobalPool(pool, channels, dropout=dropout, keepdim=keepdim)
 
 

@@ -9,11 +9,12 @@ from .pools import make_pool
 
 
 class SACHead(nn.Module):
-    """Simple auxiliary classifier: a global pool (``pool``) then one ``nn.Linear`` (``fc``).
+    """Simple auxiliary classifier: a global pool (the module ``pool``) then one ``nn.Linear`` (``fc``).
 
-    No convolutions, no hidden layers (the paper's SAC). The pool is FlexPool, or for
-    ablation baselines another kind (see ``make_pool``). Used during training only;
-    ``regularizer()`` returns the pool's regulariser (zero except for linear FlexPool).
+    No convolutions, no hidden layers (the paper's SAC). The argument ``pool`` names its kind:
+    FlexPool ("softmax", "linear"), or for ablation baselines another kind (see ``make_pool``).
+    Used during training only; ``regularizer()`` returns the pool's regulariser (zero except
+    for linear FlexPool).
     """
 
     def __init__(
@@ -21,11 +22,11 @@ class SACHead(nn.Module):
         channels: int,
         size: tuple[int, int] | int,
         num_classes: int,
-        mode: str = "softmax",
+        pool: str = "softmax",
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.pool = make_pool(mode, channels, size, dropout=dropout, flatten=True)
+        self.pool = make_pool(pool, channels, size, dropout=dropout)
         self.fc = nn.Linear(channels, num_classes)
 
     def regularizer(self) -> torch.Tensor:

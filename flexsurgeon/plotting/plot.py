@@ -11,18 +11,29 @@ and saved as ``figures.py`` says.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..checkpoints.names import CONFIG_NAME
 from ..errors import PlotError
-from ..runs.layout import ABLATION_NAME, ABLATION_RESULTS, BEST, CURVES_NAME, LAST, LOG_NAME, PLOTS_DIR
+from ..runs.layout import (
+    ABLATION_RESULTS,
+    ACCURACY_NAME,
+    BEST,
+    CURVES_NAME,
+    LAST,
+    LOG_NAME,
+    PLOTS_DIR,
+    SUMMARY_JSON,
+)
 from ..runs.log import read_log
 from .figures import new_figure, require_matplotlib, save_png
 from .weight_maps import check_top, plot_weight_maps
 
-__all__ = ["plot_ablation", "plot_folder", "plot_training_curves", "plot_weight_maps", "read_results"]
+__all__ = ["plot_ablation", "plot_ablation_by_epoch", "plot_folder", "plot_training_curves", "plot_weight_maps",
+           "read_results"]
 
 
 # ---------------------------------------------------------------- training curves
@@ -170,6 +181,32 @@ def plot_ablation(rows: Iterable[Mapping], out_path, baseline: str = "avg") -> P
     return save_png(fig, Path(out_path))
 
 
+def plot_ablation_by_epoch(rows: Iterable[Mapping], out_path) -> Path:
+    """Val top-1 after each epoch per variant: the mean over seeds as a line, the range over
+    seeds as a band. ``rows`` are score records with ``variant`` and ``top1_by_epoch`` (%)."""
+    require_matplotlib()
+    curves: dict[str, list[list[float]]] = {}
+    for row in rows:
+        if row.get("top1_by_epoch"):
+            curves.setdefault(str(row["variant"]), []).append([float(t) for t in row["top1_by_epoch"]])
+    fig = new_figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for i, (variant, runs) in enumerate(curves.items()):
+        epochs = min(len(r) for r in runs)  # seeds still running have fewer epochs
+        xs = list(range(1, epochs + 1))
+        columns = [[r[e] for r in runs] for e in range(epochs)]
+        ax.plot(xs, [sum(c) / len(c) for c in columns], marker="o", markersize=3, color=f"C{i % 10}",
+                label=f"{variant} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=f"C{i % 10}", alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("top-1 after each epoch: mean over seeds, band from lowest to highest seed", fontsize=9)
+    return save_png(fig, Path(out_path))
+
+
 # ---------------------------------------------------------------- folders
 
 def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None) -> list[Path]:
@@ -189,12 +226,13 @@ def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None)
         if path.suffix == ".jsonl":
             return [plot_training_curves(path, out / CURVES_NAME)]
         if path.suffix == ".csv":
-            return [plot_ablation(read_results(path), out / ABLATION_NAME)]
+            return [plot_ablation(read_results(path), out / ACCURACY_NAME, _ablation_baseline(path.parent))]
         raise PlotError(f"cannot plot {path}: give a folder, a log.jsonl or a results.csv")
     out = Path(out_dir) if out_dir is not None else path / PLOTS_DIR
     written: list[Path] = []
     if (path / ABLATION_RESULTS).is_file():
-        written.append(plot_ablation(read_results(path / ABLATION_RESULTS), out / ABLATION_NAME))
+        written.append(plot_ablation(read_results(path / ABLATION_RESULTS), out / ACCURACY_NAME,
+                                     _ablation_baseline(path)))
     if (path / LOG_NAME).is_file():
         written.append(plot_training_curves(path / LOG_NAME, out / CURVES_NAME))
         model_dir = next((path / d for d in (BEST, LAST) if (path / d / CONFIG_NAME).is_file()), None)
@@ -209,6 +247,16 @@ def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None)
     return written
 
 
+def _ablation_baseline(folder: Path) -> str:
+    """The baseline ``ablate`` compared against, from the folder's summary.json (else ``avg``), so
+    that ``plot`` draws the figure ``ablate`` drew."""
+    try:
+        entries = json.loads((folder / SUMMARY_JSON).read_text())
+        return str(entries[0]["baseline"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return "avg"
+
+
 def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, source: str | None = None,
                        model_code: str | None = None) -> list[Path]:
     from ..checkpoints.io import load_folder
@@ -216,7 +264,7 @@ def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, sou
     model = load_folder(directory, model_code)
     written = plot_weight_maps(model, out, top=top, source=source or directory.resolve().name)
     if required and not written:
-        kind = getattr(getattr(model, "flexsurgeon_plan", None), "pool_mode", "another kind")
-        raise PlotError(f"nothing to plot in {directory}: its pools are {kind}, not FlexPool, so they have "
+        pool = getattr(getattr(model, "flexsurgeon_plan", None), "pool", "another kind")
+        raise PlotError(f"nothing to plot in {directory}: its pools are {pool}, not FlexPool, so they have "
                         "no weight maps")
     return written

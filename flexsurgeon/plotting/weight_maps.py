@@ -13,7 +13,7 @@ from .figures import new_figure, require_matplotlib, save_png
 def pool_weights(pool):
     """The normalised weights ``A`` (C, H, W), float32 on the CPU, as FlexPool computes them.
 
-    softmax mode: the softmax of each channel's logits; linear mode: the raw weights.
+    pool softmax: the softmax of each channel's logits; pool linear: the raw weights.
     """
     import torch
 
@@ -123,7 +123,7 @@ def _weight_map_figure(pool, title: str, top: int):
     ticks.sort()
     bar.set_ticks(ticks, labels=[f"{t:.3g}" + (" = 1/(H·W)" if t == uniform else "") for t in ticks])
     bar.set_label(f"A[c, h, w]; black line: 1/(H·W) = {uniform:.4g} (average pooling)", fontsize=8)
-    lines = [f"{title}: FlexPool[{pool.mode}] {channels}x{h}x{w}",
+    lines = [f"{title}: FlexPool[{pool.pool}] {channels}x{h}x{w}",
              f"channel mean and the top {len(chosen)} channels by spread (max - min of A); white = 1/(H·W)",
              f"distance from average pooling, ½Σ|A - 1/(H·W)| per channel: mean {distance.mean().item():.3g}, "
              f"max {distance.max().item():.3g}"]

@@ -26,13 +26,19 @@ BEST, LAST = "best", "last"  # the checkpoint folders of a finetune run
 LOG_NAME = "log.jsonl"  # a finetune run's epoch records
 
 
-PLOTS_DIR = "plots"
+PLOTS_DIR = "plots"  # where ``plot`` writes its PNGs by default
 
 
-ABLATION_RESULTS = "results.csv"
+CURVES_NAME = "curves.png"  # a finetune run's loss and top-1 per epoch, by ``plot``
 
 
-CURVES_NAME, ABLATION_NAME = "curves.png", "ablation.png"
+# an ablation folder: what was asked, its runs (RUNS/VARIANT/seedK/, each a finetune run with its
+# score) and the comparison; the accuracy plot has the same name where ``ablate`` writes it (the
+# folder) and where ``plot`` does (its plots/)
+ABLATION_REQUEST, ABLATION_RUNS, SCORE_NAME = "ablation.json", "runs", "score.json"
+ABLATION_RESULTS, SUMMARY_MD, SUMMARY_JSON = "results.csv", "summary.md", "summary.json"
+ACCURACY_NAME = "accuracy.png"
+ACCURACY_BY_EPOCH_NAME = "accuracy_by_epoch.png"  # an ablation's top-1 per epoch, per variant
 
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"

@@ -1,4 +1,5 @@
-"""A run's epoch log (``log.jsonl``): reading it, and cutting it back to the epochs a resumed run keeps.
+"""A run's epoch log (``log.jsonl``): appending an epoch's record, reading it, and cutting it back
+to the epochs a resumed run keeps.
 """
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from pathlib import Path
 
 from ..errors import PlotError
 from ..utils import write_text_replacing
+
+
+def append_log(path: Path, record: dict) -> None:
+    """Add one epoch's record to the log at ``path`` (one JSON object a line)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def truncate_log(path: Path, epochs: int) -> None:

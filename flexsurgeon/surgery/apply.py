@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from ..layers.kinds import FLEXPOOL_KINDS
 from ..layers.pools import FlexPoolNHWC, make_pool
 from .plan import PoolEdit, SurgeryPlan
 from .rewrite import rewrite_forward
@@ -25,11 +26,10 @@ from .state import record_plan
 def _new_pool(plan: SurgeryPlan, edit: PoolEdit) -> nn.Module:
     """The pool that replaces ``edit``'s, returning the same form the old one returned."""
     if edit.layout == "nhwc":
-        if plan.pool_mode not in ("softmax", "linear"):
-            raise PlanError(f"pool kind {plan.pool_mode!r} does not take channels-last (NHWC) maps")
-        return FlexPoolNHWC(edit.channels, edit.size, keepdim=edit.keepdim, mode=plan.pool_mode,
-                            dropout=plan.dropout)
-    return make_pool(plan.pool_mode, edit.channels, edit.size, dropout=plan.dropout, flatten=not edit.keepdim)
+        if plan.pool not in FLEXPOOL_KINDS:
+            raise PlanError(f"pool {plan.pool!r} does not take channels-last (NHWC) maps")
+        return FlexPoolNHWC(edit.channels, edit.size, pool=plan.pool, dropout=plan.dropout, keepdim=edit.keepdim)
+    return make_pool(plan.pool, edit.channels, edit.size, dropout=plan.dropout, keepdim=edit.keepdim)
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:
@@ -55,7 +55,7 @@ class _KeepFlexPools:
     def __call__(self, num_classes: int, *args, **kwargs):
         model = self.model
         plan = model.flexsurgeon_plan
-        pools = {e.module: model.get_submodule(e.module) for e in plan.pools if e.method == "in_place"}
+        pools = {e.module: model.get_submodule(e.module) for e in plan.pools if e.replacement == "in_place"}
         type(model).reset_classifier(model, num_classes, *args, **kwargs)
         for path, pool in pools.items():
             if model.get_submodule(path) is not pool:
@@ -84,7 +84,7 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     holders: dict[str, dict] = {}
     for edit in plan.pools:
         pool = _new_pool(plan, edit).to(device=device, dtype=dtype)
-        if edit.method == "in_place":
+        if edit.replacement == "in_place":
             old = _submodule(model, edit.module)
             if any(True for _ in old.parameters()):
                 raise PlanError(f"the plan replaces '{edit.module}' as a pool, but that {type(old).__name__} has "
@@ -92,8 +92,8 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
             _set_submodule(model, edit.module, pool)
         else:
             holders.setdefault((edit.module, edit.forward), {})[edit.node] = (edit.input, pool)
-    for (path, method), pools in holders.items():
-        rewrite_forward(_submodule(model, path) if path else model, method, pools)
+    for (path, forward), pools in holders.items():
+        rewrite_forward(_submodule(model, path) if path else model, forward, pools)
     for tap in plan.sac:
         _submodule(model, tap.module)
     model.sac_heads = SACHeads.from_plan(plan).to(device=device, dtype=dtype)
@@ -106,7 +106,7 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
 def pool_paths(plan: SurgeryPlan) -> list[str]:
     """Where the new pools live in a converted model: the replaced module's path, or
     ``flex_pools.<node>`` under the module whose forward was rewritten."""
-    return [e.module if e.method == "in_place" else ".".join(filter(None, (e.module, "flex_pools", e.node)))
+    return [e.module if e.replacement == "in_place" else ".".join(filter(None, (e.module, "flex_pools", e.node)))
             for e in plan.pools]
 
 

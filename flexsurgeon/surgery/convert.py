@@ -6,7 +6,6 @@ plan and reports what convert would do.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,12 @@ from ..utils import as_size, per_channel, training_mode
 from .analysis import Analysis, analyse
 from .costs import CostReport
 from .costs import measure as measure_costs
-from .plan import SourceSpec, SurgeryPlan
+from .plan import SurgeryPlan
 from .planner import make_plan
+from .sources import resolve_source
 from .state import ARCHITECTURE
 
 PRESERVATION_TOLERANCE = 1e-5  # float32, the converted model's eval output against the source's
-_SOURCE_ARG_TYPES = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -38,55 +37,6 @@ class Inspection:
     def to_dict(self) -> dict:
         return {**self.analysis.to_dict(), "plan": self.plan.to_dict() if self.plan else None,
                 "problem": self.problem, "costs": self.costs.to_dict() if self.costs else None}
-
-
-def _resolve_source(model_or_name, num_classes, in_chans, weights) -> tuple[nn.Module, SourceSpec | None]:
-    from .sources import (
-        build_from_code,
-        build_source,
-        classes_in_weights,
-        is_model_code,
-        load_weights_file,
-        parse_source,
-        weights_origin,
-    )
-
-    origin = ""  # an instance the caller built: where its weights came from is not known here
-    if is_model_code(model_or_name):  # the user's own code, named by the user
-        model_or_name = build_from_code(model_or_name, num_classes=num_classes, in_chans=in_chans)
-        if weights not in ("random", "pretrained"):
-            load_weights_file(model_or_name, Path(weights))
-        origin = weights_origin(None, weights, model_or_name)
-    elif isinstance(model_or_name, str):
-        if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
-            num_classes = classes_in_weights(build_source(parse_source(model_or_name, in_chans=in_chans)),
-                                             Path(weights))
-        spec = parse_source(model_or_name, num_classes=num_classes, in_chans=in_chans)
-        model = build_source(spec, weights)
-        return model, dataclasses.replace(spec, weights=weights_origin(spec, weights, model))
-    if not isinstance(model_or_name, nn.Module):
-        raise FlexSurgeonError(f"expected a model name or an nn.Module, got {type(model_or_name).__name__}")
-    model = model_or_name
-    if getattr(model, "flexsurgeon_plan", None) is not None:
-        raise FlexSurgeonError("this model has been converted already")
-    if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
-        if not hasattr(model, "reset_classifier"):
-            raise FlexSurgeonError("this model has no reset_classifier(); build it with the classes you want")
-        model.reset_classifier(num_classes)
-    spec = _timm_spec_of(model) or SourceSpec("custom", type(model).__name__, {})
-    return model, dataclasses.replace(spec, weights=origin)
-
-
-def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
-    """How to rebuild a timm-created instance, from the arguments timm recorded on it."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture") if isinstance(cfg, dict) else None
-    args = getattr(model, "_model_args", None)
-    if not name or not isinstance(args, dict):
-        return None
-    kwargs = {k: v for k, v in args.items() if isinstance(v, _SOURCE_ARG_TYPES)}
-    kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
-    return SourceSpec("timm", name, kwargs)
 
 
 def _default_img_size(model: nn.Module) -> tuple[int, int]:
@@ -118,11 +68,11 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
             pool: str = "softmax", dropout: float = 0.0, sac_stages=None, sac_weights=None,
             replace_gating: bool = False, weights: str | Path = "random") -> Inspection:
     """Trace and analyse a model, and plan its surgery without changing it."""
-    model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
+    model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights)
     size = _as_size(img_size) if img_size is not None else _default_img_size(model)
     analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)
     try:
-        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
+        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
     except FlexSurgeonError as exc:
         return Inspection(analysis, None, str(exc))
@@ -143,7 +93,7 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     and returned (like peft's ``get_peft_model``), keeping its class and methods. With
     ``check`` (default) its eval output is compared with the output it gave before the
     surgery on a random input, and a mismatch is an error. ``pool`` is a
-    FlexPool mode (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
+    FlexPool kind (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
     simpool change the output from the start, so they are not checked). ``progress`` shows
     the step under way on a terminal (a large model at a large size takes a while on a CPU).
     """
@@ -156,14 +106,14 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     steps = tqdm(total=4, desc=f"building {label}", bar_format="{desc} (step {n_fmt}/{total_fmt}, {elapsed})",
                  leave=False, disable=None if progress else True)
     with steps:
-        model, spec = _resolve_source(model_or_name, num_classes, in_chans, weights)
+        model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights)
         size = _as_size(img_size) if img_size is not None else _default_img_size(model)
         _next_step(steps, f"analysing at {size[0]}x{size[1]} and {2 * size[0]}x{2 * size[1]}")
         analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)
         _next_step(steps, "applying the plan")
-        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool_mode=pool, dropout=dropout,
+        plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
-        check = check and plan.pool_mode in PRESERVING_KINDS
+        check = check and plan.pool in PRESERVING_KINDS
         sample, expected = _eval_output(model, plan) if check else (None, None)
         converted = apply_plan(model, plan)
         converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(

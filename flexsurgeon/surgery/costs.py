@@ -1,7 +1,7 @@
 """What a conversion costs: parameters and multiply-adds of the source and of the converted model.
 
 Multiply-adds come from torch's own FLOP counter (``torch.utils.flop_counter.FlopCounterMode``,
-half its FLOPs) on one image at the analysis input size. It counts convolutions and matrix
+half its FLOPs) per image at the analysis input size. It counts convolutions and matrix
 products, FlexPool's weighted sum among them, and not elementwise work (activations,
 normalisation, an average pool's additions). The converted model is measured twice: for
 inference (``model(x)`` in eval mode, SAC heads neither run nor kept by an export) and for
@@ -13,8 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from ..layers.pools import FlexPool
 from ..utils import training_mode
+from .sac import forward_with_sac
+from .sources import build_from_code, build_source, is_model_code
+
+_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -36,21 +42,28 @@ class CostReport:
 
 
 def _count(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, dict[str, int]]:
-    """Total multiply-adds of one forward, and per module path (timm's names, no class prefix)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .sac import forward_with_sac
-
-    with training_mode(model, train), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        if train:
-            forward_with_sac(model, x)
-        else:
-            model(x)
+    """Multiply-adds of one forward per image, in total and per module path (timm's names, no
+    class prefix). ``x`` holds ``_BATCH`` images: in train mode a BatchNorm on a pooled 1x1 map
+    needs more than one value per channel. Buffers a train-mode forward updates (BatchNorm's
+    running statistics) are put back, so measuring changes nothing in the model."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()} if train else {}
+    try:
+        with training_mode(model, train), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if train:
+                forward_with_sac(model, x)
+            else:
+                model(x)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    per_image = 2 * len(x)  # FLOPs are two per multiply-add
     per_module = {}
     for key, ops in counter.get_flop_counts().items():
         if key != "Global":
-            per_module[key.partition(".")[2]] = sum(ops.values()) // 2
-    return counter.get_total_flops() // 2, per_module
+            per_module[key.partition(".")[2]] = sum(ops.values()) // per_image
+    return counter.get_total_flops() // per_image, per_module
 
 
 def _params(module: nn.Module) -> int:
@@ -58,13 +71,11 @@ def _params(module: nn.Module) -> int:
 
 
 def measure(source: nn.Module, converted: nn.Module) -> CostReport:
-    """Costs of ``source`` and of ``converted`` (the same architecture after the plan), on one
-    image of the plan's input size; neither model's mode or weights change."""
-    from ..layers.pools import FlexPool
-
+    """Costs of ``source`` and of ``converted`` (the same architecture after the plan), per image
+    of the plan's input size; neither model's mode, weights or buffers change."""
     plan = converted.flexsurgeon_plan
     reference = next(iter(converted.parameters()), None)
-    x = torch.randn(1, plan.in_chans, *plan.img_size, device=reference.device if reference is not None else "cpu",
+    x = torch.randn(_BATCH, plan.in_chans, *plan.img_size, device=reference.device if reference is not None else "cpu",
                     dtype=reference.dtype if reference is not None else torch.float32)
     source_macs, _ = _count(source, x, train=False)
     inference_macs, _ = _count(converted, x, train=False)
@@ -85,8 +96,6 @@ def measure(source: nn.Module, converted: nn.Module) -> CostReport:
 def measure_rebuilt(name: str, converted: nn.Module) -> CostReport:
     """``measure`` for a model converted from the command line's MODEL (a timm name, tv:NAME or
     FILE.py:FACTORY): the source is built again, at random init (costs do not depend on weights)."""
-    from .sources import build_from_code, build_source, is_model_code
-
     plan = converted.flexsurgeon_plan
     if is_model_code(name):
         source = build_from_code(name, num_classes=plan.num_classes, in_chans=plan.in_chans)

@@ -140,17 +140,17 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
 
     holder_path = traced.owners.get(node, "")
     holder = model.get_submodule(holder_path) if holder_path else model
-    methods = ["forward"]
+    forwards = ["forward"]
     if holder is model and all(callable(getattr(type(model), m, None)) for m in ("forward_head", "forward_features")):
-        methods.insert(0, "forward_head")
+        forwards.insert(0, "forward_head")
     sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
     with training_mode(model, False):
-        for method in methods:
+        for forward in forwards:
             try:
                 with torch.no_grad():
-                    args = (model.forward_features(sample),) if method == "forward_head" else \
+                    args = (model.forward_features(sample),) if forward == "forward_head" else \
                         _inputs_of(model, holder, sample)
-                    graph = trace_model(holder, training=False, method=method, shallow=True).graph
+                    graph = trace_model(holder, training=False, forward=forward, shallow=True).graph
                     finder = PoolFinder(fx.GraphModule(holder, graph), img_size)
                     finder.run(*args)
             except Exception:  # this method does not trace or run on its own: try the next
@@ -158,7 +158,7 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
             for name, (source, kind, keepdim, found_layout) in finder.candidates.items():
                 shape = _shape(finder, source)
                 if kind == "avg" and found_layout == layout and shape[3 if layout == "nhwc" else 1] == channels:
-                    return RewriteSite(holder_path, method, name, source, keepdim)
+                    return RewriteSite(holder_path, forward, name, source, keepdim)
     return None
 
 

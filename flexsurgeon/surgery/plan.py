@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from ..errors import PlanError
 from ..layers.kinds import POOL_KINDS
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: pool (was pool_mode), PoolEdit.replacement (was method); older plans are refused
 LIBRARIES = ("timm", "torchvision", "custom")  # custom: the user's own nn.Module, rebuilt by the user
-METHODS = ("in_place", "graph_rewrite")
+REPLACEMENTS = ("in_place", "graph_rewrite")  # how a pool is replaced: a module swapped, or code rewritten
 FORWARDS = ("forward", "forward_head")  # the methods a graph rewrite may regenerate
 READS = ("output", "input")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
@@ -48,7 +48,7 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class PoolEdit:
-    """Replace a pool with FlexPool sized ``channels x size``.
+    """Replace a pool with FlexPool sized ``channels x size``; ``replacement`` says how.
 
     ``in_place``: the module at ``module`` is the pool; a FlexPool returning the same form
     (``keepdim``, ``layout``) takes its place on its parent. ``graph_rewrite``: the pool is
@@ -64,7 +64,7 @@ class PoolEdit:
     keepdim: bool = False
     layout: str = "nchw"  # or "nhwc": the input map is (B, H, W, C)
     module: str = ""
-    method: str = "in_place"
+    replacement: str = "in_place"
     forward: str = "forward"  # graph_rewrite: the method regenerated, forward or timm's forward_head
 
 
@@ -89,7 +89,7 @@ class SurgeryPlan:
     pools: tuple[PoolEdit, ...]
     sac: tuple[SacTap, ...] = ()
     sac_weights: tuple[float, ...] = (1.0,)  # one per SAC head, then the main classifier's
-    pool_mode: str = "softmax"
+    pool: str = "softmax"  # the pool kind, as in recipes and --pool (see layers.kinds)
     dropout: float = 0.0
     version: int = PLAN_VERSION
 
@@ -98,9 +98,7 @@ class SurgeryPlan:
 
     def validate(self) -> None:
         """Raise PlanError naming the first bad field; a plan is checked before any model is built."""
-        if self.version != PLAN_VERSION:
-            raise PlanError(f"plan version {self.version!r} is not supported (this flexsurgeon reads {PLAN_VERSION}); "
-                            "convert the source model again with this version")
+        _check_version(self.version)
         if self.source is not None:
             if self.source.library not in LIBRARIES:
                 raise PlanError(f"plan source.library {self.source.library!r} is not one of {', '.join(LIBRARIES)}")
@@ -122,8 +120,8 @@ class SurgeryPlan:
                 raise PlanError(f"plan {key} must be a positive integer, got {value!r}")
         if not _size(self.img_size):
             raise PlanError(f"plan img_size must be two positive integers, got {self.img_size!r}")
-        if self.pool_mode not in POOL_KINDS:
-            raise PlanError(f"plan pool_mode {self.pool_mode!r} is not one of {', '.join(POOL_KINDS)}")
+        if self.pool not in POOL_KINDS:
+            raise PlanError(f"plan pool {self.pool!r} is not one of {', '.join(POOL_KINDS)}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise PlanError(f"plan dropout must be in [0, 1), got {self.dropout!r}")
         if not self.pools:
@@ -141,9 +139,9 @@ class SurgeryPlan:
                 raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
             if pool.layout not in ("nchw", "nhwc"):
                 raise PlanError(f"plan pool layout {pool.layout!r} is not one of nchw, nhwc")
-            if pool.method not in METHODS:
-                raise PlanError(f"plan pool method {pool.method!r} is not one of {', '.join(METHODS)}")
-            if pool.method == "in_place" and not pool.module:
+            if pool.replacement not in REPLACEMENTS:
+                raise PlanError(f"plan pool replacement {pool.replacement!r} is not one of {', '.join(REPLACEMENTS)}")
+            if pool.replacement == "in_place" and not pool.module:
                 raise PlanError(f"plan pool {pool.node!r} is replaced in place but names no module")
             if pool.forward not in FORWARDS:
                 raise PlanError(f"plan pool forward {pool.forward!r} is not one of {', '.join(FORWARDS)}")
@@ -177,8 +175,10 @@ class SurgeryPlan:
     def from_dict(cls, data) -> SurgeryPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        if "version" in data:  # first: an older plan's fields are not this version's
+            _check_version(data["version"])
         known = {"source", "num_classes", "in_chans", "img_size", "pools", "sac", "sac_weights",
-                 "pool_mode", "dropout", "version"}
+                 "pool", "dropout", "version"}
         unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise PlanError(f"plan has unknown field(s): {', '.join(unknown)}")
@@ -190,7 +190,8 @@ class SurgeryPlan:
             if source is not None:
                 _check_keys(source, {"library", "name", "kwargs", "weights"}, "source")
                 source = SourceSpec(**source)
-            pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "method", "forward"}
+            pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "replacement",
+                         "forward"}
             pools = tuple(PoolEdit(**_sized(_check_keys(p, pool_keys, "pools"))) for p in _list(data["pools"], "pools"))
             sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module", "read"}, "sac")))
                         for t in _list(data.get("sac", []), "sac"))
@@ -198,7 +199,7 @@ class SurgeryPlan:
                 source=source, num_classes=data["num_classes"], in_chans=data["in_chans"],
                 img_size=_tuple(data["img_size"]), pools=pools, sac=sac,
                 sac_weights=tuple(_list(data.get("sac_weights", [1.0]), "sac_weights")),
-                pool_mode=data.get("pool_mode", "softmax"), dropout=data.get("dropout", 0.0),
+                pool=data.get("pool", "softmax"), dropout=data.get("dropout", 0.0),
                 version=data["version"],
             )
         except TypeError as exc:  # a field of the wrong shape (e.g. a pool that is not an object)
@@ -211,6 +212,12 @@ class SurgeryPlan:
         except (json.JSONDecodeError, TypeError) as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _check_version(version) -> None:
+    if version != PLAN_VERSION:
+        raise PlanError(f"plan version {version!r} is not supported (this flexsurgeon reads {PLAN_VERSION}); "
+                        "convert the source model again with this version")
 
 
 def _plain(value) -> bool:

@@ -36,15 +36,16 @@ def _pool_edit(site) -> PoolEdit:
     common = {"channels": site.channels, "size": tuple(site.size), "layout": site.layout}
     if site.pool_module is not None:
         return PoolEdit(node=site.node, input=site.input, keepdim=site.pool_module.keepdim,
-                        module=site.pool_module.path, method="in_place", **common)
+                        module=site.pool_module.path, replacement="in_place", **common)
     if site.rewrite is not None:
         return PoolEdit(node=site.rewrite.node, input=site.rewrite.input, keepdim=site.rewrite.keepdim,
-                        module=site.rewrite.holder, method="graph_rewrite", forward=site.rewrite.forward, **common)
+                        module=site.rewrite.holder, replacement="graph_rewrite", forward=site.rewrite.forward,
+                        **common)
     raise AnalysisError(f"the pool at '{site.module or site.node}' is neither a module of its own nor in a module "
                         "that traces on its own, so it cannot be replaced")
 
 
-def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *, pool_mode: str = "softmax",
+def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *, pool: str = "softmax",
               dropout: float = 0.0, sac_stages=None, sac_weights=None, replace_gating: bool = False) -> SurgeryPlan:
     """Decide what to change: the head average pools (and gating pools if asked) and the SAC taps.
 
@@ -70,5 +71,5 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
         pools=tuple(_pool_edit(p) for p in pools),
         sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.hook.path, read=t.hook.read)
                   for t in taps),
-        sac_weights=weights, pool_mode=pool_mode, dropout=float(dropout),
+        sac_weights=weights, pool=pool, dropout=float(dropout),
     )

@@ -30,14 +30,14 @@ class RewrittenForward:
     forward along; pickling rebuilds it from the graphs.
     """
 
-    def __init__(self, owner: nn.Module, method: str, graph_modules: dict[tuple, fx.GraphModule],
+    def __init__(self, owner: nn.Module, forward: str, graph_modules: dict[tuple, fx.GraphModule],
                  flags: dict[str, tuple]):
         self.owner = owner
-        self.method = method
+        self.forward = forward  # the name of the method this replaces: forward or forward_head
         self.graph_modules = graph_modules
         self.flags = flags  # option name -> (its position among the forward's arguments, its default)
         # fx renames an argument that clashes with an attribute (pre_logits -> pre_logits_1)
-        original = list(inspect.signature(getattr(type(owner), method)).parameters)[1:]
+        original = list(inspect.signature(getattr(type(owner), forward)).parameters)[1:]
         self.renamed = {key: dict(zip(original, list(inspect.signature(type(gm).forward).parameters)[1:]))
                         for key, gm in graph_modules.items()}
 
@@ -50,7 +50,7 @@ class RewrittenForward:
                                                      **{renamed.get(k, k): v for k, v in kwargs.items()})
 
     def __reduce__(self):
-        return RewrittenForward, (self.owner, self.method, self.graph_modules, self.flags)
+        return RewrittenForward, (self.owner, self.forward, self.graph_modules, self.flags)
 
 
 def _call(rewritten: RewrittenForward, *args, **kwargs):
@@ -60,25 +60,26 @@ def _call(rewritten: RewrittenForward, *args, **kwargs):
 _MAX_FLAGS = 2  # options traced both ways; any further ones stay at their defaults (fx asserts on them)
 
 
-def _flags(holder: nn.Module, method: str) -> dict[str, tuple]:
-    """The method's true/false options with a default, by position (after ``x``)."""
-    params = list(inspect.signature(getattr(type(holder), method)).parameters.values())[1:]
+def _flags(holder: nn.Module, forward: str) -> dict[str, tuple]:
+    """The true/false options of the method named ``forward``, with a default, by position (after ``x``)."""
+    params = list(inspect.signature(getattr(type(holder), forward)).parameters.values())[1:]
     found = {p.name: (i, p.default) for i, p in enumerate(params)
              if i > 0 and isinstance(p.default, bool) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return dict(list(found.items())[:_MAX_FLAGS])
 
 
-def rewrite_forward(holder: nn.Module, method: str, pools: dict[str, tuple[str, nn.Module]]) -> None:
+def rewrite_forward(holder: nn.Module, forward: str, pools: dict[str, tuple[str, nn.Module]]) -> None:
     """Put ``pools`` (pool node -> (its input node, the new pool module, which returns what
-    the old pool returned)) into ``holder``'s ``method``, as ``holder.flex_pools.<node>``."""
+    the old pool returned)) into ``holder``'s method named ``forward`` (``forward`` or
+    ``forward_head``), as ``holder.flex_pools.<node>``."""
     if "flex_pools" in holder._modules or hasattr(type(holder), "flex_pools"):
         raise PlanError(f"{type(holder).__name__} already has an attribute named 'flex_pools'")
-    flags = _flags(holder, method)
+    flags = _flags(holder, forward)
     holder.flex_pools = nn.ModuleDict({node: pool for node, (_, pool) in pools.items()})
     graph_modules = {}
     for training in (False, True):
         for values in itertools.product((False, True), repeat=len(flags)):
-            graph = trace_model(holder, training=training, concrete=dict(zip(flags, values)), method=method,
+            graph = trace_model(holder, training=training, concrete=dict(zip(flags, values)), forward=forward,
                                 shallow=True).graph
             if any(n.name in pools for n in graph.nodes):  # an option may skip the pool (pre_logits)
                 for node, (source, _) in pools.items():
@@ -86,7 +87,7 @@ def rewrite_forward(holder: nn.Module, method: str, pools: dict[str, tuple[str, 
             graph.lint()
             graph_modules[(training, values)] = fx.GraphModule(holder, graph)
     # a partial, not the object itself: torch.export reads the forward's code object through it
-    setattr(holder, method, functools.partial(_call, RewrittenForward(holder, method, graph_modules, flags)))
+    setattr(holder, forward, functools.partial(_call, RewrittenForward(holder, forward, graph_modules, flags)))
 
 
 def _replace_pool(graph: fx.Graph, name: str, source_name: str, mode: str) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import FlexSurgeonError
 from ..layers.sac_head import SACHead
 from .plan import SurgeryPlan
+from .state import plan_of, record_plan
 
 
 class SACHeads(nn.ModuleDict):
@@ -24,7 +25,7 @@ class SACHeads(nn.ModuleDict):
 
     @classmethod
     def from_plan(cls, plan: SurgeryPlan) -> SACHeads:
-        return cls({t.node: SACHead(t.channels, t.size, plan.num_classes, mode=plan.pool_mode) for t in plan.sac})
+        return cls({t.node: SACHead(t.channels, t.size, plan.num_classes, pool=plan.pool) for t in plan.sac})
 
     def reset_classes(self, num_classes: int) -> None:
         """New ``fc`` layers with ``num_classes`` outputs (the pools keep what they learned)."""
@@ -33,20 +34,13 @@ class SACHeads(nn.ModuleDict):
             head.fc = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
 
 
-def _plan_of(model: nn.Module) -> SurgeryPlan:
-    plan = getattr(model, "flexsurgeon_plan", None)
-    if not isinstance(plan, SurgeryPlan) or not isinstance(getattr(model, "sac_heads", None), SACHeads):
-        raise FlexSurgeonError("this model was not converted by flexsurgeon (it has no SAC heads)")
-    return plan
-
-
 def forward_with_sac(model: nn.Module, *args, **kwargs):
     """``model(*args, **kwargs)`` and the SAC heads' logits: ``(output, [head_1, ..., head_k])``.
 
     Heads are ordered by depth, as the plan's ``sac_weights`` (heads first, main classifier
     last) weigh them. Follows the model's train/eval mode like ``model(x)``.
     """
-    plan = _plan_of(model)
+    plan = plan_of(model, "run with SAC heads")
     taps: dict[str, tuple[torch.Tensor, int | None]] = {}  # node -> (tensor, its version when the stage made it)
     handles = []
 
@@ -81,15 +75,13 @@ def forward_with_sac(model: nn.Module, *args, **kwargs):
 def strip_sac_heads(model: nn.Module) -> nn.Module:
     """A shallow copy of ``model`` sharing its parameters, with no SAC heads and a plan that
     has none: for inference and for checkpoints that drop the training-only heads."""
-    plan = _plan_of(model)
+    plan = plan_of(model, "stripped of SAC heads")
     import copy
 
     stripped = copy.copy(model)
     stripped.__dict__["_modules"] = {**model._modules, "sac_heads": SACHeads()}
     for registry in ("_parameters", "_buffers"):
         stripped.__dict__[registry] = dict(getattr(model, registry))
-    from .state import record_plan
-
     record_plan(stripped, dataclasses.replace(plan, sac=(), sac_weights=(1.0,)))  # a new dict: the model's stays
     return stripped
 

@@ -7,6 +7,7 @@ with ``torch.load(weights_only=True)``, so a file cannot run code).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from pathlib import Path
@@ -14,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelNotFoundError, WeightsError
+from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
 from ..utils import clip, first_line
 from .plan import SourceSpec
 
 _TV_PREFIXES = ("tv:", "torchvision:")
+_SOURCE_ARG_TYPES = (str, int, float, bool, type(None))  # timm's recorded arguments a SourceSpec keeps
 # Builders whose defaults add training-only auxiliary outputs; surgery works on the plain classifier.
 _TV_DEFAULT_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": False},
@@ -291,3 +293,49 @@ def build_from_code(text: str, num_classes: int | None = None, in_chans: int | N
     if not isinstance(model, nn.Module):
         raise ModelNotFoundError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def resolve_source(name_or_model, *, num_classes: int | None = None, in_chans: int = 3,
+                   weights: str | Path = "random") -> tuple[nn.Module, SourceSpec]:
+    """The source model and how to rebuild it, from a model name (timm, ``tv:NAME``), the user's
+    ``FILE.py:FACTORY`` or an ``nn.Module`` the caller built, with ``weights`` (``"random"``,
+    ``"pretrained"`` or a file; the file's trained head keeps its class count unless
+    ``num_classes`` says otherwise). The spec's ``weights`` says where the weights came from
+    ("" for an instance the caller built); code and instances get a ``custom`` spec unless timm
+    recorded how it built them."""
+    origin = ""  # an instance the caller built: where its weights came from is not known here
+    if is_model_code(name_or_model):  # the user's own code, named by the user
+        name_or_model = build_from_code(name_or_model, num_classes=num_classes, in_chans=in_chans)
+        if weights not in ("random", "pretrained"):
+            load_weights_file(name_or_model, Path(weights))
+        origin = weights_origin(None, weights, name_or_model)
+    elif isinstance(name_or_model, str):
+        if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
+            num_classes = classes_in_weights(build_source(parse_source(name_or_model, in_chans=in_chans)),
+                                             Path(weights))
+        spec = parse_source(name_or_model, num_classes=num_classes, in_chans=in_chans)
+        model = build_source(spec, weights)
+        return model, dataclasses.replace(spec, weights=weights_origin(spec, weights, model))
+    if not isinstance(name_or_model, nn.Module):
+        raise FlexSurgeonError(f"expected a model name or an nn.Module, got {type(name_or_model).__name__}")
+    model = name_or_model
+    if getattr(model, "flexsurgeon_plan", None) is not None:
+        raise FlexSurgeonError("this model has been converted already")
+    if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+        if not hasattr(model, "reset_classifier"):
+            raise FlexSurgeonError("this model has no reset_classifier(); build it with the classes you want")
+        model.reset_classifier(num_classes)
+    spec = _timm_spec_of(model) or SourceSpec("custom", type(model).__name__, {})
+    return model, dataclasses.replace(spec, weights=origin)
+
+
+def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
+    """How to rebuild a timm-created instance, from the arguments timm recorded on it."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    args = getattr(model, "_model_args", None)
+    if not name or not isinstance(args, dict):
+        return None
+    kwargs = {k: v for k, v in args.items() if isinstance(v, _SOURCE_ARG_TYPES)}
+    kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
+    return SourceSpec("timm", name, kwargs)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import FlexSurgeonError
 from .plan import SurgeryPlan
 
 ARCHITECTURE = "flexsurgeon"  # the timm architecture that rebuilds a converted model from its plan
+
+
+def plan_of(model: nn.Module, doing: str = "used here", error: type[FlexSurgeonError] = FlexSurgeonError
+            ) -> SurgeryPlan:
+    """The plan ``model`` carries; ``error`` (saying it cannot be ``doing``) for a model that
+    flexsurgeon did not convert or load."""
+    plan = getattr(model, "flexsurgeon_plan", None)
+    if not isinstance(plan, SurgeryPlan) or not isinstance(getattr(model, "sac_heads", None), nn.ModuleDict):
+        raise error(f"only models returned by flexsurgeon.convert or flexsurgeon.load can be {doing}")
+    return plan
 
 
 def record_plan(model: nn.Module, plan: SurgeryPlan) -> None:

@@ -101,11 +101,11 @@ def default_inputs(model: nn.Module) -> dict[str, object]:
 
 
 def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...] = (),
-                concrete: dict | None = None, method: str = "forward", shallow: bool = False) -> TracedGraph:
+                concrete: dict | None = None, forward: str = "forward", shallow: bool = False) -> TracedGraph:
     """Trace ``model`` in the given mode; the model's own mode is restored afterwards.
     Forward inputs after the first are fixed at their defaults, or at the values in ``concrete``.
 
-    ``method``: another method to trace as if it were the forward (``forward_head``).
+    ``forward``: the name of the method to trace as the forward (``forward``, or ``forward_head``).
     ``shallow``: every submodule is a leaf, so the graph holds only the model's own code.
 
     Tracing may attach constant tensors to ``model`` (fx's ``_tensor_constant*``); nothing
@@ -115,9 +115,9 @@ def trace_model(model: nn.Module, training: bool, leaf_modules: tuple[type, ...]
     tracer = _Tracer(leaf_modules=leaves + list(leaf_modules), autowrap_functions=functions, shallow=shallow)
     cls = type(model)
     with training_mode(model, training):
-        if method != "forward":  # fx traces type(root).forward: a subclass whose forward is the method, for the trace
+        if forward != "forward":  # fx traces type(root).forward: a subclass whose forward is that method, for the trace
             model.__class__ = type(cls.__name__, (cls,),
-                                   {"forward": getattr(cls, method), "__module__": cls.__module__})
+                                   {"forward": getattr(cls, forward), "__module__": cls.__module__})
         try:
             graph = tracer.trace(model, concrete_args={**default_inputs(model), **(concrete or {})})
         except Exception as exc:  # fx raises many types; all mean "this construct does not trace"

@@ -9,7 +9,6 @@ written atomically; ``--resume`` continues exactly where the last finished epoch
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 from ..checkpoints.io import check_can_save
 from ..errors import CheckpointError, TrainingError
 from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME, STATE_JSON
-from ..runs.log import truncate_log
+from ..runs.log import append_log, truncate_log
 from ..surgery.sac import forward_with_sac, strip_sac_heads
 from .batches import device_batches, raise_if_out_of_memory
 from .metrics import Tally, evaluate, head_names
@@ -212,7 +211,7 @@ class FinetuneRun:
             outputs = [*sac, out]
             losses = [self.criterion(o.float(), target) for o in outputs]
             loss = sum(w * part for w, part in zip(self.loss_weights, losses))
-            if self.model.flexsurgeon_plan.pool_mode == "linear" and recipe.reg_weight > 0:
+            if self.model.flexsurgeon_plan.pool == "linear" and recipe.reg_weight > 0:
                 loss = loss + recipe.reg_weight * regularizer(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -258,8 +257,7 @@ class FinetuneRun:
         from ..checkpoints.io import save
 
         output, recipe, val, train = self.output, self.recipe, record["val"], record["train"]
-        with open(output / LOG_NAME, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_log(output / LOG_NAME, record)
         sac_acc = "  ".join(f"{h} {val['top1'][h]:.1f}" for h in self.heads[:-1])
         self.log(f"epoch {record['epoch']}/{recipe.epochs}: train loss {train['loss']['main']:.3f}  "
                  f"val top-1 {val['top1']['main']:.2f}{'  (best)' if improved else ''}  {sac_acc}  "

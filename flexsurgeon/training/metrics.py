@@ -14,10 +14,11 @@ from .setup import Distributed
 
 
 def head_names(model) -> list[str]:
-    """Names for the classifiers, as logged: the SAC heads by module path, then ``main``
-    (only ``main`` for a model flexsurgeon did not convert)."""
+    """Names for the classifiers, as logged: the SAC heads as ``sac:NODE`` (the tap's graph node,
+    their key in ``model.sac_heads``), then ``main`` (only ``main`` for a model flexsurgeon did
+    not convert)."""
     plan = getattr(model, "flexsurgeon_plan", None)
-    return [f"sac:{t.module or t.node}" for t in (plan.sac if plan else ())] + ["main"]
+    return [f"sac:{t.node}" for t in (plan.sac if plan else ())] + ["main"]
 
 
 class Tally:

@@ -9,6 +9,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -77,6 +78,7 @@ class Recipe:
         _check(self.lr > 0, "lr", self.lr, "must be positive")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check_optimizer(self.optimizer)
         _check(self.sched in SCHEDULES, "sched", self.sched, f"must be one of {', '.join(SCHEDULES)}")
         _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                self.warmup_epochs, "must be below epochs")
@@ -115,6 +117,52 @@ class Recipe:
 def _check(ok: bool, key: str, value, why: str) -> None:
     if not ok:
         raise RecipeError(f"recipe field '{key}' = {value!r} {why}")
+
+
+def _check_optimizer(name: str) -> None:
+    """``name`` must be one timm's ``create_optimizer_v2`` builds: a registered name, any case,
+    optionally with timm's ``lookahead_`` prefix; otherwise one line with a close match and the choices."""
+    known = _timm_optimizers()
+    if known is None:
+        _check(_old_timm_builds(name), "optimizer", name, "is not an optimizer this timm knows (see timm's "
+               "create_optimizer_v2 for the names)")
+        return
+    *prefix, base = name.lower().split("_")
+    if base in known and prefix in ([], ["lookahead"]):
+        return
+    import difflib
+
+    close = [base] if base in known else difflib.get_close_matches(base, known, n=1)
+    hint = f" (did you mean '{'lookahead_' if prefix else ''}{close[0]}'?)" if close else ""
+    common = ", ".join(n for n in ("sgd", "momentum", "adam", "adamw", "lamb", "lion", "rmsprop") if n in known)
+    raise RecipeError(f"recipe field 'optimizer' = {name!r} is not an optimizer timm knows{hint}; choose one of "
+                      f"its {len(known)} (e.g. {common}; all: timm.optim.list_optimizers()), optionally as "
+                      "lookahead_NAME")
+
+
+@functools.cache
+def _timm_optimizers() -> tuple[str, ...] | None:
+    """timm's optimizer names, lower case; None for a timm without the registry (before 1.0.12)."""
+    try:
+        from timm.optim import list_optimizers
+    except ImportError:
+        return None
+    return tuple(sorted({name.lower() for name in list_optimizers()}))
+
+
+@functools.cache
+def _old_timm_builds(name: str) -> bool:
+    """Whether an old timm builds optimizer ``name`` for one parameter (it asserts on unknown names)."""
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=name, lr=0.01)
+    except (AssertionError, ValueError, KeyError):
+        return False
+    except Exception:  # a known name that needs a missing extra (apex, bitsandbytes): training says so
+        return True
+    return True
 
 
 def _field_types() -> dict[str, str]:
