@@ -1,4 +1,4 @@
-"""flexsurgeon: replace a CNN's global average pooling with FlexPool and attach SAC heads.
+"""flexsurgeon: replace a model's global pooling (CNNs, vision transformers) with FlexPool and attach SAC heads.
 
 Public API: ``convert``, ``inspect``, ``save``, ``load``, ``forward_with_sac``,
 ``strip_sac_heads``, ``FlexPool``, ``SACHead``, ``SurgeryPlan``, ``FlexSurgeonError``.

@@ -185,13 +185,15 @@ def test_forward_inputs_with_defaults_trace_at_their_defaults():
     # timm's Hiera: forward(x, mask=None). Traced with mask as a proxy, `if mask is not None`
     # recorded the masked branch, and every call without a mask failed ("'NoneType' object
     # has no attribute 'view'"), which read as an input-size problem. Now it gets the real
-    # reason; a ViT (forward(x, attn_mask=None, is_causal=False)) still traces.
+    # reason; a ViT (forward(x, attn_mask=None, is_causal=False)) still traces. Both now convert.
     import flexsurgeon
 
-    with pytest.raises(AnalysisError, match="pools tokens"):
-        flexsurgeon.convert(timm.create_model("hiera_tiny_224", num_classes=5), img_size=224)
-    with pytest.raises(AnalysisError, match="pools tokens"):
-        flexsurgeon.convert(timm.create_model("vit_tiny_patch16_224", num_classes=5), img_size=224)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for name in ("hiera_tiny_224", "vit_tiny_patch16_224"):
+        source = timm.create_model(name, num_classes=5).eval()
+        with torch.no_grad():
+            want = source(x)
+            assert torch.allclose(flexsurgeon.convert(source, img_size=224)(x), want, atol=1e-5), name
 
 
 class _ListFeatures(nn.Module):

@@ -143,9 +143,11 @@ def test_gating_pools_are_kept_unless_asked():
     assert len(gating.flexsurgeon_plan.pools) == 10
 
 
-def test_model_without_a_spatial_pool_gets_a_reason():
-    with pytest.raises(AnalysisError, match="the model pools tokens"):
-        flexsurgeon.convert("vit_tiny_patch16_224", img_size=224)
+def test_model_without_a_pool_flexpool_can_start_from_gets_a_reason():
+    vit = timm.create_model("vit_tiny_patch16_224", global_pool="map", depth=2, num_classes=5, img_size=32)
+    with pytest.raises(AnalysisError, match=r"pools with attention \(a learned query over the tokens, timm's "
+                                            r"global_pool='map'\): no FlexPool starts equal to it"):
+        flexsurgeon.convert(vit, img_size=32)
 
 
 def test_one_by_one_final_map_is_refused():

@@ -31,7 +31,7 @@ from .options import (
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
 @click.version_option(package_name="flexsurgeon")
 def main(debug: bool) -> None:
-    """Replace a CNN's global average pooling with FlexPool and attach SAC heads."""
+    """Replace a model's global pooling (CNNs, vision transformers) with FlexPool and attach SAC heads."""
 
 
 @main.command()

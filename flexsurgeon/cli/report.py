@@ -16,13 +16,13 @@ def inspection_report(model: str, found) -> str:
     """What ``flexsurgeon inspect`` prints: pools, stages and what convert would do."""
     a = found.analysis
     lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]
-    rows = [("node", "module", "kind", "role", "input CxHxW")]
-    rows += [(p.node, p.module, p.kind, p.role, f"{p.channels}x{p.size[0]}x{p.size[1]}") for p in a.pools]
+    rows = [("node", "module", "kind", "role", "input CxHxW or tokens")]
+    rows += [(p.node, p.module, p.kind, p.role, shape_text(p)) for p in a.pools]
     lines += table(rows) if a.pools else ["  none"]
     lines += ["", "stages:"]
-    rows = [("#", "node", "module", "channels", "HxW", "reduction")]
-    rows += [(str(i), s.node, s.module, str(s.channels), f"{s.size[0]}x{s.size[1]}", str(s.reduction))
-             for i, s in enumerate(a.stages)]
+    rows = [("#", "node", "module", "channels", "HxW or tokens", "reduction")]
+    rows += [(str(i), s.node, s.module, str(s.channels), shape_text(s).partition(" ")[2] if s.layout == "tokens"
+              else f"{s.size[0]}x{s.size[1]}", str(s.reduction)) for i, s in enumerate(a.stages)]
     lines += table(rows) if a.stages else ["  none"]
     lines += ["", "convert would:"]
     if found.plan is None:
@@ -32,14 +32,11 @@ def inspection_report(model: str, found) -> str:
         for p in plan.pools:
             dropout = f", dropout {plan.dropout}" if plan.dropout else ""
             lines.append(f"  replace the pool at {pool_site(p)} with {pool_label(plan.pool)} "
-                         f"{p.channels}x{p.size[0]}x{p.size[1]}{dropout}")
+                         f"{shape_text(p)}{dropout}" + (f": {token_reads(p)}" if p.layout == "tokens" else ""))
         for t, w in zip(plan.sac, plan.sac_weights):
-            lines.append(f"  attach a SAC head at {t.node} ({t.read} of {t.module}), "
-                         f"{t.channels}x{t.size[0]}x{t.size[1]}, loss weight {w}")
+            lines.append(f"  attach a SAC head at {t.node} ({t.read} of {t.module}), {shape_text(t)}, loss weight {w}")
         lines.append(f"  main classifier loss weight {plan.sac_weights[-1]}")
     if found.costs is not None:
-        from .report import cost_lines
-
         lines += ["", "cost (one image, torch's FLOP counter; multiply-adds = FLOPs / 2):", *cost_lines(found.costs)]
     return "\n".join(lines)
 
@@ -51,6 +48,28 @@ def pool_site(edit) -> str:
     return f"{'.'.join(filter(None, (edit.module, edit.forward)))}, node {edit.node} (graph rewrite)"
 
 
+def shape_text(site) -> str:
+    """``768x7x7`` for a map (C x H x W), ``192 x 197 tokens`` for a token sequence."""
+    if site.layout == "tokens":
+        return f"{site.channels} x {site.size[1]} tokens"
+    return f"{site.channels}x{site.size[0]}x{site.size[1]}"
+
+
+def token_reads(site) -> str:
+    """What a token pool reads, as the source model did: ``class token 0 of 197``, ``mean over 196
+    patch tokens (14x14 grid), 1 prefix token skipped``."""
+    n, start = site.size[1], site.start
+    if start[0] == "token":
+        return f"{'class ' if start[1] < site.prefix else ''}token {start[1]} of {n}"
+    first, last = start[1], start[2]
+    grid = f" ({site.grid[0]}x{site.grid[1]} grid)" if site.grid else ""
+    if first == site.prefix and last == n and site.prefix:
+        return f"mean over {last - first} patch tokens{grid}, {first} prefix token{'s' * (first > 1)} skipped"
+    if first == 0 and last == n:
+        return f"mean over all {n} tokens{grid}"
+    return f"mean over tokens {first} to {last - 1} of {n}"
+
+
 def table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -58,8 +77,6 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def cost_lines(report: CostReport) -> list[str]:
     """The report as a small table: parameters and multiply-adds, then each added module."""
-    from .report import table
-
     def row(label, cost, base=None):
         change = "" if base is None else f"{cost.params - base.params:+,} / {cost.macs - base.macs:+,}"
         return (label, f"{cost.params:,}", f"{cost.macs:,}", change)

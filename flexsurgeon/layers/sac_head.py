@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kinds import FLEXPOOL_KINDS
 from .pools import make_pool
+from .token_pool import TokenFlexPool
 
 
 class SACHead(nn.Module):
     """Simple auxiliary classifier: a global pool (the module ``pool``) then one ``nn.Linear`` (``fc``).
 
-    No convolutions, no hidden layers (the paper's SAC). The argument ``pool`` names its kind:
+    No convolutions, no hidden layers (the paper's SAC). On a token sequence (``layout="tokens"``)
+    the pool is a TokenFlexPool over all tokens and a LayerNorm comes before ``fc``: a transformer's
+    stream between blocks is not normalised. The argument ``pool`` names its kind:
     FlexPool ("softmax", "linear"), or for ablation baselines another kind (see ``make_pool``).
     Used during training only; ``regularizer()`` returns the pool's regulariser (zero except
     for linear FlexPool).
@@ -24,13 +28,29 @@ class SACHead(nn.Module):
         num_classes: int,
         pool: str = "softmax",
         dropout: float = 0.0,
+        *,
+        layout: str = "nchw",
+        prefix: int = 0,
+        grid: tuple = (),
     ) -> None:
         super().__init__()
-        self.pool = make_pool(pool, channels, size, dropout=dropout)
+        self.layout = layout
+        if layout == "tokens":  # all N tokens, started at their mean; normed, as a transformer's head is
+            n = size[1]
+            if pool not in FLEXPOOL_KINDS:
+                raise ValueError(f"a SAC head on tokens takes pool {' or '.join(FLEXPOOL_KINDS)}, not {pool!r}")
+            self.pool = TokenFlexPool(channels, n, ("mean", 0, n), grid=tuple(grid) or None, num_prefix=prefix,
+                                      pool=pool, dropout=dropout)
+            self.norm = nn.LayerNorm(channels)
+        else:
+            self.pool = make_pool(pool, channels, size, dropout=dropout)
         self.fc = nn.Linear(channels, num_classes)
 
     def regularizer(self) -> torch.Tensor:
         return self.pool.regularizer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x))
+        if self.layout == "nhwc":  # a channels-last stage (Swin, MambaOut): pooled as the (B, C, H, W) view
+            x = x.permute(0, 3, 1, 2)
+        y = self.pool(x)
+        return self.fc(self.norm(y) if self.layout == "tokens" else y)

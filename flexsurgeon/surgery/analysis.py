@@ -25,22 +25,28 @@ from ..errors import AnalysisError
 from ..utils import first_line, training_mode
 from .locate import PoolModule, RewriteSite, TapHook, find_pool_module, find_rewrite_site, find_tap_hook
 from .shapes import PoolFinder, is_map
+from .tokens import lands_on_tokens, patch_grid, token_shape, token_stage_ends
 from .trace import TracedGraph, node_shape, trace_model
 
+REPLACEABLE = ("avg", "token")  # pool kinds FlexPool can start out equal to
 
 @dataclass(frozen=True)
 class PoolSite:
-    """A global spatial reduction found in the graph."""
+    """A global reduction found in the graph: over a map's positions, or over a sequence's tokens."""
 
     node: str  # the node whose output is the pooled tensor
     input: str  # the node holding the (B, C, H, W) map being pooled
     module: str  # module path the node came from
-    kind: str  # "avg" (replaceable) or "other" (max, sum, ...: left alone)
+    kind: str  # "avg" or (tokens) "token": replaceable; "other" (max, sum, ...): left alone
     role: str  # "head" or "gating"
     channels: int
     size: tuple[int, int]
     keepdim: bool  # output is (B, C, 1, 1) (or (B, 1, 1, C) for nhwc) rather than (B, C)
-    layout: str = "nchw"  # "nhwc": the map is (B, H, W, C), as in channels-last blocks (Swin, MambaOut)
+    layout: str = "nchw"  # "nhwc": the map is (B, H, W, C), as in channels-last blocks (Swin, MambaOut);
+    # "tokens": a (B, N, C) sequence, size (1, N), read as ``start`` says
+    start: tuple = ()  # tokens: ("mean", first, last) or ("token", index)
+    prefix: int = 0  # tokens: class/register/distillation tokens before the patches
+    grid: tuple = ()  # tokens: the patch grid (Hp, Wp), when the patches form one
     pool_module: PoolModule | None = None  # the module that computes exactly this pool, when one does
     rewrite: RewriteSite | None = None  # otherwise: where a rewrite of one module's forward replaces it
 
@@ -55,6 +61,9 @@ class StageSite:
     size: tuple[int, int]
     reduction: int
     hook: TapHook | None = None  # where a forward hook reads this tensor, when a module carries it
+    layout: str = "nchw"  # or "tokens": a (B, N, C) sequence, size (1, N), as for PoolSite
+    prefix: int = 0
+    grid: tuple = ()
 
 
 @dataclass
@@ -64,10 +73,12 @@ class Analysis:
     pools: list[PoolSite]
     stages: list[StageSite]
     traced: TracedGraph = field(repr=False)
+    default_taps: tuple[int, ...] = ()  # stages that get SAC heads by default, when not the two before the last
+    token_grids: dict = field(default_factory=dict)  # token count -> (prefix tokens, patch grid), as read
 
     @property
     def head_pools(self) -> list[PoolSite]:
-        return [p for p in self.pools if p.role == "head" and p.kind == "avg"]
+        return [p for p in self.pools if p.role == "head" and p.kind in REPLACEABLE]
 
     def to_dict(self) -> dict:
         return {
@@ -258,19 +269,41 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     pools = []
     for name, (source, kind, keepdim, layout) in candidates.items():
         shape = node_shape(nodes[source])
-        if layout == "nhwc":
-            shape = (shape[0], shape[3], shape[1], shape[2])
-        pools.append(PoolSite(
-            node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
-            role="gating" if _broadcasts_back(nodes[name], img_size) else "head",
-            channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim, layout=layout,
-        ))
-        if kind == "avg" and (pools[-1].role == "head" or replace_gating):
+        if layout == "tokens":
+            prefix, grid = patch_grid(model, int(shape[1]), img_size)
+            pools.append(PoolSite(
+                node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
+                role="gating" if lands_on_tokens(nodes[name]) else "head", channels=int(shape[2]),
+                size=(1, int(shape[1])), keepdim=False, layout=layout, start=finder.token_starts.get(name, ()),
+                prefix=prefix, grid=grid))
+        else:
+            if layout == "nhwc":
+                shape = (shape[0], shape[3], shape[1], shape[2])
+            pools.append(PoolSite(
+                node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
+                role="gating" if _broadcasts_back(nodes[name], img_size) else "head",
+                channels=int(shape[1]), size=(int(shape[2]), int(shape[3])), keepdim=keepdim, layout=layout,
+            ))
+        if kind in REPLACEABLE and (pools[-1].role == "head" or replace_gating):
             pools[-1] = _replacement(model, traced, pools[-1], node_shape(nodes[source]), img_size, in_chans)
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None
-    stages = _find_stages(cut_nodes(traced.graph), traced, img_size, stop, model)
-    return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced)
+    if head and head[-1].layout == "tokens":
+        cuts = cut_nodes(traced.graph)
+        grids = {t[0]: patch_grid(model, t[0], img_size) for t in map(token_shape, map(node_shape, cuts)) if t}
+        ends, default = token_stage_ends(cuts, stop, lambda name: find_tap_hook(traced, name))
+        stages = [_token_stage(traced, n, grids) for n in ends]
+    else:
+        stages, default, grids = _find_stages(cut_nodes(traced.graph), traced, img_size, stop, model), (), {}
+    return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced,
+                    default_taps=default, token_grids=grids)
+
+
+def _token_stage(traced: TracedGraph, node: fx.Node, grids: dict) -> StageSite:
+    tokens, channels = token_shape(node_shape(node))
+    prefix, grid = grids.get(tokens, (0, ()))
+    return StageSite(node=node.name, module=traced.qualnames.get(node.name, ""), channels=channels, size=(1, tokens),
+                     reduction=1, hook=find_tap_hook(traced, node.name), layout="tokens", prefix=prefix, grid=grid)
 
 
 def _replacement(model, traced, site: PoolSite, shape, img_size, in_chans) -> PoolSite:
@@ -280,7 +313,7 @@ def _replacement(model, traced, site: PoolSite, shape, img_size, in_chans) -> Po
     if found is not None:
         return dataclasses.replace(site, pool_module=found)
     return dataclasses.replace(site, rewrite=find_rewrite_site(model, traced, site.node, img_size, in_chans,
-                                                               site.channels, site.layout))
+                                                               site.channels, site.layout, site.kind, site.start))
 
 
 def find_tap(analysis: Analysis, name: str) -> StageSite:
@@ -300,6 +333,8 @@ def find_tap(analysis: Analysis, name: str) -> StageSite:
         hint = f"; did you mean {', '.join(close)}?" if close else "; run `flexsurgeon inspect` to list stages"
         raise AnalysisError(f"no node or module named '{name}' in the traced model{hint}")
     shape = node_shape(match)
+    if token_shape(shape) is not None:
+        return _token_stage(analysis.traced, match, analysis.token_grids)
     size = _spatial(shape, analysis.img_size)
     if size is None or size[0] * size[1] <= 1:
         raise AnalysisError(f"'{name}' is not a spatial feature map (its shape is {list(shape)}); "

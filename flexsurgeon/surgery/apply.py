@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import PlanError
 from ..layers.kinds import FLEXPOOL_KINDS
 from ..layers.pools import FlexPoolNHWC, make_pool
+from ..layers.token_pool import TokenFlexPool
 from .plan import PoolEdit, SurgeryPlan
 from .rewrite import rewrite_forward
 from .sac import SACHeads
@@ -25,6 +26,11 @@ from .state import record_plan
 
 def _new_pool(plan: SurgeryPlan, edit: PoolEdit) -> nn.Module:
     """The pool that replaces ``edit``'s, returning the same form the old one returned."""
+    if edit.layout == "tokens":
+        if plan.pool not in FLEXPOOL_KINDS:
+            raise PlanError(f"pool {plan.pool!r} does not take token sequences; use {' or '.join(FLEXPOOL_KINDS)}")
+        return TokenFlexPool(edit.channels, edit.size[1], tuple(edit.start), grid=tuple(edit.grid) or None,
+                             num_prefix=edit.prefix, pool=plan.pool, dropout=plan.dropout)
     if edit.layout == "nhwc":
         if plan.pool not in FLEXPOOL_KINDS:
             raise PlanError(f"pool {plan.pool!r} does not take channels-last (NHWC) maps")

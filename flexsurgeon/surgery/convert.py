@@ -17,6 +17,7 @@ from ..errors import AnalysisError, FlexSurgeonError
 from ..layers.kinds import PRESERVING_KINDS
 from ..utils import as_size, per_channel, training_mode
 from .analysis import Analysis, analyse
+from .apply import apply_plan
 from .costs import CostReport
 from .costs import measure as measure_costs
 from .plan import SurgeryPlan
@@ -68,7 +69,8 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
             pool: str = "softmax", dropout: float = 0.0, sac_stages=None, sac_weights=None,
             replace_gating: bool = False, weights: str | Path = "random") -> Inspection:
     """Trace and analyse a model, and plan its surgery without changing it."""
-    model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights)
+    model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights,
+                                 img_size=_as_size(img_size) if img_size is not None else None)
     size = _as_size(img_size) if img_size is not None else _default_img_size(model)
     analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)
     try:
@@ -76,8 +78,6 @@ def inspect(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
     except FlexSurgeonError as exc:
         return Inspection(analysis, None, str(exc))
-    from .apply import apply_plan
-
     with torch.random.fork_rng(devices=[]):  # the new modules' init must not move the caller's RNG
         converted = apply_plan(copy.deepcopy(model), plan)
     return Inspection(analysis, plan, None, measure_costs(model, converted))
@@ -99,14 +99,13 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     """
     from tqdm import tqdm
 
-    from .apply import apply_plan
-    from .convert import make_pretrained_cfg
 
     label = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
     steps = tqdm(total=4, desc=f"building {label}", bar_format="{desc} (step {n_fmt}/{total_fmt}, {elapsed})",
                  leave=False, disable=None if progress else True)
     with steps:
-        model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights)
+        model, spec = resolve_source(model_or_name, num_classes=num_classes, in_chans=in_chans, weights=weights,
+                                 img_size=_as_size(img_size) if img_size is not None else None)
         size = _as_size(img_size) if img_size is not None else _default_img_size(model)
         _next_step(steps, f"analysing at {size[0]}x{size[1]} and {2 * size[0]}x{2 * size[1]}")
         analysis = analyse(model, size, in_chans=in_chans, replace_gating=replace_gating)

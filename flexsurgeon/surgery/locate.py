@@ -65,6 +65,8 @@ def find_pool_module(model: nn.Module, traced: TracedGraph, node: str, source: s
     """The outermost module, among those whose code holds the pool ``node``, that takes the
     map ``source`` (of ``shape``) once and returns its mean over positions, in train and eval
     mode; None when the pool is written as a function in code that does more."""
+    if layout == "tokens":  # token pools are code in timm's heads: they are rewritten
+        return None
     calls = _calls_by_path(traced)
     holder = traced.owners.get(node, "")
     for path in _prefixes(holder):
@@ -126,14 +128,15 @@ def find_tap_hook(traced: TracedGraph, node: str) -> TapHook | None:
 
 
 def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size, in_chans: int,
-                      channels: int, layout: str) -> RewriteSite | None:
+                      channels: int, layout: str, kind: str = "avg", start: tuple = ()) -> RewriteSite | None:
     """Where the pool ``node`` (a name in the model's trace) sits in the code of the module
     that holds it: that module's ``forward``, or for a model whose own code holds it, timm's
     ``forward_head`` when the pool is there (so ``forward_head`` itself runs FlexPool).
 
     The holder's method is traced on its own with every submodule a leaf, run on what the
     holder receives from a sample, and its pool found again by value: the average pool over
-    a ``channels``-channel map in ``layout``. None when the method does not trace.
+    a ``channels``-channel map in ``layout`` (for tokens: the same ``kind`` and ``start``). None
+    when the method does not trace.
     """
     from .shapes import PoolFinder
     from .trace import trace_model
@@ -155,9 +158,10 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
                     finder.run(*args)
             except Exception:  # this method does not trace or run on its own: try the next
                 continue
-            for name, (source, kind, keepdim, found_layout) in finder.candidates.items():
+            for name, (source, found_kind, keepdim, found_layout) in finder.candidates.items():
                 shape = _shape(finder, source)
-                if kind == "avg" and found_layout == layout and shape[3 if layout == "nhwc" else 1] == channels:
+                same = found_kind == kind and found_layout == layout and finder.token_starts.get(name, ()) == start
+                if same and shape[{"nhwc": 3, "tokens": 2}.get(layout, 1)] == channels:
                     return RewriteSite(holder_path, forward, name, source, keepdim)
     return None
 

@@ -20,6 +20,7 @@ LIBRARIES = ("timm", "torchvision", "custom")  # custom: the user's own nn.Modul
 REPLACEMENTS = ("in_place", "graph_rewrite")  # how a pool is replaced: a module swapped, or code rewritten
 FORWARDS = ("forward", "forward_head")  # the methods a graph rewrite may regenerate
 READS = ("output", "input")
+LAYOUTS = ("nchw", "nhwc", "tokens")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
 _NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODULE_PATH = re.compile(r"^([A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)?$")  # looked up, never evaluated
@@ -66,6 +67,11 @@ class PoolEdit:
     module: str = ""
     replacement: str = "in_place"
     forward: str = "forward"  # graph_rewrite: the method regenerated, forward or timm's forward_head
+    # layout "tokens": a (B, N, C) sequence, size (1, N); start ("mean", first, last) or ("token", index),
+    # the prefix tokens before the patches and their grid (Hp, Wp) when they form one
+    start: tuple = ()
+    prefix: int = 0
+    grid: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ class SacTap:
     size: tuple[int, int]
     module: str = ""
     read: str = "output"
+    layout: str = "nchw"  # as for PoolEdit; a head on "tokens" pools all N tokens
+    prefix: int = 0
+    grid: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,8 @@ class SurgeryPlan:
         for pool in self.pools:
             if not isinstance(pool.input, str) or not _NODE_NAME.match(pool.input):
                 raise PlanError(f"plan pool input {pool.input!r} is not a graph node name")
-            if pool.layout not in ("nchw", "nhwc"):
-                raise PlanError(f"plan pool layout {pool.layout!r} is not one of nchw, nhwc")
+            if pool.layout not in LAYOUTS:
+                raise PlanError(f"plan pool layout {pool.layout!r} is not one of {', '.join(LAYOUTS)}")
             if pool.replacement not in REPLACEMENTS:
                 raise PlanError(f"plan pool replacement {pool.replacement!r} is not one of {', '.join(REPLACEMENTS)}")
             if pool.replacement == "in_place" and not pool.module:
@@ -146,9 +155,12 @@ class SurgeryPlan:
             if pool.forward not in FORWARDS:
                 raise PlanError(f"plan pool forward {pool.forward!r} is not one of {', '.join(FORWARDS)}")
         for site in (*self.pools, *self.sac):
+            _check_tokens(site)
             if not _MODULE_PATH.match(site.module):
                 raise PlanError(f"plan module path {site.module!r} is not a module path")
         for tap in self.sac:
+            if tap.layout not in LAYOUTS:
+                raise PlanError(f"plan SAC tap layout {tap.layout!r} is not one of {', '.join(LAYOUTS)}")
             if tap.read not in READS or not tap.module:
                 raise PlanError(f"plan SAC tap {tap.node!r} must name a module and read its output or input")
         names = [(p.module, p.forward, p.node) for p in self.pools] + [("sac_heads", "", t.node) for t in self.sac]
@@ -191,10 +203,10 @@ class SurgeryPlan:
                 _check_keys(source, {"library", "name", "kwargs", "weights"}, "source")
                 source = SourceSpec(**source)
             pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "replacement",
-                         "forward"}
+                         "forward", "start", "prefix", "grid"}
+            tap_keys = {"node", "channels", "size", "module", "read", "layout", "prefix", "grid"}
             pools = tuple(PoolEdit(**_sized(_check_keys(p, pool_keys, "pools"))) for p in _list(data["pools"], "pools"))
-            sac = tuple(SacTap(**_sized(_check_keys(t, {"node", "channels", "size", "module", "read"}, "sac")))
-                        for t in _list(data.get("sac", []), "sac"))
+            sac = tuple(SacTap(**_sized(_check_keys(t, tap_keys, "sac"))) for t in _list(data.get("sac", []), "sac"))
             return cls(
                 source=source, num_classes=data["num_classes"], in_chans=data["in_chans"],
                 img_size=_tuple(data["img_size"]), pools=pools, sac=sac,
@@ -252,7 +264,34 @@ def _check_keys(entry, allowed: set, name: str) -> dict:
 
 
 def _sized(entry: dict) -> dict:
-    return {**entry, "size": _tuple(entry.get("size"))}
+    """JSON lists back to the tuples a plan holds."""
+    tuples = {k: _tuple(entry[k]) for k in ("start", "grid") if k in entry}
+    return {**entry, **tuples, "size": _tuple(entry.get("size"))}
+
+
+def _check_tokens(site) -> None:
+    """A token site reads a valid range or token of its ``N`` tokens, its prefix and grid add up
+    to ``N``; a map site has none of these."""
+    start, prefix, grid = getattr(site, "start", ()), site.prefix, site.grid
+    if site.layout != "tokens":
+        if start or prefix or grid:
+            raise PlanError(f"plan entry for node {site.node!r}: start, prefix and grid are for layout tokens")
+        return
+    n = site.size[1]
+    if site.size[0] != 1 or not _positive_int(n) or n < 2:
+        raise PlanError(f"plan entry for node {site.node!r}: a token sequence has size [1, N] with N > 1")
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < n:
+        raise PlanError(f"plan entry for node {site.node!r}: prefix must be 0 to {n - 1}, got {prefix!r}")
+    if grid and (not _size(grid) or grid[0] * grid[1] + prefix != n):
+        raise PlanError(f"plan entry for node {site.node!r}: grid {list(grid)} and {prefix} prefix tokens do not "
+                        f"make its {n} tokens")
+    if isinstance(site, PoolEdit):
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in start[1:])
+        mean = len(start) == 3 and start[0] == "mean" and ints and 0 <= start[1] < start[2] <= n
+        token = len(start) == 2 and start[0] == "token" and ints and 0 <= start[1] < n
+        if not (mean or token):
+            raise PlanError(f"plan pool {site.node!r}: start must be ['mean', first, last] or ['token', index] "
+                            f"within its {n} tokens, got {list(start)!r}")
 
 
 def default_sac_weights(num_heads: int) -> tuple[float, ...]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 from ..errors import AnalysisError
-from .analysis import Analysis, StageSite, find_tap
+from .analysis import REPLACEABLE, Analysis, StageSite, find_tap
 from .plan import PoolEdit, SacTap, SourceSpec, SurgeryPlan, default_sac_weights
 
 
 def _resolve_taps(analysis: Analysis, sac_stages) -> list[StageSite]:
     stages = analysis.stages
+    if sac_stages is None and analysis.default_taps:  # an isotropic token model: blocks at 1/3 and 2/3 of the depth
+        return [stages[i] for i in analysis.default_taps if stages[i].hook is not None]
     if sac_stages is None:  # the paper's layout: heads on the two stages before the last (that a hook can read)
         return [s for s in stages[:-1] if s.hook is not None][-2:]
     taps = []
@@ -33,7 +35,8 @@ def _resolve_taps(analysis: Analysis, sac_stages) -> list[StageSite]:
 
 
 def _pool_edit(site) -> PoolEdit:
-    common = {"channels": site.channels, "size": tuple(site.size), "layout": site.layout}
+    common = {"channels": site.channels, "size": tuple(site.size), "layout": site.layout, "start": tuple(site.start),
+              "prefix": site.prefix, "grid": tuple(site.grid)}
     if site.pool_module is not None:
         return PoolEdit(node=site.node, input=site.input, keepdim=site.pool_module.keepdim,
                         module=site.pool_module.path, replacement="in_place", **common)
@@ -52,24 +55,29 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
     ``sac_stages``: None for the default (the two stages before the last), an empty list
     for no heads, or stage indices / node names / module paths.
     """
-    pools = [p for p in analysis.pools if p.kind == "avg" and (p.role == "head" or replace_gating)]
+    pools = [p for p in analysis.pools if p.kind in REPLACEABLE and (p.role == "head" or replace_gating)]
     if not pools:
         others = [p for p in analysis.pools if p.role == "head"]
+        if others and others[-1].kind == "attention":
+            raise AnalysisError(
+                f"the head at '{others[-1].module or others[-1].node}' pools with attention (a learned query over "
+                "the tokens, timm's global_pool='map'): no FlexPool starts equal to it, so it cannot be replaced "
+                "without changing the model")
         if others:
             raise AnalysisError(
                 f"the head pool at '{others[0].module or others[0].node}' is not an average "
                 "(max or another reduction), so FlexPool cannot replace it without changing the model")
         h, w = analysis.img_size
         raise AnalysisError(
-            f"no global average pool over a spatial map found at input size {h}x{w}: the model pools "
-            "tokens, flattens its feature map into linear layers, or its last feature map is already "
-            "1x1 (then try a larger --img-size)")
+            f"no global average pool over a map and no class token or mean over tokens found at input size "
+            f"{h}x{w}: the model pools with attention (timm's global_pool='map'), flattens its features into "
+            "linear layers, or its last feature map is already 1x1 (then try a larger --img-size)")
     taps = _resolve_taps(analysis, sac_stages)
     weights = tuple(sac_weights) if sac_weights is not None else default_sac_weights(len(taps))
     return SurgeryPlan(
         source=source, num_classes=num_classes, in_chans=analysis.in_chans, img_size=tuple(analysis.img_size),
         pools=tuple(_pool_edit(p) for p in pools),
-        sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.hook.path, read=t.hook.read)
-                  for t in taps),
+        sac=tuple(SacTap(node=t.node, channels=t.channels, size=tuple(t.size), module=t.hook.path, read=t.hook.read,
+                         layout=t.layout, prefix=t.prefix, grid=tuple(t.grid)) for t in taps),
         sac_weights=weights, pool=pool, dropout=float(dropout),
     )

@@ -25,7 +25,8 @@ class SACHeads(nn.ModuleDict):
 
     @classmethod
     def from_plan(cls, plan: SurgeryPlan) -> SACHeads:
-        return cls({t.node: SACHead(t.channels, t.size, plan.num_classes, pool=plan.pool) for t in plan.sac})
+        return cls({t.node: SACHead(t.channels, t.size, plan.num_classes, pool=plan.pool, layout=t.layout,
+                                    prefix=t.prefix, grid=t.grid) for t in plan.sac})
 
     def reset_classes(self, num_classes: int) -> None:
         """New ``fc`` layers with ``num_classes`` outputs (the pools keep what they learned)."""

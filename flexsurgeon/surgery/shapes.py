@@ -3,10 +3,12 @@
 Like torch.fx's ``ShapeProp`` it runs a graph once and writes ``node.meta['tensor_meta']``,
 changing nothing else; on the way it checks every node that turns a ``(B, C, H, W)`` map
 (or a channels-last ``(B, H, W, C)`` one) into ``(B, C)`` or ``(B, C, 1, 1)`` against the
-mean over positions, whatever API computed it.
+mean over positions, whatever API computed it; and every node that turns a ``(B, N, C)`` token
+sequence into ``(B, C)`` against one token's value and the mean over a range of tokens.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,8 @@ class PoolFinder(fx.Interpreter):
         super().__init__(gm)
         self.img_size = img_size
         self.candidates: dict[str, tuple[str, str, bool, str]] = {}  # node -> (input, kind, keepdim, layout)
+        self.token_starts: dict[str, tuple] = {}  # token pools: node -> ("mean", first, last) or ("token", i)
+        self._slices: dict[str, tuple[fx.Node, torch.Tensor]] = {}  # token slices: node -> (sliced node, value)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -48,10 +52,19 @@ class PoolFinder(fx.Interpreter):
         if meta is not None:
             n.meta["tensor_meta"] = meta
         if isinstance(result, torch.Tensor) and n.op != "placeholder":
+            self._keep_token_slice(n, result)
             found = self._check_pool(n, result)
             if found is not None:
                 self.candidates[n.name] = found
         return result
+
+    def _keep_token_slice(self, n: fx.Node, out: torch.Tensor) -> None:
+        """``x[:, a:b]`` of a token sequence: the sequence is kept, since a mean of the slice
+        may run after the sequence's value is freed."""
+        if n.target is operator.getitem and out.dim() == 3 and isinstance(n.args[0], fx.Node):
+            value = self.env.get(n.args[0])
+            if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[0::2] == out.shape[0::2]:
+                self._slices[n.name] = (n.args[0], value)
 
     def _check_pool(self, n: fx.Node, out: torch.Tensor):
         if not n.args or not isinstance(n.args[0], fx.Node) or out.dim() not in (2, 4):
@@ -62,6 +75,9 @@ class PoolFinder(fx.Interpreter):
         value = self.env.get(source)
         if not isinstance(value, torch.Tensor):
             return None
+        found = self._check_tokens(n, source, value, out) if out.dim() == 2 and value.dim() == 3 else None
+        if found is not None:
+            return found
         if value.dim() == 3 and _is_flatten(source):  # x.flatten(2).mean(-1)
             source = source.args[0]  # its value may be freed already; its shape is in meta
             shape = node_shape(source)
@@ -80,6 +96,32 @@ class PoolFinder(fx.Interpreter):
         mean = value.detach().float().mean(dims)
         kind = "avg" if torch.allclose(pooled, mean, rtol=1e-4, atol=1e-5) else "other"
         return source.name, kind, out.dim() == 4, layout
+
+
+    def _check_tokens(self, n: fx.Node, source: fx.Node, value: torch.Tensor, out: torch.Tensor):
+        """A token pool: ``(B, N, C)`` to ``(B, C)`` as one token's value or the mean over a
+        contiguous range of tokens (found as a slice of the sequence), decided from values."""
+        b, m, c = value.shape
+        if tuple(out.shape) != (b, c):
+            return None
+        if m == 1:  # the one output token of an attention pool (a learned query over the sequence)
+            return (source.name, "attention", False, "tokens") if n.target is operator.getitem else None
+        pooled, tokens = out.detach().float(), value.detach().float()
+        scale = 1e-5 + 1e-4 * pooled.abs().amax().item()
+        same = ((tokens - pooled[:, None]).abs().amax(dim=(0, 2)) <= scale).nonzero()
+        if n.target is operator.getitem and len(same):
+            self.token_starts[n.name] = ("token", int(same[0]))
+            return source.name, "token", False, "tokens"
+        if not torch.allclose(pooled, tokens.mean(1), rtol=1e-4, atol=1e-5):
+            return source.name, "other", False, "tokens"  # a max, a sum, an attention pool...
+        if source.name in self._slices:  # the mean of x[:, a:b]: a range of the whole sequence
+            whole, full = self._slices[source.name]
+            for first in range(full.shape[1] - m + 1):
+                if torch.equal(full[:, first:first + m], value):
+                    self.token_starts[n.name] = ("mean", first, first + m)
+                    return whole.name, "avg", False, "tokens"
+        self.token_starts[n.name] = ("mean", 0, m)
+        return source.name, "avg", False, "tokens"
 
 
 def _is_flatten(node: fx.Node) -> bool:

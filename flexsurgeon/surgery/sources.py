@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 from pathlib import Path
 
@@ -295,8 +296,30 @@ def build_from_code(text: str, num_classes: int | None = None, in_chans: int | N
     return model
 
 
+def _at_size(spec: SourceSpec, img_size) -> SourceSpec:
+    """A timm model whose input size is fixed when built (a ViT's patch grid and position
+    embeddings) is built for a square ``img_size`` other than its own; timm resamples pretrained
+    position embeddings to it. Other models run at any size and are left as they are."""
+    if spec.library != "timm" or img_size is None or img_size[0] != img_size[1]:
+        return spec
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(spec.name)
+    native = tuple(getattr(cfg, "input_size", ())[1:]) if cfg is not None else ()
+    if native == tuple(img_size):
+        return spec
+    try:
+        with torch.device("meta"):  # the class and its attributes, without the cost of initialising weights
+            probe = build_source(spec, "random")
+    except Exception:  # a model whose init cannot run on the meta device
+        probe = build_source(spec, "random")
+    fixed = "img_size" in inspect.signature(type(probe).__init__).parameters and not getattr(
+        probe, "dynamic_img_size", False)
+    return dataclasses.replace(spec, kwargs={**spec.kwargs, "img_size": img_size[0]}) if fixed else spec
+
+
 def resolve_source(name_or_model, *, num_classes: int | None = None, in_chans: int = 3,
-                   weights: str | Path = "random") -> tuple[nn.Module, SourceSpec]:
+                   weights: str | Path = "random", img_size=None) -> tuple[nn.Module, SourceSpec]:
     """The source model and how to rebuild it, from a model name (timm, ``tv:NAME``), the user's
     ``FILE.py:FACTORY`` or an ``nn.Module`` the caller built, with ``weights`` (``"random"``,
     ``"pretrained"`` or a file; the file's trained head keeps its class count unless
@@ -313,7 +336,7 @@ def resolve_source(name_or_model, *, num_classes: int | None = None, in_chans: i
         if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
             num_classes = classes_in_weights(build_source(parse_source(name_or_model, in_chans=in_chans)),
                                              Path(weights))
-        spec = parse_source(name_or_model, num_classes=num_classes, in_chans=in_chans)
+        spec = _at_size(parse_source(name_or_model, num_classes=num_classes, in_chans=in_chans), img_size)
         model = build_source(spec, weights)
         return model, dataclasses.replace(spec, weights=weights_origin(spec, weights, model))
     if not isinstance(name_or_model, nn.Module):

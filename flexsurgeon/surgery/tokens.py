@@ -1,0 +1,92 @@
+"""Token sequences in a traced model: what a token pool reads, and where a token model's stages end.
+
+A transformer or MLP-Mixer carries ``(B, N, C)`` token sequences where a CNN carries maps.
+Its head pool (found from values by ``shapes.PoolFinder``) reads one token or the mean over
+a range of tokens; here the rest of what FlexPool over tokens needs is read from the model:
+how many prefix tokens (class, register, distillation) come before the patches, and the
+patch grid when the model's patch embedding declares one and it accounts for the sequence.
+"""
+from __future__ import annotations
+
+import re
+
+from torch import fx, nn
+
+from .trace import node_shape
+
+MAX_PREFIX = 16  # class, distillation and register tokens before the patches
+_BLOCK = re.compile(r"(^|\.)\d+$")  # a numbered child of a block list: blocks.3, stages.1.blocks.0
+
+
+def patch_grid(model: nn.Module, num_tokens: int, img_size) -> tuple[int, tuple[int, int] | tuple]:
+    """``(prefix tokens, (Hp, Wp))`` when a patch embedding's patch size (at ``img_size``) or
+    declared grid gives ``Hp * Wp`` patches and at most ``MAX_PREFIX`` tokens before them;
+    ``(0, ())`` when no grid accounts for the ``num_tokens`` tokens."""
+    for module in model.modules():
+        grids = []
+        patch = getattr(module, "patch_size", None)
+        if isinstance(patch, (tuple, list)) and len(patch) == 2 and all(isinstance(p, int) and p > 0 for p in patch):
+            grids.append((img_size[0] // patch[0], img_size[1] // patch[1]))
+        grid = getattr(module, "grid_size", None)
+        if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid):
+            grids.append(tuple(grid))
+        for hp, wp in grids:
+            if hp * wp > 1 and 0 <= num_tokens - hp * wp <= MAX_PREFIX:
+                return num_tokens - hp * wp, (hp, wp)
+    return 0, ()
+
+
+def lands_on_tokens(node: fx.Node) -> bool:
+    """True when a value computed from ``node`` (a pooled ``(B, C)``) goes back into a sequence or
+    a map, as a class-attention query does; a head's pooled vector only reaches the logits."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        shape = node_shape(user)
+        if shape is not None and len(shape) >= 3:
+            return True
+        todo.extend(user.users)
+    return False
+
+
+def token_shape(shape) -> tuple[int, int] | None:
+    """``(N, C)`` of a ``(B, N, C)`` token sequence with more than one token, else None."""
+    if shape is None or len(shape) != 3 or int(shape[1]) < 2:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+def token_stage_ends(cuts: list[fx.Node], stop: str | None, hook_of) -> tuple[list[fx.Node], tuple[int, ...]]:
+    """Where SAC heads can read a token model, and the default heads among those places.
+
+    Cut nodes (every path passes them) that carry a token sequence are grouped by their
+    number of tokens; a place is a numbered block's output (``blocks.3``) that a hook reads.
+    A hierarchical model (PiT, Twins, LeViT: the count changes between stages) gets the last
+    block of each stage, and the default heads are then chosen as for a CNN. An isotropic one
+    (ViT, DeiT, EVA, Mixer: one count throughout) gets every block, and by default heads
+    after the blocks at one and two thirds of the depth, as the paper spreads them over a
+    ResNet's stages.
+    """
+    groups: list[tuple[int, list[fx.Node]]] = []
+    for n in cuts:
+        if n.op == "placeholder":
+            continue
+        shape = token_shape(node_shape(n))
+        if shape is not None:
+            if not groups or groups[-1][0] != shape[0]:
+                groups.append((shape[0], []))
+            hook = hook_of(n.name)
+            if hook is not None and hook.read == "output" and _BLOCK.search(hook.path):
+                groups[-1][1].append(n)
+        if n.name == stop:
+            break
+    staged = [blocks for _, blocks in groups if blocks]
+    if len(staged) != 1:
+        return [blocks[-1] for blocks in staged], ()
+    blocks = staged[0]
+    depth = len(blocks)
+    taps = sorted({min(depth - 2, max(0, round(depth * k / 3) - 1)) for k in (1, 2)}) if depth >= 3 else []
+    return blocks, tuple(taps)

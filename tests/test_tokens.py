@@ -1,0 +1,121 @@
+"""Token models: FlexPool over tokens in place of a mean or a class token, SAC heads on blocks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+import flexsurgeon
+from flexsurgeon.cli.main import main
+from flexsurgeon.layers.token_pool import TokenFlexPool
+
+SMALL = {"img_size": 32, "num_classes": 5}
+# (timm name, builder arguments, what the head pools: the start TokenFlexPool must equal)
+MODELS = {
+    "vit class token": ("vit_tiny_patch16_224", {"depth": 3}, [("token", 0)]),
+    "vit mean": ("vit_tiny_patch16_224", {"depth": 3, "global_pool": "avg"}, [("mean", 1, 5)]),
+    "deit distilled": ("deit_tiny_distilled_patch16_224", {"depth": 3}, [("token", 0), ("token", 1)]),
+    "mixer": ("mixer_s16_224", {}, [("mean", 0, 4)]),
+    "eva02 mean": ("eva02_tiny_patch14_224", {"depth": 3, "img_size": 28}, [("mean", 1, 5)]),
+}
+
+
+def _source(case):
+    name, kwargs, _ = MODELS[case]
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**SMALL, **kwargs}).eval()
+
+
+def _x(size=32, seed=0):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_a_token_model_converts_in_place_with_its_outputs_and_timms_api_kept(case):
+    source = _source(case)
+    size = {**SMALL, **MODELS[case][1]}["img_size"]
+    x = _x(size)
+    with torch.no_grad():
+        want, features = source(x), source.forward_features(x)
+        pre_logits = source.forward_head(features, pre_logits=True)
+    model = flexsurgeon.convert(_source(case), img_size=size)
+    assert type(model) is type(source)
+    pools = [m for m in model.modules() if isinstance(m, TokenFlexPool)]
+    plan = model.flexsurgeon_plan
+    assert [tuple(p.start) for p in plan.pools] == MODELS[case][2] and len(pools) == len(plan.pools) + len(plan.sac)
+    assert all(p.layout == "tokens" and p.replacement == "graph_rewrite" for p in plan.pools)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.forward_features(x), features, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), pre_logits, rtol=0, atol=1e-5)
+        out, heads = flexsurgeon.forward_with_sac(model, x)
+    assert [h.shape for h in heads] == [(2, 5)] * len(plan.sac) and len(plan.sac) == 2
+    assert all(t.layout == "tokens" and t.module.startswith(("blocks.", "stages.")) for t in plan.sac)
+
+
+def test_sac_heads_go_after_the_blocks_at_one_and_two_thirds_of_the_depth():
+    model = flexsurgeon.convert(timm.create_model("vit_tiny_patch16_224", depth=12, **SMALL), img_size=32)
+    assert [t.module for t in model.flexsurgeon_plan.sac] == ["blocks.3", "blocks.7"]
+    assert flexsurgeon.inspect(timm.create_model("vit_tiny_patch16_224", depth=12, **SMALL), img_size=32,
+                               sac_stages=["blocks.5"]).plan.sac[0].module == "blocks.5"
+
+
+def test_the_class_token_pool_learns_from_its_first_step():
+    model = flexsurgeon.convert(_source("vit class token"), img_size=32).train()
+    pool = next(m for m in model.modules() if isinstance(m, TokenFlexPool))
+    before = pool.pooling_weights().detach().clone()
+    assert torch.equal(before[:, 0], torch.ones(before.shape[0]))  # all weight on the class token
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out, heads = flexsurgeon.forward_with_sac(model, _x())
+    torch.nn.functional.cross_entropy(out, torch.tensor([1, 3])).backward()
+    optimizer.step()
+    change = (pool.pooling_weights() - before).abs().amax().item()
+    assert change > 1e-4, change
+
+
+def test_inspect_says_what_each_token_pool_reads():
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "5"])
+    assert result.exit_code == 0, result.output
+    assert "192 x 17 tokens: class token 0 of 17" in result.output
+    assert "output of blocks.3" in result.output and "output of blocks.7" in result.output
+    mixer = runner.invoke(main, ["inspect", "mixer_s16_224", "--img-size", "64", "--json"])
+    pool = json.loads(mixer.output)["plan"]["pools"][0]
+    assert (pool["layout"], pool["start"], pool["grid"]) == ("tokens", ["mean", 0, 16], [4, 4])
+    assert "mean over all 16 tokens (4x4 grid)" in runner.invoke(main, ["inspect", "mixer_s16_224", "--img-size",
+                                                                        "64"]).output
+
+
+def test_a_converted_token_model_saves_loads_through_timm_and_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime
+
+    model = flexsurgeon.convert(_source("vit mean"), img_size=32)
+    flexsurgeon.save(model, tmp_path / "vit")
+    x = _x()
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'vit'}", pretrained=True).eval()
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(tmp_path / "vit"), "--format", "onnx", "-o", str(tmp_path / "v.onnx")])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(tmp_path / "v.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() < 1e-4
+
+
+def test_a_token_model_fine_tunes_with_sac_heads_through_the_cli(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["finetune", "vit_tiny_patch16_224", "--random-init", "--img-size", "32",
+                                       "--data", "synthetic:classes=3,train=32,val=16", "--recipe", "smoke",
+                                       "--set", "freeze_epochs=0", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert sorted(log[-1]["val"]["top1"]) == ["main", "sac:add_16", "sac:add_8"]
+    loaded = flexsurgeon.load(run / "best")
+    assert loaded.flexsurgeon_plan.pools[0].start == ("token", 0)
