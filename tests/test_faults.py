@@ -29,8 +29,8 @@ import flexsurgeon.checkpoints.folders as folders
 import flexsurgeon.checkpoints.io as fio
 from flexsurgeon.cli.main import main
 from flexsurgeon.errors import CheckpointError
-from flexsurgeon.training.loop import run
 from flexsurgeon.training.recipe import load_recipe
+from flexsurgeon.training.run import run
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork")
 

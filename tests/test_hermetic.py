@@ -46,7 +46,7 @@ def test_the_outer_session_hides_cuda_from_itself_and_its_children():
 
 @pytest.mark.cuda
 def test_a_converted_model_fine_tunes_on_cuda_and_loads_back_on_the_cpu(tmp_path):
-    from flexsurgeon.training.loop import run
+    from flexsurgeon.training.run import run
 
     torch.manual_seed(0)
     flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), tmp_path / "converted")

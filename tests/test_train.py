@@ -223,7 +223,7 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
            "--batch-size", "16", "--device", "cpu", "-o", str(run)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "log.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "log.jsonl", "recipe.yaml", "run.json"]
     records = _log(run)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["world_size"] == 2
     val = records[-1]["val"]

@@ -135,8 +135,8 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
     tv:NAME or FILE.py:FACTORY)."""
     from pathlib import Path
 
-    from ..training.loop import run
     from ..training.recipe import load_recipe, parse_override, with_overrides
+    from ..training.run import run
 
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "sac_weights" in changes:

@@ -185,7 +185,7 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
     """Fine-tune every (variant, seed) that has not finished yet, then write the comparison
     against ``baseline`` (one of the variants)."""
     from ..checkpoints.locks import hold
-    from ..training.loop import run
+    from ..training.run import run
 
     if not 1 <= seeds <= MAX_SEEDS:
         raise AblationError(f"--seeds must be 1 to {MAX_SEEDS} (the t table's reach), got {seeds}")

@@ -8,6 +8,7 @@ from ..checkpoints.names import CONFIG_NAME
 from ..errors import CheckpointError
 
 RECIPE_NAME = "recipe.yaml"
+RUN_NAME = "run.json"  # the SOURCE and --data a run started from, for --resume and model cards
 
 
 def checkpoint_folder(path: str | Path) -> Path:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..checkpoints.io import check_can_save
-from ..errors import CheckpointError, TrainingError
-from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME, STATE_JSON
+from ..errors import TrainingError
+from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME
 from ..runs.log import append_log, truncate_log
 from ..surgery.sac import forward_with_sac, strip_sac_heads
 from .batches import device_batches, raise_if_out_of_memory
@@ -37,7 +37,7 @@ from .setup import (
 )
 from .state import restore_state, state_writers, write_recipe
 
-__all__ = ["DeviceSettings", "FinetuneResult", "device_settings", "evaluate", "finetune", "run"]
+__all__ = ["DeviceSettings", "FinetuneResult", "device_settings", "evaluate", "finetune"]
 
 
 @dataclass
@@ -321,68 +321,3 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, output: Path) -> No
         kept = f"; the last good checkpoint is {output / LAST}" if (output / LAST).exists() else ""
         raise TrainingError(f"the loss became {value} at epoch {epoch + 1}, step {step}; "
                             f"stopping (try a lower --lr){kept}")
-
-
-def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resume: bool = False,
-        overrides: dict | None = None, weights: str | Path = "random", sac_stages=None, in_chans: int = 3,
-        replace_gating: bool = False, model_code: str | None = None, num_classes: int | None = None,
-        progress: bool = True, log=print) -> FinetuneResult:
-    """``flexsurgeon finetune``: resolve the model (a converted folder or a name to convert), the
-    data and the recipe, then fine-tune. On ``resume`` the recipe saved in ``output/last`` is used,
-    with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
-    source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own.
-    ``num_classes`` re-initialises a converted folder's classifier and SAC heads for that many classes."""
-    from ..checkpoints.locks import hold
-    from ..surgery.sources import is_model_code
-
-    if is_model_code(source):
-        model_code = source
-    output = Path(output)
-    with hold(output):
-        return _run_held(source, data_spec, recipe, output, resume=resume, overrides=overrides,
-                         weights=weights, sac_stages=sac_stages, in_chans=in_chans,
-                         replace_gating=replace_gating, model_code=model_code, num_classes=num_classes,
-                         progress=progress, log=log)
-
-
-def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, weights, sac_stages, in_chans,
-              replace_gating, model_code, num_classes, progress, log) -> FinetuneResult:
-    """``run`` once the run folder is this process's."""
-    from ..checkpoints.folders import recover
-    from ..checkpoints.io import load_folder, read_config
-    from ..surgery.convert import convert
-    from .heads import reset_head
-    from .recipe import load_recipe, with_overrides
-    from .run_data import checkpoint_data, data_config_for_name, load_run_data
-
-    if resume:
-        last = output / LAST
-        for folder in (last, output / BEST):  # what killed saves left: this run is their writer now
-            recover(folder)
-        if (last / STATE_JSON).is_file():
-            recipe = with_overrides(load_recipe(last / RECIPE_NAME), overrides or {})
-            seed_everything(recipe.seed)
-            model = load_folder(last, model_code)
-            data = checkpoint_data(data_spec, model, recipe)
-            return finetune(model, data, recipe, output, resume=True, progress=progress, log=log)
-        if last.exists():
-            raise CheckpointError(f"cannot resume: {last} has no training state; move it away to start the run again")
-        # a preemptible job reruns one command: before the first checkpoint, that starts the run
-        log(f"nothing to resume in {output} yet: starting the run")
-
-    if (output / LAST).exists():
-        raise CheckpointError(f"{output} already holds a run; pass --resume to continue it or choose another -o")
-    seed_everything(recipe.seed)
-    if Path(source).is_dir():
-        read_config(source)  # a clear error for a folder that is not a checkpoint
-        model = load_folder(source, model_code)
-        data = checkpoint_data(data_spec, model, recipe)
-    else:
-        data = load_run_data(data_spec, data_config_for_name(source, recipe.img_size, in_chans), in_chans, recipe)
-        seed_everything(recipe.seed)
-        model = convert(source, weights=weights, num_classes=data.num_classes, img_size=recipe.img_size,
-                        in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
-                        sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
-    if num_classes is not None:
-        reset_head(model, num_classes, data.num_classes, log)
-    return finetune(model, data, recipe, output, progress=progress, log=log)
