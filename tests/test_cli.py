@@ -175,3 +175,18 @@ def test_pretrained_without_network_fails_at_once_or_uses_the_hub_cache(tmp_path
     assert found.returncode == 0, found.stderr[-2000:]
     converted = flexsurgeon.load(tmp_path / "b").state_dict()
     assert torch.equal(converted["conv1.0.weight"], cached["conv1.0.weight"])
+
+
+def test_ctrl_c_after_the_save_says_the_folder_is_complete(tmp_path, monkeypatch):
+    import flexsurgeon
+    import flexsurgeon.cli.report
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flexsurgeon.cli.report, "converted_line", interrupted)
+    out = tmp_path / "c"
+    result = CliRunner().invoke(main, ["convert", "resnet18", "--random-init", "--img-size", "64", "-o", str(out)])
+    assert result.exit_code == 130 and "Aborted!" not in result.output
+    assert result.output.strip().splitlines()[-1] == f"interrupted after the save: {out} is complete"
+    flexsurgeon.load(out)

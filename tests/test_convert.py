@@ -4,6 +4,7 @@ import json
 import pytest
 import timm
 import torch
+import torchvision
 
 import flexsurgeon
 from flexsurgeon.errors import AnalysisError
@@ -236,3 +237,22 @@ def test_progress_names_each_step_on_a_terminal_and_nothing_elsewhere(monkeypatc
     monkeypatch.undo()
     flexsurgeon.convert("resnet18", img_size=64, num_classes=4, progress=True)  # stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name, kwargs, taps", [
+    ("tv:swin_t", {}, ["features.3.1", "features.5.5"]),
+    ("swin_tiny_patch4_window7_224", {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
+     ["layers.1.blocks.0", "layers.2.blocks.0"]),
+])
+def test_sac_heads_on_a_channels_last_hierarchical_model_go_after_its_early_stages(name, kwargs, taps):
+    """Swin's stages hand on (B, H, W, C) maps: heads after stages 1 and 2 (28x28, 14x14), as on a
+    ResNet, not on the patch embedding."""
+    source = (torchvision.models.swin_t(num_classes=5) if name.startswith("tv:")
+              else timm.create_model(name, num_classes=5, **kwargs)).eval()
+    model = flexsurgeon.convert(source, img_size=224)
+    plan = model.flexsurgeon_plan
+    assert [t.module for t in plan.sac] == taps and [t.size for t in plan.sac] == [(28, 28), (14, 14)]
+    assert all(t.layout == "nhwc" for t in plan.sac)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    _, heads = flexsurgeon.forward_with_sac(model, x)
+    assert [h.shape for h in heads] == [(1, 5), (1, 5)]

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import timm
 import torch
 from click.testing import CliRunner
 
@@ -11,6 +12,7 @@ from flexsurgeon.commands.evaluate import evaluate_source
 from flexsurgeon.data import load_data
 from flexsurgeon.data.loaders import make_loader
 from flexsurgeon.runs.layout import checkpoint_folder
+from flexsurgeon.training.metrics import Tally, one_class_note
 
 DATA = "synthetic:classes=4,train=32,val=40"
 
@@ -90,3 +92,20 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     result = CliRunner().invoke(main, ["eval", *args, "--data", DATA, "--workers", "0"])
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_score_from_predictions_that_are_all_one_class_gets_a_note(tmp_path):
+    """Every prediction one class gives that class's share as top-1 (here 25% of 4 balanced
+    classes): it looks like a result and is not one, so eval and the epoch line say so."""
+    model = flexsurgeon.convert(timm.create_model("resnet18", num_classes=4), img_size=64)
+    with torch.no_grad():
+        model.get_classifier().bias[2] = 1e4
+    folder = flexsurgeon.save(model, tmp_path / "skewed")
+    result = CliRunner().invoke(main, ["eval", str(folder), "--data", DATA, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "note: every prediction is class 2: the score is that class's share of the data; in a short run, "
+        "BatchNorm statistics may not have settled")
+    tally = Tally(["main"])
+    tally.add([torch.eye(4)[[0, 1, 2, 2]]], [torch.zeros(())], torch.tensor([0, 1, 2, 3]))
+    assert "one_class" not in tally.summary() and one_class_note(tally.summary()) == ""

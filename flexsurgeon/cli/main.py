@@ -69,11 +69,14 @@ def convert(model, output, weights, weights_file, seed, force, **params):
         except (FlexSurgeonError, RuntimeError, ValueError) as exc:
             costs = [f"warning: costs not measured: {first_line(exc)}"]
         path = save(converted, output, force=force)
-    plan = converted.flexsurgeon_plan
-    click.echo(converted_line(plan))
-    click.echo("\n".join(costs))
-    click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
-               "pretrained=True) after import flexsurgeon)")
+    try:  # the folder is complete: an interrupt now must not read as a failed conversion
+        click.echo(converted_line(converted.flexsurgeon_plan))
+        click.echo("\n".join(costs))
+        click.echo(f"saved {path}/  (load: flexsurgeon.load('{path}') or timm.create_model('local-dir:{path}', "
+                   "pretrained=True) after import flexsurgeon)")
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted after the save: {path} is complete", err=True)
+        sys.exit(130)
 
 
 @main.command()
@@ -201,6 +204,7 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
     DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint)
     or hf-hub:ORG/NAME; MODEL is a timm name, tv:NAME or FILE.py:FACTORY, for comparison with the unconverted model."""
     from ..commands.evaluate import evaluate_source
+    from ..training.metrics import one_class_note
     from .report import table
 
     scores = evaluate_source(source, data_spec, batch_size=batch_size, workers=workers, device=device,
@@ -215,6 +219,8 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
     rows = [("head", "top-1", "top-5", "loss")]
     rows += [(h, f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['loss']:.4f}") for h, s in scores["heads"].items()]
     click.echo("\n".join(table(rows)))
+    if scores["one_class"] is not None:
+        click.echo(f"note: {one_class_note(scores)}", err=True)
 
 
 @main.command(name="export")

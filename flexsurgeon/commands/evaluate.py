@@ -79,7 +79,7 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
              for h in summary["top1"]}
     names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     return {"model": label, "data": data.description, "count": summary["count"], "heads": heads,
-            "label_names": list(names) if names else None}
+            "label_names": list(names) if names else None, "one_class": summary.get("one_class")}
 
 
 def _num_outputs(model, input_size) -> int:

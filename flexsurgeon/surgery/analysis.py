@@ -16,6 +16,7 @@ module types or names:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -90,11 +91,21 @@ class Analysis:
 
 
 def _spatial(shape, img_size) -> tuple[int, int] | None:
-    """(H, W) of an NCHW feature map, or None when ``shape`` is not one."""
+    """(H, W) of an NCHW feature map, or of a channels-last (B, H, W, C) one (Swin, MambaOut
+    stages); None when ``shape`` is neither. NCHW is tried first."""
+    return _map(shape, img_size)[0]
+
+
+def _map(shape, img_size) -> tuple[tuple[int, int] | None, str]:
+    """``((H, W), layout)`` of a feature map, ``(None, "")`` when ``shape`` is not one."""
     if shape is None or len(shape) != 4:
-        return None
+        return None, ""
     h, w = int(shape[2]), int(shape[3])
-    return (h, w) if h * w == 1 or is_map(h, w, img_size) else None
+    if h * w == 1 or is_map(h, w, img_size):
+        return (h, w), "nchw"
+    if is_map(int(shape[1]), int(shape[2]), img_size):
+        return (int(shape[1]), int(shape[2])), "nhwc"
+    return None, ""
 
 
 def _broadcasts_back(node: fx.Node, img_size) -> bool:
@@ -180,16 +191,17 @@ def _find_stages(cuts: list[fx.Node], traced: TracedGraph, img_size, stop: str |
                 group = [n for n in group if not qualnames.get(n.name, "").startswith(block + ".")] or group
         last = group[-1]
         shape = node_shape(last)
-        size = _spatial(shape, img_size)
+        size, layout = _map(shape, img_size)
         if size[0] * size[1] <= 1:
             continue
         stages.append(StageSite(
             node=last.name,
             module=qualnames.get(last.name, ""),
-            channels=int(shape[1]),
+            channels=int(shape[3] if layout == "nhwc" else shape[1]),
             size=size,
             reduction=max(1, round(img_size[0] / size[0])),
             hook=find_tap_hook(traced, last.name),
+            layout=layout,
         ))
     return stages
 
@@ -327,7 +339,6 @@ def find_tap(analysis: Analysis, name: str) -> StageSite:
                   or qualnames.get(n.name, "").startswith(name + ".")]
         match = inside[-1] if inside else None
     if match is None:
-        import difflib
         choices = sorted({n.name for n in nodes} | {qualnames.get(n.name, "") for n in nodes} - {""})
         close = difflib.get_close_matches(name, choices, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; run `flexsurgeon inspect` to list stages"
@@ -335,10 +346,11 @@ def find_tap(analysis: Analysis, name: str) -> StageSite:
     shape = node_shape(match)
     if token_shape(shape) is not None:
         return _token_stage(analysis.traced, match, analysis.token_grids)
-    size = _spatial(shape, analysis.img_size)
+    size, layout = _map(shape, analysis.img_size)
     if size is None or size[0] * size[1] <= 1:
-        raise AnalysisError(f"'{name}' is not a spatial feature map (its shape is {list(shape)}); "
-                            "a SAC head needs a (B, C, H, W) tap with H*W > 1")
-    return StageSite(node=match.name, module=qualnames.get(match.name, ""), channels=int(shape[1]),
-                     size=size, reduction=max(1, round(analysis.img_size[0] / size[0])),
-                     hook=find_tap_hook(analysis.traced, match.name))
+        raise AnalysisError(f"'{name}' is not a feature map or a token sequence (its shape is {list(shape)}); "
+                            "a SAC head needs a (B, C, H, W) tap with H*W > 1, or (B, N, C) tokens")
+    return StageSite(node=match.name, module=qualnames.get(match.name, ""),
+                     channels=int(shape[3] if layout == "nhwc" else shape[1]), size=size,
+                     reduction=max(1, round(analysis.img_size[0] / size[0])),
+                     hook=find_tap_hook(analysis.traced, match.name), layout=layout)

@@ -23,7 +23,7 @@ from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME
 from ..runs.log import append_log, truncate_log
 from ..surgery.sac import forward_with_sac, strip_sac_heads
 from .batches import device_batches, raise_if_out_of_memory
-from .metrics import Tally, evaluate, head_names
+from .metrics import Tally, evaluate, head_names, one_class_note
 from .recipe import Recipe
 from .run_data import name_classes
 from .setup import (
@@ -259,8 +259,9 @@ class FinetuneRun:
         output, recipe, val, train = self.output, self.recipe, record["val"], record["train"]
         append_log(output / LOG_NAME, record)
         sac_acc = "  ".join(f"{h} {val['top1'][h]:.1f}" for h in self.heads[:-1])
+        note = f" ({one_class_note(val)})" if one_class_note(val) else ""
         self.log(f"epoch {record['epoch']}/{recipe.epochs}: train loss {train['loss']['main']:.3f}  "
-                 f"val top-1 {val['top1']['main']:.2f}{'  (best)' if improved else ''}  {sac_acc}  "
+                 f"val top-1 {val['top1']['main']:.2f}{note}{'  (best)' if improved else ''}  {sac_acc}  "
                  f"{record['images_per_s']:.0f} img/s")
         if improved:  # best first: a kill between the two writes re-runs this epoch
             save(evaluated if recipe.keep_sac else strip_sac_heads(evaluated), output / BEST, force=True)

@@ -32,6 +32,7 @@ class Tally:
         self.heads = heads
         n = len(heads)
         self.sums = torch.zeros(3 * n + 1, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        self.predicted: torch.Tensor | None = None  # the main head's predictions per class
         self.per_rank: list | None = None
 
     def add(self, outputs: list[torch.Tensor], losses: list[torch.Tensor], target: torch.Tensor) -> None:
@@ -42,6 +43,9 @@ class Tally:
             self.sums[i] += loss.detach().double() * batch
             self.sums[n + i] += hits[:, 0].sum()
             self.sums[2 * n + i] += hits.any(dim=1).sum()
+        main = outputs[-1].detach()
+        counts = torch.bincount(main.argmax(1), minlength=main.shape[1]).double()
+        self.predicted = counts if self.predicted is None else self.predicted + counts
         self.sums[-1] += batch
 
     def reduce(self, dist: Distributed) -> None:
@@ -55,6 +59,8 @@ class Tally:
         tdist.all_gather(gathered, local)  # kept in the log, so the reduction can be checked
         self.per_rank = [{"main_top1_hits": int(g[0].item()), "count": int(g[1].item())} for g in gathered]
         tdist.all_reduce(self.sums)
+        if self.predicted is not None:
+            tdist.all_reduce(self.predicted)
 
     def summary(self) -> dict:
         sums = self.sums.tolist()
@@ -66,7 +72,19 @@ class Tally:
             "top5": {h: 100.0 * sums[2 * n + i] / count for i, h in enumerate(self.heads)},
             "count": int(sums[-1]),
         })
+        if self.predicted is not None and int(self.predicted.max().item()) == int(sums[-1]) > 1:
+            result["one_class"] = int(self.predicted.argmax().item())  # every prediction is this class
         return result
+
+
+def one_class_note(summary: dict) -> str:
+    """A word beside a score when every prediction is one class: its top-1 is that class's share,
+    often chance, and not a sign of learning (in a very short run, often BatchNorm statistics
+    that have not settled)."""
+    if summary.get("one_class") is None:
+        return ""
+    return (f"every prediction is class {summary['one_class']}: the score is that class's share of the data; in a "
+            "short run, BatchNorm statistics may not have settled")
 
 
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", dist: Distributed | None = None,
