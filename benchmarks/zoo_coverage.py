@@ -19,7 +19,25 @@ By default timm models are walked when timm's config declares a ``pool_size`` (a
 final feature map); the others (mostly transformers that pool tokens) are listed as
 not walked, and ``--all`` walks them too.
 
-    python benchmarks/zoo_coverage.py --quick           # one model per timm module / torchvision family
+The walk calls the Python API (fast). The one-per-family sample (``--quick``), and any list
+with ``--via-cli``, also runs each walked model through the command a user runs, in a
+subprocess with the walk's time limit, at the input size the API walk settled on::
+
+    python -m flexsurgeon convert MODEL --random-init --img-size HxW --num-classes 5 -o TMP/out
+    python -m flexsurgeon inspect MODEL --img-size HxW --num-classes 5
+
+in a hermetic environment (``HF_HUB_OFFLINE=1``, proxies pointed at a closed local port,
+empty Hub/torch caches, CUDA hidden). Its result (the record's ``cli`` field, the table's
+CLI column) is ``preserved`` when the API walk preserved the model and: convert exits 0,
+prints the ``converted ...`` line, the costs table and the ``saved ...`` line, no traceback
+on stderr, the folder loads with ``flexsurgeon.load`` and with
+``timm.create_model('local-dir:...', pretrained=True)`` (the two agree), no lock file is
+left, and inspect exits 0; ``refused`` when the API walk refused the model and convert
+exits 1 with exactly one ``Error:`` line, no traceback, no folder (nor lock) left behind,
+and inspect exits 1; ``failed`` otherwise (the reason says why, in one line); ``skipped``
+when a command timed out. Models the API walk skipped are not run through the CLI.
+
+    python benchmarks/zoo_coverage.py --quick           # one model per timm module / torchvision family, API + CLI
     python benchmarks/zoo_coverage.py --budget-min 60   # the whole zoo, stopping after an hour
     python benchmarks/zoo_coverage.py --filter 'resnet*' --filter 'tv:*'
 
@@ -40,6 +58,7 @@ import os
 import platform
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +79,7 @@ from flexsurgeon.surgery.sources import build_source, parse_source
 NUM_CLASSES = 5
 HERE = Path(__file__).resolve().parent
 OUTCOMES = ("preserved", "refused", "timm-untraceable", "wrong", "skipped", "not-walked")
+CLI_RESULTS = ("preserved", "refused", "failed", "skipped")
 # Refusals that a larger input may cure; anything else is final at the first size.
 _SIZE_PROBLEMS = ("no global average pool", "fails on a", "is not an average", "not a spatial")
 
@@ -380,6 +400,162 @@ def _round_trip(label, size, source) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- one model, through the command line
+
+_TRACEBACK = "Traceback (most recent call last)"
+_COSTS_HEADER = re.compile(r"^\s+model\s+parameters\s+multiply-adds\b")
+_NO_NETWORK = "http://127.0.0.1:9"  # the discard port: nothing listens, so a download fails at once
+
+
+def _cli_env(home: Path) -> dict[str, str]:
+    """The environment of the CLI subprocesses: offline, no GPU, empty caches, this checkout's package."""
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("no_proxy", "hf_token", "hugging_face_hub_token", "pythonstartup")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               CUDA_VISIBLE_DEVICES="", HF_HOME=str(home / "hf"), TORCH_HOME=str(home / "torch"),
+               XDG_CACHE_HOME=str(home / "cache"), OMP_NUM_THREADS=str(torch.get_num_threads()),
+               PYTHONPATH=os.pathsep.join(filter(None, (str(Path(flexsurgeon.__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH")))))
+    for key in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env[key] = _NO_NETWORK
+    return env
+
+
+def _run_cli(argv: list[str], env: dict, cwd: Path, timeout: int) -> tuple[int | None, str, str]:
+    """(exit code or None on a timeout, stdout, stderr) of ``python -m flexsurgeon ARGV``."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "flexsurgeon", *argv], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        return None, text(exc.stdout), text(exc.stderr)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _load_checks(folder: Path, size: tuple[int, int], timeout: int) -> tuple[bool, bool | None, str]:
+    """(flexsurgeon.load works, timm's local-dir works (None: not tried), why not): both give an eval
+    output of (2, NUM_CLASSES) for the same input, and the two outputs agree."""
+    import timm
+
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+    try:
+        with _time_limit(timeout):
+            ours = _eval(flexsurgeon.load(folder), x)
+            if not isinstance(ours, torch.Tensor) or tuple(ours.shape) != (2, NUM_CLASSES):
+                shape = tuple(ours.shape) if isinstance(ours, torch.Tensor) else type(ours).__name__
+                return False, None, f"flexsurgeon.load's model gives {shape}, not (2, {NUM_CLASSES})"
+    except (Exception, _Timeout) as exc:  # noqa: BLE001 - any failure to load is the finding
+        return False, None, f"flexsurgeon.load fails: {type(exc).__name__}: {_first_line(exc)}"
+    try:
+        with _time_limit(timeout):
+            theirs = _eval(timm.create_model(f"local-dir:{folder}", pretrained=True), x)
+    except (Exception, _Timeout) as exc:  # noqa: BLE001
+        return True, False, f"timm local-dir fails: {type(exc).__name__}: {_first_line(exc)}"
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape or not torch.allclose(
+            theirs, ours, rtol=0, atol=PRESERVATION_TOLERANCE * max(1.0, ours.abs().max().item()), equal_nan=True):
+        return True, False, "timm local-dir's model gives another output than flexsurgeon.load's"
+    return True, True, ""
+
+
+def check_cli(record: dict, args) -> dict:
+    """Run the walked model through ``flexsurgeon convert`` and ``inspect`` as a user would (see the
+    module's docstring); the result for ``record['cli']``."""
+    start = time.time()
+    label, api = record["model"], record["outcome"]
+    if api in ("skipped", "not-walked") or not record.get("img"):
+        return {"result": None, "reason": "not run: the API walk tried no input size"}
+    size = tuple(int(v) for v in record["img"].split("x"))
+    img = str(size[0]) if size[0] == size[1] else record["img"]
+    common = ["--img-size", img, "--num-classes", str(NUM_CLASSES)]
+    cli = {"result": None, "reason": "", "convert_rc": None, "converted_line": False, "costs_table": False,
+           "saved_line": False, "stderr_clean": None, "error_lines": None, "folder": None, "lock_left": None,
+           "loads": None, "timm_loads": None, "inspect_rc": None}
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="zoo_cli_") as tmp:
+        tmp = Path(tmp)
+        out, home = tmp / "out", tmp / "home"
+        home.mkdir()
+        env = _cli_env(home)
+        rc, stdout, stderr = _run_cli(["convert", label, "--random-init", *common, "-o", str(out)], env, tmp,
+                                      args.timeout)
+        lines = stdout.splitlines()
+        errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        cli.update(convert_rc=rc, converted_line=any(line.startswith(f"converted {label}:") for line in lines),
+                   costs_table=any(_COSTS_HEADER.match(line) for line in lines)
+                   and not any("costs not measured" in line for line in lines),
+                   saved_line=any(line.startswith(f"saved {out}/") for line in lines),
+                   stderr_clean=_TRACEBACK not in stderr, error_lines=len(errors),
+                   folder=out.is_dir(), lock_left=(tmp / ".out.lock").exists())
+        if rc is None:
+            cli.update(result="skipped", reason=f"convert timed out after {args.timeout}s",
+                       seconds=round(time.time() - start, 1))
+            return cli
+        if not cli["stderr_clean"]:
+            problems.append(f"convert printed a traceback: {_last_line(stderr)}")
+        if cli["lock_left"]:
+            problems.append("convert left its lock file behind")
+        if rc == 0:
+            if api != "preserved":
+                problems.append(f"convert exits 0 where the API walk says {api}")
+            missing = [what for what, key in (("the 'converted ...' line", "converted_line"),
+                                              ("the costs table", "costs_table"), ("the 'saved ...' line",
+                                                                                  "saved_line")) if not cli[key]]
+            if missing:
+                warning = next((line.strip() for line in lines if "costs not measured" in line), "")
+                problems.append("convert's output lacks " + ", ".join(missing) + (f" ({warning})" if warning else ""))
+            if errors:
+                problems.append(f"convert exits 0 but printed {errors[0]}")
+            if not cli["folder"]:
+                problems.append("convert exits 0 but wrote no folder")
+            else:
+                cli["loads"], cli["timm_loads"], why = _load_checks(out, size, args.timeout)
+                if why:
+                    problems.append(why)
+        elif rc == 1:
+            if api == "preserved":
+                problems.append("convert refuses where the API walk preserved: "
+                                + (errors[0] if errors else _last_line(stderr) or "no message"))
+            if len(errors) != 1:
+                problems.append(f"convert exits 1 with {len(errors)} 'Error:' lines, not one"
+                                + (f": {_last_line(stderr)}" if not errors else ""))
+            elif errors[0].startswith("Error: unexpected "):  # friendly_errors' line for an error not ours
+                problems.append(f"convert fails with an error that is not flexsurgeon's: {errors[0]}")
+            if cli["folder"]:
+                problems.append("convert exits 1 but left the output folder behind")
+        else:
+            problems.append(f"convert exits {rc}: " + (_last_line(stderr) or "no message"))
+        irc, _, istderr = _run_cli(["inspect", label, *common], env, tmp, args.timeout)
+        cli["inspect_rc"] = irc
+        if irc is None:
+            problems.append(f"inspect timed out after {args.timeout}s")
+        else:
+            if _TRACEBACK in istderr:
+                cli["stderr_clean"] = False
+                problems.append(f"inspect printed a traceback: {_last_line(istderr)}")
+            expected = 0 if rc == 0 else 1
+            if irc != expected:
+                problems.append(f"inspect exits {irc} where convert exits {rc}"
+                                + (f": {_last_line(istderr)}" if irc not in (0, 1) or istderr.strip() else ""))
+    if problems:
+        cli.update(result="failed", reason=_clip("; ".join(problems), 400))
+    elif rc == 0:
+        cli.update(result="preserved")
+    else:
+        cli.update(result="refused", reason=errors[0][len("Error:"):].strip())
+    cli["seconds"] = round(time.time() - start, 1)
+    return cli
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -410,7 +586,15 @@ def summarize(records: list[dict]) -> dict:
     methods = {src: collections.Counter(r.get("method") for r in records
                                         if r["source"] == src and r["outcome"] == "preserved")
                for src in ("timm", "torchvision")}
-    return {"counts": counts, "reasons": reasons, "methods": methods}
+    checked = [r for r in records if (r.get("cli") or {}).get("result")]
+    cli = {src: collections.Counter(r["cli"]["result"] for r in checked if r["source"] == src)
+           for src in ("timm", "torchvision")}
+    cli_reasons = collections.Counter(_reason_key(r["cli"]["reason"]) for r in checked
+                                      if r["cli"]["result"] in ("failed", "skipped"))
+    # the finding the CLI check exists for: converted through the API, not through the command
+    api_only = sorted(r["model"] for r in checked if r["outcome"] == "preserved" and r["cli"]["result"] != "preserved")
+    return {"counts": counts, "reasons": reasons, "methods": methods, "cli": cli, "cli_reasons": cli_reasons,
+            "api_only": api_only}
 
 
 def write_table(records: list[dict], not_walked: dict[str, str], path: Path, command: str,
@@ -424,7 +608,7 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
         "# Zoo coverage",
         "",
         f"Generated by `{command}` on {datetime.date.today().isoformat()} "
-        f"({sum(r.get('seconds') or 0 for r in records) / 60:.0f} min of per-model time; {_versions()}).",
+        f"({sum(_seconds(r) for r in records) / 60:.0f} min of per-model time; {_versions()}).",
         "" if complete else "**Partial walk**: the time budget or `--limit` stopped it before every model was tried.",
         "",
         "Every model is built at random init, converted at a small input size (the first of a 2x2 final map, "
@@ -445,20 +629,58 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
     for src, counter in summary["methods"].items():
         if counter:
             lines.append(f"| {src} | {counter.get('in place', 0)} | {counter.get('graph rewrite', 0)} |")
+    with_cli = any(summary["cli"].values())
+    if with_cli:
+        lines += ["", "## Through the command line", "",
+                  "Each model in the CLI column was also run as a user runs it, in a subprocess (offline, no GPU, "
+                  "empty caches): `python -m flexsurgeon convert MODEL --random-init --img-size INPUT "
+                  f"--num-classes {NUM_CLASSES} -o DIR` and `python -m flexsurgeon inspect MODEL` with the same "
+                  "options. `preserved`: preserved by the API walk, convert exits 0 and prints the `converted` "
+                  "line, the costs table and the `saved` line, no traceback, the folder loads with "
+                  "`flexsurgeon.load` and with timm's `local-dir:` (same output), inspect exits 0. `refused`: "
+                  "refused by the API walk, convert exits 1 with one `Error:` line and leaves no folder, inspect "
+                  "exits 1. `failed`: anything else (the reason says what). `skipped`: a command timed out.", "",
+                  "| source | " + " | ".join(CLI_RESULTS) + " | total |", "|---|" + "---|" * (len(CLI_RESULTS) + 1)]
+        for src, counter in summary["cli"].items():
+            if counter:
+                lines.append(f"| {src} | " + " | ".join(str(counter.get(o, 0)) for o in CLI_RESULTS)
+                             + f" | {sum(counter.values())} |")
+        api_only = summary["api_only"]
+        lines += ["", f"Preserved through the API but not through the CLI: {len(api_only)}"
+                  + (f" ({', '.join(api_only)})." if api_only else ".")]
     lines += ["", "## Reasons, by kind", "", "| outcome | models | reason (names and numbers elided) |",
               "|---|---|---|"]
     for (outcome, reason), n in summary["reasons"].most_common():
         lines.append(f"| {outcome} | {n} | {_md(reason)} |")
-    lines += ["", "## Models", "", "| model | family | outcome | how | input | FlexPool | params (M) | s | reason |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    for reason, n in summary["cli_reasons"].most_common():
+        lines.append(f"| CLI failed or skipped | {n} | {_md(reason)} |")
+    cli_header = " CLI |" if with_cli else ""
+    lines += ["", "## Models", "", f"| model | family | outcome |{cli_header} how | input | FlexPool | params (M) | s "
+              "| reason |", "|---|---|---|" + "---|" * with_cli + "---|---|---|---|---|---|"]
     order = {o: i for i, o in enumerate(OUTCOMES)}
     for r in sorted(rows, key=lambda r: (r["source"] != "timm", order[r["outcome"]] == order["not-walked"],
                                          r["family"], r["model"])):
-        lines.append(f"| {r['model']} | {r['family']} | {r['outcome']} | {r.get('method') or ''} | {r['img'] or ''} "
-                     f"| {r['pool'] or ''} "
+        cli_cell = f" {_cli_cell(r.get('cli'))} |" if with_cli else ""
+        lines.append(f"| {r['model']} | {r['family']} | {r['outcome']} |{cli_cell} {r.get('method') or ''} "
+                     f"| {r['img'] or ''} | {r['pool'] or ''} "
                      f"| {'' if r['params_m'] is None else r['params_m']} | "
                      f"{'' if r.get('seconds') is None else r['seconds']} | {_md(r['reason'])} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _seconds(record: dict) -> float:
+    """A model's time in the walk: the API check, and the CLI check where it ran."""
+    return (record.get("seconds") or 0) + ((record.get("cli") or {}).get("seconds") or 0)
+
+
+def _cli_cell(cli: dict | None) -> str:
+    """The Models table's CLI column: the result, and why for a failure (a refusal's reason is the
+    reason column's already)."""
+    if not cli or not cli.get("result"):
+        return ""
+    if cli["result"] in ("failed", "skipped"):
+        return f"**{cli['result']}**: {_md(cli['reason'])}"
+    return cli["result"]
 
 
 def _md(text: str) -> str:
@@ -479,6 +701,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
     parser.add_argument("--budget-min", type=float, default=0, help="stop starting models after this many minutes")
     parser.add_argument("--roundtrip", action="store_true", help="also save, load and compare each preserved model")
+    parser.add_argument("--via-cli", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run each walked model through `python -m flexsurgeon convert` and `inspect` in a "
+                             "subprocess and check what a user sees (default: on with --quick, off otherwise)")
     parser.add_argument("--records", type=Path, default=None, help="JSON-lines results file (default: a temp file)")
     parser.add_argument("--resume", action="store_true", help="skip models already in --records")
     parser.add_argument("--retry-skipped", action="store_true",
@@ -493,6 +718,8 @@ def main(argv=None) -> int:
         args.filter += [r["model"] for r in records if r["outcome"] == "preserved"]
     if args.report_only:
         args.resume, args.budget_min, args.limit = True, -1, 0
+    if args.via_cli is None:
+        args.via_cli = args.quick
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -510,6 +737,8 @@ def main(argv=None) -> int:
         records = [r for r in latest.values() if r["model"] in walking]
         if args.retry_skipped:
             records = [r for r in records if r["outcome"] != "skipped"]
+        if args.via_cli and not args.report_only:  # recorded before the CLI check (or without it): walk again
+            records = [r for r in records if r["outcome"] == "skipped" or "cli" in r]
     done = {r["model"] for r in records}
     todo = [n for n in walk if n not in done]
     print(f"{len(walk)} models to walk ({len(done)} already in {records_path}), {len(not_walked)} not walked",
@@ -523,12 +752,18 @@ def main(argv=None) -> int:
                 print(f"time budget of {args.budget_min:g} min spent after {i} of {len(todo)} models", flush=True)
                 break
             record = check_model(label, args)
+            cli_note = ""
+            if args.via_cli and record["outcome"] != "skipped":
+                record["cli"] = check_cli(record, args)
+                if record["cli"]["result"]:
+                    cli_note = f" | CLI: {record['cli']['result']} {record['cli']['seconds']}s " + (
+                        record["cli"]["reason"] if record["cli"]["result"] in ("failed", "skipped") else "")
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             print(f"[{len(records)}/{len(walk)}] {label}: {record['outcome']} {record['img'] or ''} "
-                  f"{record['seconds']}s {record['reason']}", flush=True)
-    if args.retry_skipped:  # drop the superseded lines: one line per model again
+                  f"{record['seconds']}s {record['reason']}{cli_note}", flush=True)
+    if args.retry_skipped or (args.resume and args.via_cli):  # drop the superseded lines: one line per model again
         latest.update((r["model"], r) for r in records)  # models outside a --filter are kept
         tmp = records_path.with_name(records_path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in latest.values()))
@@ -544,6 +779,16 @@ def main(argv=None) -> int:
     print(f"not walked: {len(not_walked)}")
     for (outcome, reason), n in summary["reasons"].most_common(12):
         print(f"  {n:4d} {outcome}: {reason}")
+    for src, counter in summary["cli"].items():
+        if counter:
+            print(f"{src} through the CLI: " + ", ".join(f"{o} {counter.get(o, 0)}" for o in CLI_RESULTS)
+                  + f" (checked {sum(counter.values())})")
+    for reason, n in summary["cli_reasons"].most_common(12):
+        print(f"  {n:4d} CLI failed or skipped: {reason}")
+    if any(summary["cli"].values()):
+        api_only = summary["api_only"]
+        print(f"preserved through the API but not through the CLI: {len(api_only)}"
+              + (f" ({', '.join(api_only)})" if api_only else ""))
     return 0
 
 

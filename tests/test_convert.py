@@ -146,8 +146,8 @@ def test_gating_pools_are_kept_unless_asked():
 
 def test_model_without_a_pool_flexpool_can_start_from_gets_a_reason():
     vit = timm.create_model("vit_tiny_patch16_224", global_pool="map", depth=2, num_classes=5, img_size=32)
-    with pytest.raises(AnalysisError, match=r"pools with attention \(a learned query over the tokens, timm's "
-                                            r"global_pool='map'\): no FlexPool starts equal to it"):
+    with pytest.raises(AnalysisError, match=r"reads one token kept apart from the others: the output of an attention "
+                                            r"pool \(a learned query over the tokens, timm's global_pool='map'\)"):
         flexsurgeon.convert(vit, img_size=32)
 
 

@@ -285,7 +285,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             prefix, grid = patch_grid(model, int(shape[1]), img_size)
             pools.append(PoolSite(
                 node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
-                role="gating" if lands_on_tokens(nodes[name]) else "head", channels=int(shape[2]),
+                role="gating" if lands_on_tokens(nodes[name], int(shape[2])) else "head", channels=int(shape[2]),
                 size=(1, int(shape[1])), keepdim=False, layout=layout, start=finder.token_starts.get(name, ()),
                 prefix=prefix, grid=grid))
         else:
@@ -305,6 +305,10 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
         grids = {t[0]: patch_grid(model, t[0], img_size) for t in map(token_shape, map(node_shape, cuts)) if t}
         ends, default = token_stage_ends(cuts, stop, lambda name: find_tap_hook(traced, name))
         stages = [_token_stage(traced, n, grids) for n in ends]
+        if not default and ends:  # hierarchical: the map stages before the first token stage come first
+            order = {n.name: i for i, n in enumerate(cuts)}
+            stages = [s for s in _find_stages(cuts, traced, img_size, ends[0].name, model)
+                      if order.get(s.node, 0) < order[ends[0].name]] + stages
     else:
         stages, default, grids = _find_stages(cut_nodes(traced.graph), traced, img_size, stop, model), (), {}
     return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced,

@@ -60,9 +60,9 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
         others = [p for p in analysis.pools if p.role == "head"]
         if others and others[-1].kind == "attention":
             raise AnalysisError(
-                f"the head at '{others[-1].module or others[-1].node}' pools with attention (a learned query over "
-                "the tokens, timm's global_pool='map'): no FlexPool starts equal to it, so it cannot be replaced "
-                "without changing the model")
+                f"the head at '{others[-1].module or others[-1].node}' reads one token kept apart from the others: "
+                "the output of an attention pool (a learned query over the tokens, timm's global_pool='map') or a "
+                "class token carried on its own (PiT); FlexPool has no tokens to weigh there, so it cannot replace it")
         if others:
             raise AnalysisError(
                 f"the head pool at '{others[0].module or others[0].node}' is not an average "

@@ -36,9 +36,10 @@ def patch_grid(model: nn.Module, num_tokens: int, img_size) -> tuple[int, tuple[
     return 0, ()
 
 
-def lands_on_tokens(node: fx.Node) -> bool:
+def lands_on_tokens(node: fx.Node, channels: int) -> bool:
     """True when a value computed from ``node`` (a pooled ``(B, C)``) goes back into a sequence or
-    a map, as a class-attention query does; a head's pooled vector only reaches the logits."""
+    a map of ``channels`` features, as a class-attention query does; a head's pooled vector only
+    reaches the logits (which may be stacked and averaged over branches, as in CrossViT)."""
     seen, todo = set(), list(node.users)
     while todo:
         user = todo.pop()
@@ -46,8 +47,12 @@ def lands_on_tokens(node: fx.Node) -> bool:
             continue
         seen.add(user)
         shape = node_shape(user)
-        if shape is not None and len(shape) >= 3:
-            return True
+        if shape is not None and len(shape) >= 3 and channels in (int(shape[1]), int(shape[-1])):
+            positions = 1
+            for size in shape[1:]:
+                positions *= int(size)
+            if positions > channels:
+                return True
         todo.extend(user.users)
     return False
 
@@ -84,9 +89,13 @@ def token_stage_ends(cuts: list[fx.Node], stop: str | None, hook_of) -> tuple[li
         if n.name == stop:
             break
     staged = [blocks for _, blocks in groups if blocks]
-    if len(staged) != 1:
+    total = sum(len(blocks) for blocks in staged)
+    main = max(staged, key=len, default=[])
+    # isotropic: one token count throughout, or nearly (XCiT, ConViT, CaiT add the class token for
+    # their last two blocks)
+    if not staged or len(main) < 3 or len(main) < 0.75 * total:
         return [blocks[-1] for blocks in staged], ()
-    blocks = staged[0]
+    blocks = main
     depth = len(blocks)
     taps = sorted({min(depth - 2, max(0, round(depth * k / 3) - 1)) for k in (1, 2)}) if depth >= 3 else []
     return blocks, tuple(taps)
