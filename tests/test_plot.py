@@ -174,3 +174,14 @@ def test_without_matplotlib_the_cli_says_how_to_install_it(tmp_path, monkeypatch
     assert output.strip().splitlines() == [
         "Error: plotting needs matplotlib, which is not installed: pip install 'flexsurgeon[plot]'"]
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_token_models_pools_are_drawn_on_their_patch_grid(tmp_path):
+    folder = tmp_path / "vit"
+    result = CliRunner().invoke(main, ["convert", "vit_tiny_patch16_224", "--random-init", "--img-size", "64",
+                                       "--num-classes", "4", "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["plot", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == [
+        "weights-flex_pools.getitem.png", "weights-sac-add_16.png", "weights-sac-add_8.png"]

@@ -20,6 +20,7 @@ MODELS = {
     "deit distilled": ("deit_tiny_distilled_patch16_224", {"depth": 3}, [("token", 0), ("token", 1)]),
     "mixer": ("mixer_s16_224", {}, [("mean", 0, 4)]),
     "eva02 mean": ("eva02_tiny_patch14_224", {"depth": 3, "img_size": 28}, [("mean", 1, 5)]),
+    "levit (hierarchical)": ("levit_128s", {"img_size": 128}, [("mean", 0, 4)]),
 }
 
 

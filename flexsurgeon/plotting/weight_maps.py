@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 from ..errors import PlotError
+from ..layers.pools import FlexPool
+from ..layers.token_pool import TokenFlexPool
 from .figures import new_figure, require_matplotlib, save_png
 
 
@@ -41,15 +43,14 @@ def flex_pools_of(model) -> list[tuple[str, str, object]]:
 
     The converted model's pools are named after their module path, the SAC heads' pools
     (``sac_heads.NODE.pool``) after the module they read; other pool kinds (average, LSE,
-    SimPool baselines) have no weight map and are skipped.
+    SimPool baselines) have no weight map and are skipped. A token FlexPool is drawn on its
+    patch grid (one without a grid has no image to draw).
     """
-    from ..layers.pools import FlexPool
-
     plan = getattr(model, "flexsurgeon_plan", None)
     modules = {t.node: t.module for t in getattr(plan, "sac", ())}
     found = []
     for path, module in model.named_modules():
-        if not isinstance(module, FlexPool):
+        if not isinstance(module, FlexPool) and not (isinstance(module, TokenFlexPool) and module.grid is not None):
             continue
         parts = path.split(".")
         if len(parts) == 3 and parts[0] == "sac_heads" and parts[2] == "pool":
@@ -84,12 +85,32 @@ def check_top(top) -> None:
         raise PlotError(f"top must be a positive number of channels, got {top!r}")
 
 
+def _what_to_draw(pool):
+    """``(A as (C, H, W), the source's weight per position, its name, the pool's shape, notes)``:
+    a FlexPool's map against average pooling; a token FlexPool's patch weights against the
+    weight its start gives a patch (the mean's 1/n, or 0 beside a class token)."""
+    import torch
+
+    if not isinstance(pool, TokenFlexPool):
+        a = pool_weights(pool)
+        h, w = pool.size
+        return a, 1.0 / (h * w), "1/(H·W)", "average pooling", f"{a.shape[0]}x{h}x{w}", []
+    with torch.no_grad():
+        a = pool.patch_weights().cpu()
+        whole = pool.pooling_weights().cpu()
+    kind, *where = pool.start
+    ref = 1.0 / (where[1] - where[0]) if kind == "mean" else 0.0
+    name = "1/n" if kind == "mean" else "its start"
+    source = f"the mean over {where[1] - where[0]} tokens" if kind == "mean" else f"token {where[0]}"
+    notes = [f"prefix token {i}: weight {whole[:, i].mean().item():.3g} (channel mean)" for i in range(pool.num_prefix)]
+    return a, ref, name, source, f"{a.shape[0]} x {pool.num_tokens} tokens, patches {a.shape[1]}x{a.shape[2]}", notes
+
+
 def _weight_map_figure(pool, title: str, top: int):
     from matplotlib.colors import TwoSlopeNorm
 
-    a = pool_weights(pool)
-    channels, (h, w) = a.shape[0], pool.size
-    uniform = 1.0 / (h * w)
+    a, uniform, ref_name, source, shape_text, notes = _what_to_draw(pool)
+    channels = a.shape[0]
     chosen = top_channels(a, top)
     spread = channel_spread(a)
     maps = [("mean of all channels" if channels > 1 else "channel 0", a.mean(0))]
@@ -121,14 +142,14 @@ def _weight_map_figure(pool, title: str, top: int):
         if norm.vmin <= t <= norm.vmax and all(abs(float(norm(t)) - float(norm(k))) > 0.06 for k in ticks):
             ticks.append(t)
     ticks.sort()
-    bar.set_ticks(ticks, labels=[f"{t:.3g}" + (" = 1/(H·W)" if t == uniform else "") for t in ticks])
-    bar.set_label(f"A[c, h, w]; black line: 1/(H·W) = {uniform:.4g} (average pooling)", fontsize=8)
-    lines = [f"{title}: FlexPool[{pool.pool}] {channels}x{h}x{w}",
-             f"channel mean and the top {len(chosen)} channels by spread (max - min of A); white = 1/(H·W)",
-             f"distance from average pooling, ½Σ|A - 1/(H·W)| per channel: mean {distance.mean().item():.3g}, "
-             f"max {distance.max().item():.3g}"]
+    bar.set_ticks(ticks, labels=[f"{t:.3g}" + (f" = {ref_name}" if t == uniform else "") for t in ticks])
+    bar.set_label(f"A[c, h, w]; black line: {ref_name} = {uniform:.4g} ({source})", fontsize=8)
+    lines = [f"{title}: FlexPool[{pool.pool}] {shape_text}",
+             f"channel mean and the top {len(chosen)} channels by spread (max - min of A); white = {ref_name}",
+             f"distance from {source}, ½Σ|A - {ref_name}| per channel: mean {distance.mean().item():.3g}, "
+             f"max {distance.max().item():.3g}", *notes]
     if still_uniform:
-        lines.append("(every channel is still exactly average pooling)")
+        lines.append(f"(every channel is still exactly {source})")
     fig.suptitle("\n".join(lines), fontsize=9)
     return fig
 
