@@ -171,3 +171,11 @@ def test_a_baseline_not_among_the_variants_is_one_line_before_any_work(tmp_path)
     assert result.output.strip().splitlines() == [
         "Error: --baseline flex is not among the variants (avg, flex+sac); name one of them"]
     assert not (tmp_path / "a").exists()
+
+
+def test_without_avg_among_the_variants_the_first_is_the_baseline(tmp_path):
+    """benchmarks/paper_resnet20_gpu.sh runs one variant per process: no --baseline, no avg."""
+    out = tmp_path / "abl"
+    result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "flex", "--seeds", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())[0]["baseline"] == "flex"

@@ -295,8 +295,9 @@ def push(directory, repo_id, private, revision, dry_run, force):
               help="Comma-separated: avg, flex, flex-linear, lse, simpool, each optionally +sac and/or +dropout.")
 @click.option("--seeds", type=click.IntRange(min=1, max=MAX_SEEDS), default=3, show_default=True,
               help="Runs per variant; seed k of every variant sees the same batches.")
-@click.option("--baseline", default=BASELINE, show_default=True, metavar="VARIANT",
-              help="The variant every other one is compared with (paired differences, p-values); one of --variants.")
+@click.option("--baseline", metavar="VARIANT",
+              help=f"The variant every other one is compared with (paired differences, p-values); one of "
+                   f"--variants [default: {BASELINE}, else the first variant].")
 @click.option("--recipe", default="smoke", show_default=True, metavar="NAME|FILE", help="Recipe for every run.")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False),
               help="Ablation folder [default: ablations/MODEL].")
@@ -326,7 +327,8 @@ def ablate(model, data_spec, variants, seeds, baseline, recipe, output, sets, in
     from ..training.recipe import load_recipe, parse_override, with_overrides
 
     parsed = parse_variants(variants)
-    check_baseline(baseline, [v.name for v in parsed])
+    if baseline is not None:
+        check_baseline(baseline, [v.name for v in parsed])
     changes = {k: v for k, v in overrides.items() if v is not None}
     changes.update(parse_override(s) for s in sets)
     resolved = with_overrides(load_recipe(recipe), changes)

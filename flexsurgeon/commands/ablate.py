@@ -181,15 +181,17 @@ class AblationResult:
 
 def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int, recipe: Recipe,
                  output: str | Path, *, weights: str | Path = "random", in_chans: int = 3, progress: bool = True,
-                 log=print, baseline: str = BASELINE) -> AblationResult:
+                 log=print, baseline: str | None = None) -> AblationResult:
     """Fine-tune every (variant, seed) that has not finished yet, then write the comparison
-    against ``baseline`` (one of the variants)."""
+    against ``baseline`` (one of the variants; by default ``avg`` where it is one, else the first)."""
     from ..checkpoints.locks import hold
     from ..training.run import run
 
     if not 1 <= seeds <= MAX_SEEDS:
         raise AblationError(f"--seeds must be 1 to {MAX_SEEDS} (the t table's reach), got {seeds}")
-    check_baseline(baseline, [v.name for v in variants])
+    names = [v.name for v in variants]
+    baseline = baseline if baseline is not None else BASELINE if BASELINE in names else names[0]
+    check_baseline(baseline, names)
     output = Path(output)
     with hold(output):
         _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],

@@ -7,8 +7,6 @@ import re
 from pathlib import Path
 
 from ..errors import PlotError
-from ..layers.pools import FlexPool
-from ..layers.token_pool import TokenFlexPool
 from .figures import new_figure, require_matplotlib, save_png
 
 
@@ -46,6 +44,9 @@ def flex_pools_of(model) -> list[tuple[str, str, object]]:
     SimPool baselines) have no weight map and are skipped. A token FlexPool is drawn on its
     patch grid (one without a grid has no image to draw).
     """
+    from ..layers.pools import FlexPool  # torch: imported when drawing, so the command line starts light
+    from ..layers.token_pool import TokenFlexPool
+
     plan = getattr(model, "flexsurgeon_plan", None)
     modules = {t.node: t.module for t in getattr(plan, "sac", ())}
     found = []
@@ -90,6 +91,8 @@ def _what_to_draw(pool):
     a FlexPool's map against average pooling; a token FlexPool's patch weights against the
     weight its start gives a patch (the mean's 1/n, or 0 beside a class token)."""
     import torch
+
+    from ..layers.token_pool import TokenFlexPool
 
     if not isinstance(pool, TokenFlexPool):
         a = pool_weights(pool)
