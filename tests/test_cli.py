@@ -144,6 +144,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # several seconds on 2 CPU cores: run with -m slow
 def test_pretrained_without_network_fails_at_once_or_uses_the_hub_cache(tmp_path):
     import time
 

@@ -84,6 +84,7 @@ def test_timm_attributes_survive(resnet):
     assert timm.data.resolve_data_config(model=converted)["input_size"] == (3, 64, 64)
 
 
+@pytest.mark.slow  # several seconds on 2 CPU cores: run with -m slow
 def test_channels_last_and_compile_and_export_agree(resnet, x64):
     _, converted = resnet
     with torch.no_grad():

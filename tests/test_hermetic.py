@@ -14,6 +14,7 @@ from flexsurgeon.training.recipe import load_recipe
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow  # several seconds on 2 CPU cores: run with -m slow
 def test_on_a_machine_that_has_cuda_the_test_recipes_stay_on_the_cpu(tmp_path):
     # An inner pytest session where torch says CUDA is there and CUDA_VISIBLE_DEVICES is unset.
     (tmp_path / "fake_cuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flexsurgeon.commands.evaluate import evaluate_source
@@ -50,6 +51,7 @@ def _image_folder(root, seed=0):
     return root
 
 
+@pytest.mark.slow  # several seconds on 2 CPU cores: run with -m slow
 def test_timms_validate_scores_a_converted_folder_as_flexsurgeon_eval_does(converted, tmp_path):
     data = _image_folder(tmp_path / "data")
     script = tmp_path / "validate.py"

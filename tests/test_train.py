@@ -214,6 +214,7 @@ def test_bad_finetune_input_is_one_line(converted, tmp_path, args, message):
     assert not (tmp_path / "r" / "last").exists()
 
 
+@pytest.mark.slow  # several seconds on 2 CPU cores: run with -m slow
 def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(converted, tmp_path):
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
