@@ -27,7 +27,7 @@ from ..utils import first_line, training_mode
 from .locate import PoolModule, RewriteSite, TapHook, find_pool_module, find_rewrite_site, find_tap_hook
 from .shapes import PoolFinder, is_map
 from .tokens import lands_on_tokens, patch_grid, token_shape, token_stage_ends
-from .trace import TracedGraph, node_shape, trace_model
+from .trace import TracedGraph, downstream, node_shape, trace_model
 
 REPLACEABLE = ("avg", "token")  # pool kinds FlexPool can start out equal to
 
@@ -110,17 +110,11 @@ def _map(shape, img_size) -> tuple[tuple[int, int] | None, str]:
 
 def _broadcasts_back(node: fx.Node, img_size) -> bool:
     """True when a value computed from ``node`` lands on a feature map (NCHW or NHWC)."""
-    seen, todo = set(), list(node.users)
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
+    for user in downstream(node):
         shape = node_shape(user)
         if shape is not None and len(shape) == 4 and (
                 is_map(int(shape[2]), int(shape[3]), img_size) or is_map(int(shape[1]), int(shape[2]), img_size)):
             return True
-        todo.extend(user.users)
     return False
 
 

@@ -12,7 +12,7 @@ import re
 
 from torch import fx, nn
 
-from .trace import node_shape
+from .trace import downstream, node_shape
 
 MAX_PREFIX = 16  # class, distillation and register tokens before the patches
 _BLOCK = re.compile(r"(^|\.)\d+$")  # a numbered child of a block list: blocks.3, stages.1.blocks.0
@@ -40,12 +40,7 @@ def lands_on_tokens(node: fx.Node, channels: int) -> bool:
     """True when a value computed from ``node`` (a pooled ``(B, C)``) goes back into a sequence or
     a map of ``channels`` features, as a class-attention query does; a head's pooled vector only
     reaches the logits (which may be stacked and averaged over branches, as in CrossViT)."""
-    seen, todo = set(), list(node.users)
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
+    for user in downstream(node):
         shape = node_shape(user)
         if shape is not None and len(shape) >= 3 and channels in (int(shape[1]), int(shape[-1])):
             positions = 1
@@ -53,7 +48,6 @@ def lands_on_tokens(node: fx.Node, channels: int) -> bool:
                 positions *= int(size)
             if positions > channels:
                 return True
-        todo.extend(user.users)
     return False
 
 

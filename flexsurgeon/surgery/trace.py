@@ -88,6 +88,17 @@ class _Tracer(NodePathTracer):
         return out
 
 
+def downstream(node: fx.Node):
+    """Every node computed from ``node``'s value, each once (breadth does not matter)."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        user = todo.pop()
+        if user not in seen:
+            seen.add(user)
+            yield user
+            todo.extend(user.users)
+
+
 def default_inputs(model: nn.Module) -> dict[str, object]:
     """Forward inputs after the first that have defaults (Hiera's ``mask=None``, a ViT's
     ``attn_mask=None, is_causal=False``), fixed at those defaults: the path ``model(x)`` takes.
