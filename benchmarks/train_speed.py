@@ -11,7 +11,7 @@ weights: ``original`` (timm ``resnet50``, random init, 10 classes, global averag
 ``flexpool`` (``flexsurgeon.convert(..., sac_stages=[])``: FlexPool only, ``model(x)``) and
 ``flexpool+sac`` (``flexsurgeon.convert(...)`` with the default SAC heads,
 ``flexsurgeon.forward_with_sac(model, x)`` and the weighted cross-entropy over heads + main, as
-``flexsurgeon.train.finetune`` computes it). A training step is forward, loss,
+``flexsurgeon.training.loop.finetune`` computes it). A training step is forward, loss,
 ``zero_grad(set_to_none=True)``, backward and an SGD step (timm's ``create_optimizer_v2``,
 momentum 0.9, weight decay 1e-4, label smoothing 0.1), train mode. On the CPU (default):
 float32, NCHW. With ``--device cuda``: what ``finetune`` does there, bfloat16 autocast,
