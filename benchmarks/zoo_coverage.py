@@ -40,6 +40,10 @@ when a command timed out. Models the API walk skipped are not run through the CL
     python benchmarks/zoo_coverage.py --quick           # one model per timm module / torchvision family, API + CLI
     python benchmarks/zoo_coverage.py --budget-min 60   # the whole zoo, stopping after an hour
     python benchmarks/zoo_coverage.py --filter 'resnet*' --filter 'tv:*'
+    python benchmarks/zoo_coverage.py --refused-in benchmarks/zoo_coverage_full.jsonl  # what an earlier walk refused
+
+Models whose input size is fixed when built (a ViT's position embeddings) are built for each
+size tried, as ``convert --img-size`` builds them.
 
 Results stream to a JSON-lines file (``--records``); ``--resume`` skips models already
 in it, so a long walk can be continued. The table is written to ``--out``.
@@ -74,7 +78,7 @@ from flexsurgeon.checkpoints.io import ARCHITECTURE
 from flexsurgeon.errors import AnalysisError, FlexSurgeonError, TraceError
 from flexsurgeon.surgery.apply import new_parameter_names
 from flexsurgeon.surgery.convert import PRESERVATION_TOLERANCE
-from flexsurgeon.surgery.sources import build_source, parse_source
+from flexsurgeon.surgery.sources import build_source, parse_source, spec_at_size
 
 NUM_CLASSES = 5
 HERE = Path(__file__).resolve().parent
@@ -306,6 +310,14 @@ def _verify(source, converted, size) -> str | None:
     return None
 
 
+def _reduction(plan) -> str:
+    """What the source's pool was: "spatial mean" (a CNN), "token mean" or "class token"."""
+    pool = plan.pools[0]
+    if pool.layout != "tokens":
+        return "spatial mean"
+    return "token mean" if pool.start and pool.start[0] == "mean" else "class token"
+
+
 def check_model(label: str, args) -> dict:
     start = time.time()
     library = "torchvision" if label.startswith("tv:") else "timm"
@@ -340,6 +352,10 @@ def check_model(label: str, args) -> dict:
             refusals = {}
             for size in sizes:
                 record["img"] = f"{size[0]}x{size[1]}"
+                sized = spec_at_size(spec, size)  # a ViT is built for its input size, as `convert --img-size` does
+                if sized != spec:
+                    torch.manual_seed(0)
+                    source = build_source(sized, "random")
                 try:  # conversion changes the model it is given: the source stays as it was, to compare
                     converted = flexsurgeon.convert(copy.deepcopy(source), img_size=size, num_classes=NUM_CLASSES)
                 except TraceError as exc:
@@ -366,6 +382,7 @@ def check_model(label: str, args) -> dict:
                 plan = converted.flexsurgeon_plan
                 record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
                 # the record field keeps its historic name "method" (earlier JSONL files use it)
+                record["reduction"] = _reduction(plan)
                 record["method"] = "graph rewrite" if any(p.replacement == "graph_rewrite" for p in plan.pools) \
                     else "in place"
                 if type(converted) is not type(source):
@@ -629,6 +646,15 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
     for src, counter in summary["methods"].items():
         if counter:
             lines.append(f"| {src} | {counter.get('in place', 0)} | {counter.get('graph rewrite', 0)} |")
+    reductions = collections.Counter((r.get("reduction") or "spatial mean", r.get("method")) for r in records
+                                     if r["outcome"] == "preserved" and r["source"] == "timm")
+    if any(k[0] != "spatial mean" for k in reductions):
+        lines += ["", "The source's reduction in the preserved timm models: a spatial mean (CNNs), the mean over "
+                  "tokens or the class token (transformers, MLP-Mixers).", "",
+                  "| reduction | preserved | in place | graph rewrite |", "|---|---|---|---|"]
+        for kind in ("spatial mean", "token mean", "class token"):
+            placed, rewritten = reductions.get((kind, "in place"), 0), reductions.get((kind, "graph rewrite"), 0)
+            lines.append(f"| {kind} | {placed + rewritten} | {placed} | {rewritten} |")
     with_cli = any(summary["cli"].values())
     if with_cli:
         lines += ["", "## Through the command line", "",
@@ -712,10 +738,15 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the table from --records, walk nothing")
     parser.add_argument("--preserved-in", type=Path, default=None,
                         help="walk only the models an earlier records file has as preserved (a re-walk after a change)")
+    parser.add_argument("--refused-in", type=Path, default=None,
+                        help="walk only the models an earlier records file has as refused (a re-walk after flexsurgeon "
+                             "learned to convert more)")
     args = parser.parse_args(argv)
-    if args.preserved_in:
-        records = [json.loads(line) for line in args.preserved_in.read_text().splitlines() if line.strip()]
-        args.filter += [r["model"] for r in records if r["outcome"] == "preserved"]
+    for path, outcome in ((args.preserved_in, "preserved"), (args.refused_in, "refused")):
+        if path:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            args.filter += [r["model"] for r in records if r["outcome"] == outcome]
+            args.all = True  # the list names the models; the pool_size filter does not apply
     if args.report_only:
         args.resume, args.budget_min, args.limit = True, -1, 0
     if args.via_cli is None:

@@ -120,3 +120,30 @@ def test_a_token_model_fine_tunes_with_sac_heads_through_the_cli(tmp_path):
     assert sorted(log[-1]["val"]["top1"]) == ["main", "sac:add_16", "sac:add_8"]
     loaded = flexsurgeon.load(run / "best")
     assert loaded.flexsurgeon_plan.pools[0].start == ("token", 0)
+
+
+@pytest.mark.parametrize("case, pool, preserved", [("vit class token", "token", True), ("vit mean", "avg", True),
+                                                   ("vit class token", "avg", False)])
+def test_the_fixed_baselines_avg_and_token_read_what_they_say(case, pool, preserved):
+    source, x = _source(case), _x()
+    model = flexsurgeon.convert(_source(case), img_size=32, pool=pool)
+    assert type(model) is type(source) and not list(model.flexsurgeon_plan.pools) == []
+    assert not [n for n, _ in model.named_parameters() if "pool" in n and not n.startswith("sac_heads.")]
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        want = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(1)  # the class token / the patch tokens' mean
+        torch.testing.assert_close(pooled, model.fc_norm(want), rtol=0, atol=1e-6)  # fc_norm: a mean-pooled ViT's
+        same = torch.allclose(model(x), source(x), rtol=0, atol=1e-5)
+    assert same is preserved
+    heads = flexsurgeon.forward_with_sac(model.train(), x)[1]  # the heads of a baseline: the plain mean of all tokens
+    assert len(heads) == 2 and all(h.shape == (2, 5) for h in heads)
+
+
+def test_a_pool_for_the_other_form_is_refused_in_one_line():
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"^pool 'token' reads one token .* spatial map"):
+        flexsurgeon.convert(timm.create_model("resnet10t", num_classes=5), img_size=64, pool="token")
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"^pool 'lse' does not take token sequences"):
+        flexsurgeon.convert(_source("vit class token"), img_size=32, pool="lse")
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"^pool 'token' reads the class token.*has none"):
+        flexsurgeon.convert(_source("mixer"), img_size=32, pool="token")

@@ -50,7 +50,8 @@ from ..training.recipe import Recipe
 from ..utils import write_text_replacing
 from .stats import MAX_DF, holm, t_quantile, t_two_sided_p
 
-BASES = {"avg": "avg", "flex": "softmax", "flex-linear": "linear", "lse": "lse", "simpool": "simpool"}
+BASES = {"avg": "avg", "token": "token", "flex": "softmax", "flex-linear": "linear", "lse": "lse",
+         "simpool": "simpool"}
 OPTIONS = ("sac", "dropout")
 PAPER_DROPOUT = 0.25
 BASELINE = "avg"

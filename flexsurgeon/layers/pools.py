@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import BASELINE_POOLS, FLEXPOOL_KINDS, POOL_KINDS
+from .kinds import FLEXPOOL_KINDS, POOL_KINDS, SPATIAL_BASELINES
 
 __all__ = ["FLEXPOOL_KINDS", "POOL_KINDS", "FlexPool", "FlexPoolNHWC", "GlobalPool", "flex_pool2d", "make_pool"]
 
@@ -313,8 +313,9 @@ class GlobalPool(_TimmPoolInterface, nn.Module):
 
     def __init__(self, pool: str, channels: int, dropout: float = 0.0, keepdim: bool = False) -> None:
         super().__init__()
-        if pool not in BASELINE_POOLS:
-            raise ValueError(f"unknown baseline pool {pool!r}; choose one of {', '.join(BASELINE_POOLS)}")
+        if pool not in SPATIAL_BASELINES:
+            raise ValueError(f"unknown baseline pool {pool!r} for a spatial map; choose one of "
+                             f"{', '.join(SPATIAL_BASELINES)}")
         self.pool, self.channels, self.keepdim = pool, channels, keepdim
         self.timm_pool = None if pool == "avg" else _timm_pool(pool, channels)
         self.drop = nn.Dropout(dropout)

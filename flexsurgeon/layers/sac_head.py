@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kinds import FLEXPOOL_KINDS
+from .kinds import FLEXPOOL_KINDS, TOKEN_BASELINES
 from .pools import make_pool
-from .token_pool import TokenFlexPool
+from .token_pool import TokenFlexPool, TokenPool
 
 
 class SACHead(nn.Module):
     """Simple auxiliary classifier: a global pool (the module ``pool``) then one ``nn.Linear`` (``fc``).
 
     No convolutions, no hidden layers (the paper's SAC). On a token sequence (``layout="tokens"``)
-    the pool is a TokenFlexPool over all tokens and a LayerNorm comes before ``fc``: a transformer's
+    the pool is a TokenFlexPool over all tokens (for a baseline, their plain mean) and a LayerNorm comes before ``fc``: a transformer's
     stream between blocks is not normalised. The argument ``pool`` names its kind:
     FlexPool ("softmax", "linear"), or for ablation baselines another kind (see ``make_pool``).
     Used during training only; ``regularizer()`` returns the pool's regulariser (zero except
@@ -37,10 +37,14 @@ class SACHead(nn.Module):
         self.layout = layout
         if layout == "tokens":  # all N tokens, started at their mean; normed, as a transformer's head is
             n = size[1]
-            if pool not in FLEXPOOL_KINDS:
-                raise ValueError(f"a SAC head on tokens takes pool {' or '.join(FLEXPOOL_KINDS)}, not {pool!r}")
-            self.pool = TokenFlexPool(channels, n, ("mean", 0, n), grid=tuple(grid) or None, num_prefix=prefix,
-                                      pool=pool, dropout=dropout)
+            if pool in FLEXPOOL_KINDS:
+                self.pool = TokenFlexPool(channels, n, ("mean", 0, n), grid=tuple(grid) or None, num_prefix=prefix,
+                                          pool=pool, dropout=dropout)
+            elif pool in TOKEN_BASELINES:  # a baseline's heads: the plain mean, where FlexPool's start
+                self.pool = TokenPool(n, ("mean", 0, n), num_prefix=prefix, dropout=dropout)
+            else:
+                raise ValueError(f"a SAC head on tokens takes pool {', '.join(FLEXPOOL_KINDS + TOKEN_BASELINES)}, "
+                                 f"not {pool!r}")
             self.norm = nn.LayerNorm(channels)
         else:
             self.pool = make_pool(pool, channels, size, dropout=dropout)

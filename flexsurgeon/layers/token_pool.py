@@ -5,8 +5,9 @@ as the mean over a range of tokens (timm ``global_pool='avg'``: the patch tokens
 them) or as the class token (``global_pool='token'``). ``TokenFlexPool`` replaces that
 reduction with a learned weight per channel and token, starting out exactly equal to it.
 
-Public names: ``TokenFlexPool`` (the module) and ``flex_pool_tokens`` (the weighted sum,
-given the pooling weights). The kind is ``pool`` ("softmax" or "linear", as for FlexPool).
+Public names: ``TokenFlexPool`` (the module), ``TokenPool`` (the fixed reductions, the
+ablation baselines "avg" and "token") and ``flex_pool_tokens`` (the weighted sum, given the
+pooling weights). The kind is ``pool`` ("softmax" or "linear", as for FlexPool).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from .kinds import FLEXPOOL_KINDS
 
-__all__ = ["TokenFlexPool", "flex_pool_tokens"]
+__all__ = ["TokenFlexPool", "TokenPool", "flex_pool_tokens"]
 
 START_KINDS = ("mean", "token")
 
@@ -323,3 +324,30 @@ class TokenFlexPool(nn.Module):
         if self.num_prefix:
             s += f", num_prefix={self.num_prefix}"
         return s + f", pool={self.pool!r}, dropout={self.drop.p}"
+
+
+class TokenPool(nn.Module):
+    """A fixed token reduction, the baseline of an ablation: ``("mean", first, last)`` (the
+    mean over those tokens; ``last`` follows the sequence when it is the whole of it) or
+    ``("token", index)`` (one token, e.g. the class token). No parameters; dropout on the
+    output in training, as FlexPool's."""
+
+    def __init__(self, num_tokens: int, start: str | tuple, *, num_prefix: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_tokens, self.num_prefix = num_tokens, num_prefix
+        self.start = _parse_start(start, num_tokens, num_prefix)
+        self.drop = nn.Dropout(dropout)
+
+    def regularizer(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.start[0] == "token":
+            y = x[:, self.start[1]]
+        else:
+            first, last = self.start[1], self.start[2]
+            y = x[:, first:].mean(1) if last == self.num_tokens else x[:, first:last].mean(1)
+        return self.drop(y) if self.training and self.drop.p > 0 else y
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, start={self.start!r}, dropout={self.drop.p}"

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..layers.kinds import FLEXPOOL_KINDS
+from ..layers.kinds import FLEXPOOL_KINDS, SPATIAL_BASELINES, TOKEN_BASELINES
 from ..layers.pools import FlexPoolNHWC, make_pool
-from ..layers.token_pool import TokenFlexPool
+from ..layers.token_pool import TokenFlexPool, TokenPool
 from .plan import PoolEdit, SurgeryPlan
 from .rewrite import rewrite_forward
 from .sac import SACHeads
@@ -27,10 +27,22 @@ from .state import record_plan
 def _new_pool(plan: SurgeryPlan, edit: PoolEdit) -> nn.Module:
     """The pool that replaces ``edit``'s, returning the same form the old one returned."""
     if edit.layout == "tokens":
+        if plan.pool == "avg":  # the mean over the tokens the source averaged, else over the patch tokens
+            start = tuple(edit.start) if edit.reduction == "mean" else ("mean", edit.prefix, edit.size[1])
+            return TokenPool(edit.size[1], start, num_prefix=edit.prefix, dropout=plan.dropout)
+        if plan.pool == "token":
+            if edit.prefix == 0:
+                raise PlanError("pool 'token' reads the class token, and this model has none (it averages its "
+                                "tokens); use avg for its own reduction")
+            return TokenPool(edit.size[1], ("token", 0), num_prefix=edit.prefix, dropout=plan.dropout)
         if plan.pool not in FLEXPOOL_KINDS:
-            raise PlanError(f"pool {plan.pool!r} does not take token sequences; use {' or '.join(FLEXPOOL_KINDS)}")
+            kinds = ", ".join(FLEXPOOL_KINDS + TOKEN_BASELINES)
+            raise PlanError(f"pool {plan.pool!r} does not take token sequences; use one of {kinds}")
         return TokenFlexPool(edit.channels, edit.size[1], tuple(edit.start), grid=tuple(edit.grid) or None,
                              num_prefix=edit.prefix, pool=plan.pool, dropout=plan.dropout)
+    if plan.pool not in FLEXPOOL_KINDS + SPATIAL_BASELINES:
+        raise PlanError(f"pool {plan.pool!r} reads one token of a token sequence, and this model pools a spatial "
+                        f"map; use one of {', '.join(FLEXPOOL_KINDS + SPATIAL_BASELINES)}")
     if edit.layout == "nhwc":
         if plan.pool not in FLEXPOOL_KINDS:
             raise PlanError(f"pool {plan.pool!r} does not take channels-last (NHWC) maps")

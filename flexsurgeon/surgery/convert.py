@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisError, FlexSurgeonError
-from ..layers.kinds import PRESERVING_KINDS
+from ..layers.kinds import preserves
 from ..utils import as_size, per_channel, training_mode
 from .analysis import Analysis, analyse
 from .apply import apply_plan
@@ -93,8 +93,9 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     and returned (like peft's ``get_peft_model``), keeping its class and methods. With
     ``check`` (default) its eval output is compared with the output it gave before the
     surgery on a random input, and a mismatch is an error. ``pool`` is a
-    FlexPool kind (softmax, linear) or an ablation baseline (avg, lse, simpool; lse and
-    simpool change the output from the start, so they are not checked). ``progress`` shows
+    FlexPool kind (softmax, linear) or an ablation baseline (avg, lse, simpool, token); a
+    baseline that is not the source's own reduction (lse, simpool; token on a mean, avg on a
+    class token) changes the output from the start, so it is not checked. ``progress`` shows
     the step under way on a terminal (a large model at a large size takes a while on a CPU).
     """
     from tqdm import tqdm
@@ -112,7 +113,7 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
         _next_step(steps, "applying the plan")
         plan = make_plan(analysis, spec, _num_classes(model, num_classes), pool=pool, dropout=dropout,
                          sac_stages=sac_stages, sac_weights=sac_weights, replace_gating=replace_gating)
-        check = check and plan.pool in PRESERVING_KINDS
+        check = check and all(preserves(plan.pool, edit.reduction) for edit in plan.pools)
         sample, expected = _eval_output(model, plan) if check else (None, None)
         converted = apply_plan(model, plan)
         converted.pretrained_cfg = converted.default_cfg = make_pretrained_cfg(

@@ -73,6 +73,11 @@ class PoolEdit:
     prefix: int = 0
     grid: tuple = ()
 
+    @property
+    def reduction(self) -> str:
+        """What the source pool computed: "mean" (over positions or tokens) or "token" (one token)."""
+        return "token" if self.layout == "tokens" and self.start and self.start[0] == "token" else "mean"
+
 
 @dataclass(frozen=True)
 class SacTap:

@@ -296,7 +296,7 @@ def build_from_code(text: str, num_classes: int | None = None, in_chans: int | N
     return model
 
 
-def _at_size(spec: SourceSpec, img_size) -> SourceSpec:
+def spec_at_size(spec: SourceSpec, img_size) -> SourceSpec:
     """A timm model whose input size is fixed when built (a ViT's patch grid and position
     embeddings) is built for a square ``img_size`` other than its own; timm resamples pretrained
     position embeddings to it. Other models run at any size and are left as they are."""
@@ -336,7 +336,7 @@ def resolve_source(name_or_model, *, num_classes: int | None = None, in_chans: i
         if num_classes is None and weights not in ("random", "pretrained"):  # a trained head keeps its classes
             num_classes = classes_in_weights(build_source(parse_source(name_or_model, in_chans=in_chans)),
                                              Path(weights))
-        spec = _at_size(parse_source(name_or_model, num_classes=num_classes, in_chans=in_chans), img_size)
+        spec = spec_at_size(parse_source(name_or_model, num_classes=num_classes, in_chans=in_chans), img_size)
         model = build_source(spec, weights)
         return model, dataclasses.replace(spec, weights=weights_origin(spec, weights, model))
     if not isinstance(name_or_model, nn.Module):
