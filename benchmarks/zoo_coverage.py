@@ -233,6 +233,9 @@ def list_candidates(args) -> tuple[list[str], dict[str, str]]:
                 families[_tv_family(name)].append(name)
             tv = [min(names, key=lambda n: (_tv_params(n), n)) for _, names in sorted(families.items())]
         walk = [f"tv:{n}" for n in tv] + walk
+    if args.only is not None:
+        walk = [n for n in walk if n in args.only]
+        not_walked = {n: r for n, r in not_walked.items() if n in args.only}
     if args.filter:
         def keep(n):
             return any(fnmatch.fnmatch(n, p) for p in args.filter)
@@ -742,10 +745,11 @@ def main(argv=None) -> int:
                         help="walk only the models an earlier records file has as refused (a re-walk after flexsurgeon "
                              "learned to convert more)")
     args = parser.parse_args(argv)
+    args.only = None  # the models an earlier walk recorded with an outcome; --filter narrows them further
     for path, outcome in ((args.preserved_in, "preserved"), (args.refused_in, "refused")):
         if path:
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            args.filter += [r["model"] for r in records if r["outcome"] == outcome]
+            args.only = (args.only or set()) | {r["model"] for r in records if r["outcome"] == outcome}
             args.all = True  # the list names the models; the pool_size filter does not apply
     if args.report_only:
         args.resume, args.budget_min, args.limit = True, -1, 0
