@@ -81,6 +81,7 @@ from flexsurgeon.surgery.convert import PRESERVATION_TOLERANCE
 from flexsurgeon.surgery.sources import build_source, parse_source, spec_at_size
 
 NUM_CLASSES = 5
+SMALL_TOKEN_SIZE = (64, 64)  # a ViT's 4x4 patch grid: tried before the native size of a model built for its size
 HERE = Path(__file__).resolve().parent
 OUTCOMES = ("preserved", "refused", "timm-untraceable", "wrong", "skipped", "not-walked")
 CLI_RESULTS = ("preserved", "refused", "failed", "skipped")
@@ -313,6 +314,18 @@ def _verify(source, converted, size) -> str | None:
     return None
 
 
+METHODS = ("in place", "head rewrite", "graph rewrite")
+
+
+def _method(plan) -> str:
+    """How the pool was replaced: "in place" (the pool module swapped on its parent), "head
+    rewrite" (only timm's ``forward_head`` regenerated) or "graph rewrite" (a module's forward)."""
+    rewrites = [p for p in plan.pools if p.replacement == "graph_rewrite"]
+    if not rewrites:
+        return "in place"
+    return "head rewrite" if all(p.forward == "forward_head" for p in rewrites) else "graph rewrite"
+
+
 def _reduction(plan) -> str:
     """What the source's pool was: "spatial mean" (a CNN), "token mean" or "class token"."""
     pool = plan.pools[0]
@@ -352,13 +365,19 @@ def check_model(label: str, args) -> dict:
                 return done("skipped", f"{params:.0f}M parameters > --max-params {args.max_params:g}M")
             sizes = _tv_sizes(label[3:]) if library == "torchvision" else _timm_sizes(label)
             native = sizes[-2] if len(sizes) > 1 else sizes[0]
+            if len(sizes) == 1 and spec_at_size(spec, SMALL_TOKEN_SIZE) != spec:
+                sizes = [SMALL_TOKEN_SIZE, *sizes]  # a fixed-size model built for its input size: try a small one
             refusals = {}
             for size in sizes:
                 record["img"] = f"{size[0]}x{size[1]}"
                 sized = spec_at_size(spec, size)  # a ViT is built for its input size, as `convert --img-size` does
                 if sized != spec:
                     torch.manual_seed(0)
-                    source = build_source(sized, "random")
+                    try:
+                        source = build_source(sized, "random")
+                    except Exception as exc:  # noqa: BLE001 - the builder's own limit on sizes: try the next
+                        refusals[size] = f"does not build at {size[0]}x{size[1]}: {_first_line(exc)}"
+                        continue
                 try:  # conversion changes the model it is given: the source stays as it was, to compare
                     converted = flexsurgeon.convert(copy.deepcopy(source), img_size=size, num_classes=NUM_CLASSES)
                 except TraceError as exc:
@@ -386,8 +405,7 @@ def check_model(label: str, args) -> dict:
                 record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
                 # the record field keeps its historic name "method" (earlier JSONL files use it)
                 record["reduction"] = _reduction(plan)
-                record["method"] = "graph rewrite" if any(p.replacement == "graph_rewrite" for p in plan.pools) \
-                    else "in place"
+                record["method"] = _method(plan)
                 if type(converted) is not type(source):
                     return done("wrong", f"the converted model is a {type(converted).__name__}, not a "
                                          f"{type(source).__name__}")
@@ -644,20 +662,21 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
             lines.append(f"| {src} | " + " | ".join(str(counter.get(o, 0)) for o in OUTCOMES)
                          + f" | {sum(counter.values())} |")
     lines += ["", "How the preserved models were converted: `in place` (the pool module swapped on its parent) or "
+              "`head rewrite` (only timm's `forward_head`, which holds the pool as code, regenerated) or "
               "`graph rewrite` (the forward of the one module holding a pool written as code regenerated); "
-              "both keep the model's class.", "", "| source | in place | graph rewrite |", "|---|---|---|"]
+              "all keep the model's class.", "", "| source | " + " | ".join(METHODS) + " |", "|---|---|---|---|"]
     for src, counter in summary["methods"].items():
         if counter:
-            lines.append(f"| {src} | {counter.get('in place', 0)} | {counter.get('graph rewrite', 0)} |")
+            lines.append(f"| {src} | " + " | ".join(str(counter.get(m, 0)) for m in METHODS) + " |")
     reductions = collections.Counter((r.get("reduction") or "spatial mean", r.get("method")) for r in records
                                      if r["outcome"] == "preserved" and r["source"] == "timm")
     if any(k[0] != "spatial mean" for k in reductions):
         lines += ["", "The source's reduction in the preserved timm models: a spatial mean (CNNs), the mean over "
                   "tokens or the class token (transformers, MLP-Mixers).", "",
-                  "| reduction | preserved | in place | graph rewrite |", "|---|---|---|---|"]
+                  "| reduction | preserved | " + " | ".join(METHODS) + " |", "|---|---|---|---|---|"]
         for kind in ("spatial mean", "token mean", "class token"):
-            placed, rewritten = reductions.get((kind, "in place"), 0), reductions.get((kind, "graph rewrite"), 0)
-            lines.append(f"| {kind} | {placed + rewritten} | {placed} | {rewritten} |")
+            counts = [reductions.get((kind, m), 0) for m in METHODS]
+            lines.append(f"| {kind} | {sum(counts)} | " + " | ".join(map(str, counts)) + " |")
     with_cli = any(summary["cli"].values())
     if with_cli:
         lines += ["", "## Through the command line", "",
@@ -809,8 +828,8 @@ def main(argv=None) -> int:
     for src, counter in summary["counts"].items():
         if counter:
             print(f"{src}: " + ", ".join(f"{o} {counter.get(o, 0)}" for o in OUTCOMES[:-1])
-                  + f" (walked {sum(counter.values())}); preserved in place {summary['methods'][src]['in place']}, "
-                  f"by graph rewrite {summary['methods'][src]['graph rewrite']}")
+                  + f" (walked {sum(counter.values())}); preserved: "
+                  + ", ".join(f"{m} {summary['methods'][src][m]}" for m in METHODS))
     print(f"not walked: {len(not_walked)}")
     for (outcome, reason), n in summary["reasons"].most_common(12):
         print(f"  {n:4d} {outcome}: {reason}")

@@ -147,3 +147,22 @@ def test_a_pool_for_the_other_form_is_refused_in_one_line():
         flexsurgeon.convert(_source("vit class token"), img_size=32, pool="lse")
     with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"^pool 'token' reads the class token.*has none"):
         flexsurgeon.convert(_source("mixer"), img_size=32, pool="token")
+
+
+def test_token_pools_join_the_class_token_in_the_head_group_and_out_of_weight_decay(tmp_path):
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    model = flexsurgeon.convert(_source("vit class token"), img_size=32)
+    pools = {n for n, _ in model.named_parameters() if ".pool." in n or n.startswith("flex_pools.")}
+    assert len(pools) == 4  # the head pool's weight and gamma, and each SAC head's pool weight
+    assert pools | {"cls_token", "pos_embed"} <= model.no_weight_decay()
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    head = groups[max(groups)]
+    assert "head.weight" in head and {n for n in pools if n.startswith("flex_pools.")} <= set(head)
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    decayed = {n for n, p in model.named_parameters()
+               for group in optimizer.param_groups if group["weight_decay"] > 0 and any(p is q for q in group["params"])}
+    assert not pools & decayed and "head.weight" in decayed
+    loaded = flexsurgeon.load(flexsurgeon.save(model, tmp_path / "vit"))
+    assert pools <= loaded.no_weight_decay()

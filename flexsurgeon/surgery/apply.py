@@ -89,6 +89,25 @@ class _KeepFlexPools:
         return _KeepFlexPools, (self.model,)
 
 
+class _TokenPoolsNoDecay:
+    """``no_weight_decay`` of a converted model whose source exempts its tokens from weight
+    decay (timm's class and position tokens): the source's names, plus the token pools'
+    parameters, which take over the class token's part (weight decay would pull a class-token
+    start's weights towards zero, away from the class token)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> set[str]:
+        model = self.model
+        return set(type(model).no_weight_decay(model)) | {
+            f"{path}.{name}" for path, module in model.named_modules() if isinstance(module, TokenFlexPool)
+            for name, _ in module.named_parameters()}
+
+    def __reduce__(self):
+        return _TokenPoolsNoDecay, (self.model,)
+
+
 def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     """Carry out ``plan`` on ``model`` itself and return it (the same object)."""
     if getattr(model, "flexsurgeon_plan", None) is not None:
@@ -118,6 +137,8 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan) -> nn.Module:
     record_plan(model, plan)
     if callable(getattr(type(model), "reset_classifier", None)):
         model.reset_classifier = _KeepFlexPools(model)
+    if callable(getattr(type(model), "no_weight_decay", None)) and any(e.layout == "tokens" for e in plan.pools):
+        model.no_weight_decay = _TokenPoolsNoDecay(model)
     return model
 
 
