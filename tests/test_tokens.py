@@ -166,3 +166,19 @@ def test_token_pools_join_the_class_token_in_the_head_group_and_out_of_weight_de
     assert not pools & decayed and "head.weight" in decayed
     loaded = flexsurgeon.load(flexsurgeon.save(model, tmp_path / "vit"))
     assert pools <= loaded.no_weight_decay()
+
+
+def test_a_hierarchical_token_models_heads_go_at_its_stage_ends_past_its_position_convolutions():
+    # Twins' position convolution views the tokens as (B, C, N) inside its first block of a stage:
+    # that view must not split the stage (it once put a head on the first block of the last stage)
+    source = timm.create_model("twins_pcpvt_small", depths=(1, 2, 2, 1), img_size=64, num_classes=5)
+    assert [t.module for t in flexsurgeon.inspect(source, img_size=64).plan.sac] == ["blocks.1.1", "blocks.2.1"]
+
+
+def test_costs_count_a_class_attention_model_and_list_its_token_pool():
+    # CaiT passes its class token on without a grad_fn, which torch's FLOP counter once failed on
+    source = timm.create_model("cait_xxs24_224", depth=2, img_size=32, num_classes=5)
+    costs = flexsurgeon.inspect(source, img_size=32).costs
+    added = dict(costs.added)
+    assert costs.inference.macs > 0 and any(n.startswith("flex_pools.") for n in added)
+    assert all(n.startswith(("flex_pools.", "sac_heads.")) and c.params > 0 for n, c in added.items())

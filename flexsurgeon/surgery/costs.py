@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.pools import FlexPool
 from ..utils import training_mode
+from .apply import pool_paths
 from .sac import forward_with_sac
 from .sources import build_from_code, build_source, is_model_code
 
@@ -34,7 +34,7 @@ class CostReport:
     source: Cost
     inference: Cost
     training: Cost
-    added: tuple[tuple[str, Cost], ...]  # each new FlexPool and SAC head: module path, its own cost
+    added: tuple[tuple[str, Cost], ...]  # each new pool and SAC head: module path, its own cost
 
     def to_dict(self) -> dict:
         return {"source": asdict(self.source), "inference": asdict(self.inference), "training": asdict(self.training),
@@ -47,13 +47,20 @@ def _count(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, dict[st
     needs more than one value per channel. Buffers a train-mode forward updates (BatchNorm's
     running statistics) are put back, so measuring changes nothing in the model."""
     buffers = {name: b.clone() for name, b in model.named_buffers()} if train else {}
+    # Counted with no parameter requiring grad: FlopCounterMode's module tracker hooks every
+    # tensor that does, and fails on one a model passes on without a grad_fn (CaiT's class token).
+    trainable = {p: p.requires_grad for p in model.parameters()}
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with training_mode(model, train), torch.no_grad(), FlopCounterMode(display=False) as counter:
             if train:
                 forward_with_sac(model, x)
             else:
                 model(x)
     finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:
@@ -81,8 +88,7 @@ def measure(source: nn.Module, converted: nn.Module) -> CostReport:
     inference_macs, _ = _count(converted, x, train=False)
     training_macs, per_module = _count(converted, x, train=True)
     heads = converted.sac_heads
-    pools = [(name, m) for name, m in converted.named_modules() if isinstance(m, FlexPool)
-             and not name.startswith("sac_heads.")]
+    pools = [(name, converted.get_submodule(name)) for name in pool_paths(plan)]
     added = [(name, m) for name, m in pools] + [(f"sac_heads.{name}", m) for name, m in heads.named_children()]
     total = _params(converted)
     return CostReport(

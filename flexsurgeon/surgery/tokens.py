@@ -61,8 +61,10 @@ def token_shape(shape) -> tuple[int, int] | None:
 def token_stage_ends(cuts: list[fx.Node], stop: str | None, hook_of) -> tuple[list[fx.Node], tuple[int, ...]]:
     """Where SAC heads can read a token model, and the default heads among those places.
 
-    Cut nodes (every path passes them) that carry a token sequence are grouped by their
-    number of tokens; a place is a numbered block's output (``blocks.3``) that a hook reads.
+    Places are cut nodes (every path passes them) that carry a token sequence and are a
+    numbered block's output (``blocks.3``) that a hook reads; they are grouped by their number
+    of tokens. (Only block outputs count: inside a block, a transposed (B, C, N) view, as in
+    Twins' position convolution, would look like a sequence of C tokens and split a stage.)
     A hierarchical model (PiT, Twins, LeViT: the count changes between stages) gets the last
     block of each stage, and the default heads are then chosen as for a CNN. An isotropic one
     (ViT, DeiT, EVA, Mixer: one count throughout) gets every block, and by default heads
@@ -74,12 +76,11 @@ def token_stage_ends(cuts: list[fx.Node], stop: str | None, hook_of) -> tuple[li
         if n.op == "placeholder":
             continue
         shape = token_shape(node_shape(n))
-        if shape is not None:
+        hook = hook_of(n.name) if shape is not None else None
+        if hook is not None and hook.read == "output" and _BLOCK.search(hook.path):
             if not groups or groups[-1][0] != shape[0]:
                 groups.append((shape[0], []))
-            hook = hook_of(n.name)
-            if hook is not None and hook.read == "output" and _BLOCK.search(hook.path):
-                groups[-1][1].append(n)
+            groups[-1][1].append(n)
         if n.name == stop:
             break
     staged = [blocks for _, blocks in groups if blocks]
