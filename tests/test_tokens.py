@@ -161,8 +161,8 @@ def test_token_pools_join_the_class_token_in_the_head_group_and_out_of_weight_de
     head = groups[max(groups)]
     assert "head.weight" in head and {n for n in pools if n.startswith("flex_pools.")} <= set(head)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    decayed = {n for n, p in model.named_parameters()
-               for group in optimizer.param_groups if group["weight_decay"] > 0 and any(p is q for q in group["params"])}
+    decayed = {n for n, p in model.named_parameters() for group in optimizer.param_groups
+               if group["weight_decay"] > 0 and any(p is q for q in group["params"])}
     assert not pools & decayed and "head.weight" in decayed
     loaded = flexsurgeon.load(flexsurgeon.save(model, tmp_path / "vit"))
     assert pools <= loaded.no_weight_decay()

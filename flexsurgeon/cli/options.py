@@ -65,7 +65,8 @@ def surgery_options(command):
                      help="Input channels (timm models)."),
         click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new classifier."),
         click.option("--pool", type=click.Choice(POOL_KINDS), default="softmax", show_default=True,
-                     help="FlexPool parametrisation (linear adds a sum-to-one regulariser); avg, lse, simpool and token are fixed or timm baselines for ablations."),
+                     help="FlexPool parametrisation (linear adds a sum-to-one regulariser); avg, lse, simpool "
+                          "and token are fixed or timm baselines for ablations."),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Dropout on the pooled vector (the paper uses 0.25)."),
         click.option("--sac-stages", callback=stages_callback, metavar="LIST",

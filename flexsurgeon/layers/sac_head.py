@@ -14,8 +14,8 @@ class SACHead(nn.Module):
     """Simple auxiliary classifier: a global pool (the module ``pool``) then one ``nn.Linear`` (``fc``).
 
     No convolutions, no hidden layers (the paper's SAC). On a token sequence (``layout="tokens"``)
-    the pool is a TokenFlexPool over all tokens (for a baseline, their plain mean) and a LayerNorm comes before ``fc``: a transformer's
-    stream between blocks is not normalised. The argument ``pool`` names its kind:
+    the pool is a TokenFlexPool over all tokens (for a baseline, their plain mean) and a LayerNorm
+    comes before ``fc``: a transformer's stream between blocks is not normalised. The argument ``pool`` names its kind:
     FlexPool ("softmax", "linear"), or for ablation baselines another kind (see ``make_pool``).
     Used during training only; ``regularizer()`` returns the pool's regulariser (zero except
     for linear FlexPool).
