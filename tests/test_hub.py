@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import flexsurgeon
 from flexsurgeon.cli.main import main
+from flexsurgeon.commands.publish import model_card
 
 REPO = "someone/resnet18-flexpool"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -225,3 +226,15 @@ def test_eval_scores_an_hf_hub_checkpoint_from_the_cache(converted, tmp_path, mo
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert scores["model"] == f"hf-hub:{REPO}" and scores["count"] == 16
+
+
+@pytest.mark.parametrize("data, named", [("/home/someone/private/pets", "`pets` (a local folder)"),
+                                         ("synthetic:classes=4", "`synthetic:classes=4` (generated)"),
+                                         ("torch/cifar10:/mnt/data", "`torch/cifar10` (timm's data sets)")])
+def test_a_pushed_runs_card_names_its_data_set_without_a_local_path(converted, tmp_path, data, named):
+    run = tmp_path / "run"
+    shutil.copytree(converted, run / "best")
+    (run / "log.jsonl").write_text("")
+    (run / "run.json").write_text(json.dumps({"source": "resnet18", "data": data}))
+    card = model_card(run, REPO)
+    assert f"Fine-tuned on {named}." in card and "/home" not in card and "/mnt" not in card

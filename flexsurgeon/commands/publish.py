@@ -19,7 +19,8 @@ from ..checkpoints.hub import HUB_PREFIX, import_hub, split_repo
 from ..checkpoints.io import read_config, read_weights_header
 from ..checkpoints.names import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import HubError
-from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME
+from ..data import TIMM_PREFIXES
+from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME
 from ..surgery.plan import SurgeryPlan
 from ..utils import clip, first_line
 
@@ -171,8 +172,24 @@ def _weights_text(origin: str) -> str:
                                               if origin.startswith("file:") else f"`{origin}`")
 
 
+def _data_text(spec: str) -> str:
+    """The fine-tuning data as the card names it: a generated or timm data set by its spec, a
+    local folder by its own name only (the path means nothing to a reader and may be private)."""
+    if spec.startswith("synthetic:"):
+        return f"`{spec}` (generated)"
+    if spec.lower().startswith(TIMM_PREFIXES):
+        return f"`{spec.split(':', 1)[0]}` (timm's data sets)"
+    return f"`{Path(spec).name or spec}` (a local folder)"
+
+
 def _training_section(run: Path, metrics: dict | None) -> list[str]:
     lines = ["## Fine-tuning", ""]
+    try:
+        data = json.loads((run / RUN_NAME).read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):  # a run from before run.json recorded it
+        data = None
+    if isinstance(data, str) and data:
+        lines += [f"Fine-tuned on {_data_text(data)}.", ""]
     if metrics is not None:
         lines += [f"After {metrics['epochs']} epoch(s), on the run's validation split:", "",
                   "| classifier | top-1 | top-5 |", "|---|---|---|"]
