@@ -21,6 +21,11 @@ def test_plan_round_trips_through_json():
     plan = _plan()
     assert SurgeryPlan.from_json(plan.to_json()) == plan
     assert json.loads(plan.to_json())["version"] == 3
+    # a builder argument given as a tuple (LeViT's depth) comes back as the tuple, not dropped
+    tuples = _plan(source=SourceSpec("timm", "levit_128s", {"depth": (1, 1, 1), "num_classes": 10}))
+    assert SurgeryPlan.from_json(tuples.to_json()) == tuples
+    with pytest.raises(PlanError, match="source.kwargs"):
+        _plan(source=SourceSpec("timm", "levit_128s", {"depth": ((1, 1), 1)}))
 
 
 def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():

@@ -7,6 +7,8 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2
 
 import flexsurgeon
 from flexsurgeon.cli.main import main
@@ -20,7 +22,7 @@ MODELS = {
     "deit distilled": ("deit_tiny_distilled_patch16_224", {"depth": 3}, [("token", 0), ("token", 1)]),
     "mixer": ("mixer_s16_224", {}, [("mean", 0, 4)]),
     "eva02 mean": ("eva02_tiny_patch14_224", {"depth": 3, "img_size": 28}, [("mean", 1, 5)]),
-    "levit (hierarchical)": ("levit_128s", {"img_size": 128}, [("mean", 0, 4)]),
+    "levit (hierarchical)": ("levit_128s", {"img_size": 128, "depth": (1, 1, 1)}, [("mean", 0, 4)]),
 }
 
 
@@ -90,24 +92,53 @@ def test_inspect_says_what_each_token_pool_reads():
                                                                         "64"]).output
 
 
-def test_a_converted_token_model_saves_loads_through_timm_and_exports_to_onnx(tmp_path):
+ACCEPTANCE = ["vit class token", "vit mean", "mixer", "levit (hierarchical)"]
+
+
+@pytest.mark.parametrize("case", ACCEPTANCE)
+def test_a_converted_token_model_keeps_timms_api_round_trips_exports_and_fine_tunes(case, tmp_path):
     pytest.importorskip("onnxruntime")
     import numpy as np
     import onnxruntime
 
-    model = flexsurgeon.convert(_source("vit mean"), img_size=32)
-    flexsurgeon.save(model, tmp_path / "vit")
-    x = _x()
-    loaded = timm.create_model(f"local-dir:{tmp_path / 'vit'}", pretrained=True).eval()
+    source = _source(case)
+    size = {**SMALL, **MODELS[case][1]}["img_size"]
+    x = _x(size)
+    model = flexsurgeon.convert(_source(case), img_size=size)
     with torch.no_grad():
         want = model(x)
+        if hasattr(source, "forward_intermediates"):  # timm's feature API reads the same blocks
+            for got, expected in zip(model.forward_intermediates(x, intermediates_only=True),
+                                     source.forward_intermediates(x, intermediates_only=True), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        model.set_grad_checkpointing(False)
+    pools = {n for n, _ in model.named_parameters() if n.startswith("flex_pools.")}
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    assert pools and pools <= set(groups[max(groups)])  # the head's group, with the classifier
+    folder = flexsurgeon.save(model, tmp_path / "model")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert type(loaded) is type(source)
+    with torch.no_grad():
         torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(tmp_path / "vit"), "--format", "onnx", "-o", str(tmp_path / "v.onnx")])
+    result = runner.invoke(main, ["export", str(folder), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
-    session = onnxruntime.InferenceSession(str(tmp_path / "v.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - want.numpy()).max() < 1e-4
+
+    run = tmp_path / "run"  # one smoke epoch with SAC heads, on 3 classes: the head is reset, the pools kept
+    result = runner.invoke(main, ["finetune", str(folder), "--data", "synthetic:classes=3,train=16,val=8",
+                                  "--recipe", "smoke", "--epochs", "1", "--set", "freeze_epochs=0",
+                                  "--num-classes", "3", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and len([h for h in log[-1]["val"]["top1"] if h.startswith("sac:")]) == 2
+    tuned = flexsurgeon.load(run / "last")
+    assert type(tuned) is type(source) and tuned.num_classes == 3 and tuned(x).shape == (2, 3)
+    assert [tuple(p.start) for p in tuned.flexsurgeon_plan.pools] == MODELS[case][2]
 
 
 def test_a_token_model_fine_tunes_with_sac_heads_through_the_cli(tmp_path):
@@ -150,9 +181,6 @@ def test_a_pool_for_the_other_form_is_refused_in_one_line():
 
 
 def test_token_pools_join_the_class_token_in_the_head_group_and_out_of_weight_decay(tmp_path):
-    from timm.models import group_parameters
-    from timm.optim import create_optimizer_v2
-
     model = flexsurgeon.convert(_source("vit class token"), img_size=32)
     pools = {n for n, _ in model.named_parameters() if ".pool." in n or n.startswith("flex_pools.")}
     assert len(pools) == 4  # the head pool's weight and gamma, and each SAC head's pool weight

@@ -121,7 +121,7 @@ class SurgeryPlan:
             if not isinstance(self.source.kwargs, dict) or not all(
                     isinstance(k, str) and _plain(v) for k, v in self.source.kwargs.items()):
                 raise PlanError("plan source.kwargs must map names to plain values (str, int, finite float, bool, "
-                                "null)")
+                                "null, or a list of those)")
             loaders = sorted(set(self.source.kwargs) & set(_LOADER_KWARGS))
             if loaders:
                 raise PlanError(f"plan source.kwargs may not set {', '.join(loaders)}: a checkpoint's weights come "
@@ -206,6 +206,9 @@ class SurgeryPlan:
             source = data.get("source")
             if source is not None:
                 _check_keys(source, {"library", "name", "kwargs", "weights"}, "source")
+                kwargs = source.get("kwargs")
+                if isinstance(kwargs, dict):  # JSON has lists where the builder was given tuples
+                    source = {**source, "kwargs": {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}}
                 source = SourceSpec(**source)
             pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "replacement",
                          "forward", "start", "prefix", "grid"}
@@ -237,8 +240,13 @@ def _check_version(version) -> None:
                         "convert the source model again with this version")
 
 
-def _plain(value) -> bool:
+def _scalar(value) -> bool:
     return isinstance(value, _SCALAR) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def _plain(value) -> bool:
+    """A scalar, or a tuple of scalars (a builder argument such as LeViT's ``depth=(2, 3, 4)``)."""
+    return _scalar(value) or (isinstance(value, tuple) and all(map(_scalar, value)))
 
 
 def _positive_int(value) -> bool:

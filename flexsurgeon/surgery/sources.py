@@ -21,7 +21,8 @@ from ..utils import clip, first_line
 from .plan import SourceSpec
 
 _TV_PREFIXES = ("tv:", "torchvision:")
-_SOURCE_ARG_TYPES = (str, int, float, bool, type(None))  # timm's recorded arguments a SourceSpec keeps
+# timm's recorded arguments a SourceSpec keeps: these, and flat tuples or lists of them
+_SOURCE_ARG_TYPES = (str, int, float, bool, type(None))
 # Builders whose defaults add training-only auxiliary outputs; surgery works on the plain classifier.
 _TV_DEFAULT_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": False},
@@ -359,6 +360,8 @@ def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
     args = getattr(model, "_model_args", None)
     if not name or not isinstance(args, dict):
         return None
-    kwargs = {k: v for k, v in args.items() if isinstance(v, _SOURCE_ARG_TYPES)}
+    kwargs = {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in args.items()
+              if isinstance(v, _SOURCE_ARG_TYPES) or (isinstance(v, (tuple, list)) and all(
+                  isinstance(x, _SOURCE_ARG_TYPES) for x in v))}
     kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
     return SourceSpec("timm", name, kwargs)
