@@ -18,8 +18,8 @@ from pathlib import Path
 from ..checkpoints.hub import HUB_PREFIX, import_hub, split_repo
 from ..checkpoints.io import read_config, read_weights_header
 from ..checkpoints.names import CONFIG_NAME, WEIGHTS_NAME
-from ..errors import HubError
 from ..data import TIMM_PREFIXES
+from ..errors import HubError
 from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME
 from ..surgery.plan import SurgeryPlan
 from ..utils import clip, first_line
