@@ -208,7 +208,8 @@ class SurgeryPlan:
                 _check_keys(source, {"library", "name", "kwargs", "weights"}, "source")
                 kwargs = source.get("kwargs")
                 if isinstance(kwargs, dict):  # JSON has lists where the builder was given tuples
-                    source = {**source, "kwargs": {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}}
+                    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+                    source = {**source, "kwargs": kwargs}
                 source = SourceSpec(**source)
             pool_keys = {"node", "input", "channels", "size", "keepdim", "layout", "module", "replacement",
                          "forward", "start", "prefix", "grid"}
