@@ -27,9 +27,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """A converted timm resnet18 folder (64x64, 4 classes) for tests that fine-tune or write into runs."""
+    """A converted timm resnet18 folder (64x64, 4 classes) for tests that fine-tune or write into runs;
+    one for the whole session, so tests read it and never change it."""
     import flexsurgeon
 
     torch.manual_seed(0)
