@@ -753,6 +753,9 @@ def main(argv=None) -> int:
                         help="also run each walked model through `python -m flexsurgeon convert` and `inspect` in a "
                              "subprocess and check what a user sees (default: on with --quick, off otherwise)")
     parser.add_argument("--records", type=Path, default=None, help="JSON-lines results file (default: a temp file)")
+    parser.add_argument("--shard", default="", metavar="K/N",
+                        help="walk every N-th model from the K-th (0-based), for N processes side by side, each "
+                             "with its own --records; then --report-only over the records put together")
     parser.add_argument("--resume", action="store_true", help="skip models already in --records")
     parser.add_argument("--retry-skipped", action="store_true",
                         help="with --resume, walk models recorded as skipped again (e.g. with a larger --max-params)")
@@ -779,6 +782,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     command = "python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
     walk, not_walked = list_candidates(args)
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        walk = walk[k::n]
     records_path = args.records or Path(tempfile.mkstemp(prefix="zoo_coverage_", suffix=".jsonl")[1])
     records, latest = [], {}
     if args.resume and records_path.exists():

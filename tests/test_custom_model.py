@@ -140,3 +140,21 @@ def test_a_tap_changed_in_place_after_its_stage_is_refused():
     converted = flexsurgeon.convert(_ChangesItsStage(), img_size=32, sac_stages=["stage2"])
     with pytest.raises(flexsurgeon.FlexSurgeonError, match="changed the tensor at SAC tap 'stage2"):
         flexsurgeon.forward_with_sac(converted, torch.randn(2, 3, 32, 32))
+
+
+def test_a_timm_model_built_with_arguments_a_plan_cannot_hold_is_saved_as_the_users_own(tmp_path):
+    # act_layer=nn.SiLU cannot go into JSON; rebuilt without it, resnet10t would be another network
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("resnet10t", num_classes=3, act_layer=nn.SiLU).eval()
+
+    converted = flexsurgeon.convert(build(), img_size=64)
+    assert (converted.flexsurgeon_plan.source.library, converted.flexsurgeon_plan.source.name) == ("custom", "ResNet")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = converted(x)
+    folder = flexsurgeon.save(converted, tmp_path / "gelu")
+    with pytest.raises(flexsurgeon.FlexSurgeonError, match=r"custom model \(ResNet\)"):
+        flexsurgeon.load(folder)
+    with torch.no_grad():
+        assert torch.equal(flexsurgeon.load(folder, model=build()).eval()(x), expected)

@@ -360,8 +360,14 @@ def _timm_spec_of(model: nn.Module) -> SourceSpec | None:
     args = getattr(model, "_model_args", None)
     if not name or not isinstance(args, dict):
         return None
-    kwargs = {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in args.items()
-              if isinstance(v, _SOURCE_ARG_TYPES) or (isinstance(v, (tuple, list)) and all(
-                  isinstance(x, _SOURCE_ARG_TYPES) for x in v))}
+    def plain(v) -> bool:
+        return isinstance(v, _SOURCE_ARG_TYPES) or (
+            isinstance(v, (tuple, list)) and all(isinstance(x, _SOURCE_ARG_TYPES) for x in v))
+
+    if not all(plain(v) for v in args.values()):
+        # e.g. act_layer=nn.SiLU: a plan holds JSON, and timm rebuilt without the argument would be
+        # another network, so the model is saved as the user's own, rebuilt by the user
+        return None
+    kwargs = {k: tuple(v) if isinstance(v, (tuple, list)) else v for k, v in args.items()}
     kwargs["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes"))
     return SourceSpec("timm", name, kwargs)
