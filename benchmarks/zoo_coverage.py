@@ -368,9 +368,11 @@ def check_model(label: str, args) -> dict:
             if len(sizes) == 1 and spec_at_size(spec, SMALL_TOKEN_SIZE) != spec:
                 sizes = [SMALL_TOKEN_SIZE, *sizes]  # a fixed-size model built for its input size: try a small one
             refusals = {}
+            as_built = source
             for size in sizes:
                 record["img"] = f"{size[0]}x{size[1]}"
                 sized = spec_at_size(spec, size)  # a ViT is built for its input size, as `convert --img-size` does
+                source = as_built  # not the one an earlier size built
                 if sized != spec:
                     torch.manual_seed(0)
                     try:

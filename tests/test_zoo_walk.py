@@ -121,3 +121,11 @@ def test_cli_for_real(zoo):
     cli = zoo.check_cli(_record("preserved"), SimpleNamespace(timeout=120))
     assert cli["result"] == "preserved", cli
     assert cli["convert_rc"] == 0 and cli["inspect_rc"] == 0 and cli["timm_loads"] is True
+
+
+@pytest.mark.zoo
+def test_a_model_that_fails_at_the_small_size_is_tried_as_built_for_its_own(zoo):
+    """CrossViT cannot be built for 64x64; at its own 240x240 the walk must use the model built for
+    240, not the one it built for 64 (which once made it record a refusal)."""
+    record = zoo.check_model("crossvit_tiny_240", SimpleNamespace(timeout=120, max_params=300, roundtrip=False))
+    assert (record["outcome"], record["img"]) == ("preserved", "240x240"), record
