@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import AttentionPool2d
 
 import flexsurgeon
 from flexsurgeon.errors import AnalysisError
@@ -150,6 +151,24 @@ def test_model_without_a_pool_flexpool_can_start_from_gets_a_reason():
     with pytest.raises(AnalysisError, match=r"reads one token kept apart from the others: the output of an attention "
                                             r"pool \(a learned query over the tokens, timm's global_pool='map'\)"):
         flexsurgeon.convert(vit, img_size=32)
+
+
+class _AttentionPooledCNN(torch.nn.Module):
+    """A CLIP ResNet's head in small: timm's AttentionPool2d projects every token to the classes,
+    then keeps token 0 (and, with pre_logits=True, token 0 before the projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, 4, 1)
+        self.head = AttentionPool2d(16, feat_size=8, out_features=3, head_dim=8)
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def test_a_pool_that_reads_another_value_under_pre_logits_is_refused_in_one_line():
+    with pytest.raises(AnalysisError, match=r"one FlexPool cannot replace it"):
+        flexsurgeon.convert(_AttentionPooledCNN().eval(), img_size=32)
 
 
 def test_one_by_one_final_map_is_refused():

@@ -17,7 +17,7 @@ import itertools
 
 from torch import fx, nn
 
-from ..errors import PlanError
+from ..errors import AnalysisError, PlanError
 from .trace import trace_model
 
 
@@ -93,6 +93,10 @@ def rewrite_forward(holder: nn.Module, forward: str, pools: dict[str, tuple[str,
 def _replace_pool(graph: fx.Graph, name: str, source_name: str, mode: str) -> None:
     nodes = {n.name: n for n in graph.nodes}
     node, source = nodes.get(name), nodes.get(source_name)
+    if node is not None and source is None:
+        raise AnalysisError(f"the pool at '{name}' reads '{source_name}' in one call and another value when an "
+                            "option of the method holding it changes (e.g. pre_logits=True, when it pools after "
+                            "the classifier, as an attention pool's head does); one FlexPool cannot replace it")
     if node is None or source is None:
         raise PlanError(f"plan names node '{name if node is None else source_name}', which the {mode}-mode graph "
                         "does not have; the plan was made for a different model")
