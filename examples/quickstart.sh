@@ -10,9 +10,9 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-.}
 DATA="synthetic:classes=4,train=512,val=128,noise=0.05"
 
-$PY -m flexsurgeon convert resnet18 --random-init --img-size 64 --num-classes 4 -o "$WORK/out/resnet18-flex" --force
+$PY -m flexsurgeon convert resnet10t --random-init --img-size 64 --num-classes 4 -o "$WORK/out/resnet10t-flex" --force
 rm -rf "$WORK/runs/quickstart"
-$PY -m flexsurgeon finetune "$WORK/out/resnet18-flex" --data "$DATA" --recipe smoke --epochs 5 -o "$WORK/runs/quickstart"
+$PY -m flexsurgeon finetune "$WORK/out/resnet10t-flex" --data "$DATA" --recipe smoke --epochs 5 -o "$WORK/runs/quickstart"
 $PY - "$DATA" "$WORK/runs/quickstart/best" <<'PY'
 import sys
 
