@@ -146,6 +146,7 @@ class _FakeApi:
     """Stands in for huggingface_hub.HfApi: records what a push sends."""
 
     calls: list = []
+    repos: dict = {}  # repo id -> its branches, as the Hub has them
 
     def __init__(self, **kwargs):
         pass
@@ -153,10 +154,27 @@ class _FakeApi:
     def whoami(self):
         return {"name": "someone"}
 
-    def create_repo(self, repo_id, private=False, exist_ok=False):
+    def repo_exists(self, repo_id):
+        return repo_id in self.repos
+
+    def list_repo_refs(self, repo_id):
+        branches = [type("Ref", (), {"name": b})() for b in self.repos[repo_id]]
+        return type("Refs", (), {"branches": branches})()
+
+    def delete_repo(self, repo_id):
+        self.calls.append(("delete_repo", repo_id))
+
+    def delete_branch(self, repo_id, branch):
+        self.calls.append(("delete_branch", repo_id, branch))
+
+    def create_repo(self, repo_id, private=False):
+        assert repo_id not in self.repos
+        self.repos[repo_id] = ["main"]
         self.calls.append(("create_repo", repo_id, private))
 
-    def create_branch(self, repo_id, branch, exist_ok=False):
+    def create_branch(self, repo_id, branch):
+        assert branch not in self.repos[repo_id]
+        self.repos[repo_id].append(branch)
         self.calls.append(("create_branch", repo_id, branch))
 
     def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
@@ -173,7 +191,7 @@ def test_push_uploads_the_folder_card_and_plots_in_one_commit(converted, tmp_pat
     shutil.copytree(converted, folder)
     (folder / "plots").mkdir()
     (folder / "plots" / "flexpool_weights.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    _FakeApi.calls = []
+    _FakeApi.calls, _FakeApi.repos = [], {}
     monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
     result = CliRunner().invoke(main, ["push", str(folder), REPO, "--private", "--revision", "v1"])
     assert result.exit_code == 0, result.output
@@ -185,6 +203,44 @@ def test_push_uploads_the_folder_card_and_plots_in_one_commit(converted, tmp_pat
     assert message.startswith("Add resnet18 with FlexPool (flexsurgeon ")
     assert "![flexpool_weights](plots/flexpool_weights.png)" in card
     assert f"pushed to {REPO}" in result.output
+
+
+class _FailingUpload(_FakeApi):
+    def upload_folder(self, *args, **kwargs):
+        raise ConnectionError("Connection reset by peer")
+
+
+@pytest.mark.parametrize("repos, revision, undone", [
+    ({}, None, ("delete_repo", REPO)),  # a new repository is deleted again
+    ({REPO: ["main"]}, "v2", ("delete_branch", REPO, "v2")),  # a new branch of an existing one
+    ({REPO: ["main", "v2"]}, "v2", None),  # nothing was created: nothing is deleted
+])
+def test_a_failed_upload_leaves_no_empty_repository_or_branch(converted, monkeypatch, repos, revision, undone):
+    import huggingface_hub
+
+    _FailingUpload.calls, _FailingUpload.repos = [], {k: list(v) for k, v in repos.items()}
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FailingUpload)
+    result = CliRunner().invoke(main, ["push", str(converted), REPO, *(["--revision", revision] if revision else [])])
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    assert f"push to {REPO} failed, nothing was uploaded" in result.output
+    assert "Connection reset by peer" in result.output
+    deletions = [c for c in _FailingUpload.calls if c[0].startswith("delete")]
+    assert deletions == ([undone] if undone else [])
+    assert ("it created is deleted again" in result.output) == (undone is not None)
+
+
+def test_a_failed_upload_says_what_it_could_not_delete(converted, monkeypatch):
+    import huggingface_hub
+
+    class Offline(_FailingUpload):
+        def delete_repo(self, repo_id):
+            raise ConnectionError("Network is unreachable")
+
+    Offline.calls, Offline.repos = [], {}
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    result = CliRunner().invoke(main, ["push", str(converted), REPO])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1
+    assert f"the empty repository {REPO} it created is left on the Hub: delete it there" in result.output
 
 
 def test_push_without_credentials_or_huggingface_hub_is_one_line(converted, tmp_path, monkeypatch):

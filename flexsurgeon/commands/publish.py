@@ -255,14 +255,34 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
                        "set HF_TOKEN; --dry-run OUT writes the files without uploading)") from None
     with tempfile.TemporaryDirectory(prefix="flexsurgeon-push-") as tmp:
         names = _stage(pushed, repo, Path(tmp))
+        created = None  # what this push made before its upload: removed again if the upload fails
         try:
-            api.create_repo(repo, private=private, exist_ok=True)
-            if revision:
-                api.create_branch(repo, branch=revision, exist_ok=True)
+            if not api.repo_exists(repo):
+                api.create_repo(repo, private=private)
+                created = "repository"
+            if revision and revision not in {b.name for b in api.list_repo_refs(repo).branches}:
+                api.create_branch(repo, branch=revision)
+                created = created or "branch"
             commit = api.upload_folder(repo_id=repo, folder_path=tmp, commit_message=message, revision=revision)
         except Exception as exc:  # one commit: it landed whole or not at all
-            raise HubError(f"push to {repo} failed, nothing was uploaded: {clip(first_line(exc), 200)}") from None
+            left = _undo(api, repo, revision, created)
+            raise HubError(f"push to {repo} failed, nothing was uploaded{left}: {clip(first_line(exc), 200)}") from None
     return PushResult(names, message, str(getattr(commit, "commit_url", commit)), None)
+
+
+def _undo(api, repo: str, revision: str | None, created: str | None) -> str:
+    """Delete the empty repository or branch a failed push created; what is left, for the message."""
+    if created is None:
+        return ""
+    what = f"repository {repo}" if created == "repository" else f"branch {revision} of {repo}"
+    try:
+        if created == "repository":
+            api.delete_repo(repo)
+        else:
+            api.delete_branch(repo, branch=revision)
+    except Exception:  # the network that failed the upload may fail this too: say what is left
+        return f" (the empty {what} it created is left on the Hub: delete it there)"
+    return f" (the {what} it created is deleted again)"
 
 
 __all__ = ["model_card", "push", "PushResult"]
