@@ -294,3 +294,49 @@ def test_a_pushed_runs_card_names_its_data_set_without_a_local_path(converted, t
     (run / "run.json").write_text(json.dumps({"source": "resnet18", "data": data}))
     card = model_card(run, REPO)
     assert f"Fine-tuned on {named}." in card and "/home" not in card and "/mnt" not in card
+
+
+def test_finetune_and_export_take_a_converted_model_on_the_hub(converted, tmp_path, monkeypatch):
+    """``hf-hub:ORG/NAME`` works wherever a converted folder does: finetune starts from it (its
+    conversion kept, conversion options refused) and export writes the same model."""
+    out = tmp_path / "to-upload"
+    assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
+    _offline_cache(out, tmp_path, monkeypatch)
+    name = f"hf-hub:{REPO}"
+
+    exported = tmp_path / "exported"
+    result = CliRunner().invoke(main, ["export", name, "--format", "safetensors", "-o", str(exported)])
+    assert result.exit_code == 0, result.output
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = flexsurgeon.load(converted).eval()(x)
+        torch.testing.assert_close(flexsurgeon.load(exported).eval()(x), expected)
+        torch.testing.assert_close(timm.create_model(f"local-dir:{exported}", pretrained=True).eval()(x), expected)
+
+    data = "synthetic:classes=4,train=32,val=16,size=64"
+    run = tmp_path / "run"
+    args = ["finetune", name, "--data", data, "--recipe", "smoke", "--epochs", "1", "--workers", "0", "-o", str(run)]
+    refused = CliRunner().invoke(main, [*args, "--sac-stages", "1"])
+    assert refused.exit_code == 1 and "--sac-stages applies when converting a model name" in refused.output
+    assert not run.exists()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["source"] == name
+    trained = flexsurgeon.load(run / "last")
+    assert trained.flexsurgeon_plan == flexsurgeon.load(converted).flexsurgeon_plan
+
+
+def test_a_hub_repository_of_a_plain_timm_model_is_refused_in_one_line(tmp_path, monkeypatch):
+    files = tmp_path / "plain"
+    files.mkdir()
+    (files / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 4}))
+    (files / "model.safetensors").write_bytes(b"")
+    _offline_cache(files, tmp_path, monkeypatch)
+    for args in (["export", f"hf-hub:{REPO}", "--format", "safetensors", "-o", str(tmp_path / "out")],
+                 ["finetune", f"hf-hub:{REPO}", "--data", "synthetic:classes=4,train=8,val=8,size=64",
+                  "-o", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.output.splitlines()) == 1, result.output
+        assert f"hf-hub:{REPO}/config.json names architecture 'resnet18', not 'flexsurgeon'" in result.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -243,8 +243,14 @@ def load(directory, model=None):
     if hub_name:
         directory = download_checkpoint(hub_name)
     directory = Path(directory)
-    config, plan = read_folder(directory, buildable=model is None)
-    shapes = read_weights_header(directory / WEIGHTS_NAME, plan)
+    try:
+        config, plan = read_folder(directory, buildable=model is None)
+        shapes = read_weights_header(directory / WEIGHTS_NAME, plan)
+    except FlexSurgeonError as exc:
+        if hub_name is None:
+            raise
+        # name the repository, not the cache path it was downloaded to
+        raise type(exc)(str(exc).replace(str(directory), hub_name)) from None
     if model is None:
         model = build_from_plan(plan)
     else:

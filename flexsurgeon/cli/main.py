@@ -134,8 +134,8 @@ def inspect(model, as_json, **params):
 @friendly_errors
 def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, replace_gating, weights, weights_file,
              resume, num_classes, model_code, **overrides):
-    """Fine-tune SOURCE (a folder written by convert, or a model to convert first: a timm name,
-    tv:NAME or FILE.py:FACTORY)."""
+    """Fine-tune SOURCE (a folder written by convert, a converted model on the Hub as
+    hf-hub:ORG/NAME, or a model to convert first: a timm name, tv:NAME or FILE.py:FACTORY)."""
     from pathlib import Path
 
     from ..training.recipe import load_recipe, parse_override, with_overrides
@@ -238,7 +238,8 @@ def eval_command(source, data_spec, batch_size, workers, device, val_split, seed
 def export_command(directory, fmt, output, img_size, opset, force, model_code):
     """Export the model in DIR for inference, without SAC heads.
 
-    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint).
+    DIR is a folder written by convert or finetune (a run folder means its best/ checkpoint), or a
+    converted model on the Hub as hf-hub:ORG/NAME.
     onnx takes a fixed input size and any batch size (needs pip install 'flexsurgeon[export]');
     safetensors loads with flexsurgeon.load and timm's local-dir:."""
     from pathlib import Path
@@ -246,13 +247,13 @@ def export_command(directory, fmt, output, img_size, opset, force, model_code):
     from ..checkpoints.io import load_folder
     from ..commands.export import export_inference_folder, export_onnx
     from ..errors import ExportError
-    from ..runs.layout import checkpoint_folder
+    from ..runs.layout import checkpoint_source
 
     if fmt == "safetensors" and (img_size or opset):
         raise click.UsageError("--img-size and --opset apply to --format onnx only")
     if Path(output).exists() and not force:  # refuse before spending time on the model
         raise ExportError(f"output {output} already exists; pass --force to replace it")
-    folder = checkpoint_folder(directory)
+    folder = checkpoint_source(directory)
     model = load_folder(folder, model_code)
     if fmt == "onnx":
         path = export_onnx(model, output, img_size=img_size, opset=opset, force=force)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoints.folders import check_not_interrupted
 from ..errors import CheckpointError, DataError
-from ..runs.layout import checkpoint_folder
+from ..runs.layout import checkpoint_source, is_checkpoint_source
 from ..utils import training_mode
 
 
@@ -20,17 +20,13 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
     name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model."""
     from timm.data import resolve_data_config
 
-    from ..checkpoints.hub import is_hub_name
     from ..checkpoints.io import load_folder
     from ..surgery.sources import is_model_code, resolve_source
 
-    if is_hub_name(source):  # a checkpoint on the Hugging Face Hub (or in its local cache)
-        model = load_folder(source, model_code)
-        return model, source, resolve_data_config(model=model)
-    if Path(source).is_dir():
-        folder = checkpoint_folder(source)
-        model = load_folder(folder, model_code)
-        return model, str(folder), resolve_data_config(model=model)
+    if is_checkpoint_source(source):  # a folder, or a checkpoint on the Hub (or in its local cache)
+        checkpoint = checkpoint_source(source)
+        model = load_folder(checkpoint, model_code)
+        return model, str(checkpoint), resolve_data_config(model=model)
     if "/" in source and not source.startswith(("tv:", "torchvision:")) and not is_model_code(source):
         check_not_interrupted(Path(source))
         raise CheckpointError(f"no such checkpoint folder: {source}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints.hub import is_hub_name
 from ..checkpoints.names import CONFIG_NAME
 from ..errors import CheckpointError
 
@@ -19,6 +20,18 @@ def checkpoint_folder(path: str | Path) -> Path:
             return candidate
     raise CheckpointError(f"{path} holds no checkpoint: expected {CONFIG_NAME} there or in best/ or last/ "
                           "(a folder written by flexsurgeon convert or finetune)")
+
+
+def checkpoint_source(source: str | Path) -> str | Path:
+    """What a model argument names, for ``load_folder``: an ``hf-hub:ORG/NAME[@REV]`` checkpoint
+    as it is (fetched when loaded, so the model records where it came from), else the folder
+    ``checkpoint_folder`` finds."""
+    return str(source) if is_hub_name(source) else checkpoint_folder(source)
+
+
+def is_checkpoint_source(source: str | Path) -> bool:
+    """A checkpoint (a folder or an ``hf-hub:`` name) rather than a model to convert."""
+    return is_hub_name(source) or Path(source).is_dir()
 
 
 BEST, LAST = "best", "last"  # the checkpoint folders of a finetune run

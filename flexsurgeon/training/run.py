@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 
 from ..checkpoints.folders import recover
+from ..checkpoints.hub import is_hub_name
 from ..checkpoints.io import load_folder, read_config
 from ..checkpoints.locks import hold
 from ..errors import CheckpointError, TrainingError
-from ..runs.layout import BEST, LAST, RECIPE_NAME, RUN_NAME, STATE_JSON
+from ..runs.layout import BEST, LAST, RECIPE_NAME, RUN_NAME, STATE_JSON, is_checkpoint_source
 from ..surgery.convert import convert
 from ..surgery.sources import is_model_code
 from ..utils import write_text_replacing
@@ -72,8 +73,9 @@ def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, wei
     if (output / LAST).exists():
         raise CheckpointError(f"{output} already holds a run; pass --resume to continue it or choose another -o")
     seed_everything(recipe.seed)
-    if Path(source).is_dir():
-        read_config(source)  # a clear error for a folder that is not a checkpoint
+    if is_checkpoint_source(source):  # a converted folder, or one on the Hub
+        if not is_hub_name(source):
+            read_config(source)  # a clear error for a folder that is not a checkpoint
         _refuse_conversion_options(source, weights=weights, sac_stages=sac_stages, in_chans=in_chans,
                                    replace_gating=replace_gating)
         model = load_folder(source, model_code)
