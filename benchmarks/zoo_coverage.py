@@ -9,9 +9,9 @@ the small one is refused for its size). The outcome is one of:
   on the output's path);
 - ``refused``: flexsurgeon raised a ``FlexSurgeonError``; its one-line message is the reason;
 - ``timm-untraceable``: our trace failed and timm's own ``get_graph_node_names`` fails too;
-- ``wrong``: converted but the output differs or the pool is dead, flexsurgeon raised an
-  exception that is not a ``FlexSurgeonError`` (a bug of ours), or our trace failed
-  where timm's succeeds;
+- ``wrong``: converted but the output differs, the pool is dead or a SAC head does not give
+  one row of logits per image, flexsurgeon raised an exception that is not a
+  ``FlexSurgeonError`` (a bug of ours), or our trace failed where timm's succeeds;
 - ``skipped``: too large (``--max-params``), timed out, does not build, or its random-init
   output is not finite (nothing to compare); ``not-walked``: excluded by the filter.
 
@@ -314,6 +314,19 @@ def _verify(source, converted, size) -> str | None:
     return None
 
 
+def _check_sac(converted, size) -> str | None:
+    """None when each default SAC head gives one row of logits per image, as the main output
+    does; else which head does not."""
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    converted.eval()
+    with torch.no_grad():
+        out, heads = flexsurgeon.forward_with_sac(converted, x)
+    for tap, head in zip(converted.flexsurgeon_plan.sac, heads):
+        if tuple(head.shape) != tuple(out.shape):
+            return f"the SAC head on {tap.module} gives {tuple(head.shape)}, not {tuple(out.shape)}"
+    return None
+
+
 METHODS = ("in place", "head rewrite", "graph rewrite")
 
 
@@ -402,8 +415,9 @@ def check_model(label: str, args) -> dict:
                     continue
                 except FlexSurgeonError as exc:
                     return done("refused", _first_line(exc))
-                problem = _verify(source, converted, size)
+                problem = _verify(source, converted, size) or _check_sac(converted, size)
                 plan = converted.flexsurgeon_plan
+                record["sac_heads"] = len(plan.sac)
                 record["pool"] = "+".join(f"{p.size[0]}x{p.size[1]}" for p in plan.pools)
                 # the record field keeps its historic name "method" (earlier JSONL files use it)
                 record["reduction"] = _reduction(plan)
@@ -679,6 +693,15 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
         for kind in ("spatial mean", "token mean", "class token"):
             counts = [reductions.get((kind, m), 0) for m in METHODS]
             lines.append(f"| {kind} | {sum(counts)} | " + " | ".join(map(str, counts)) + " |")
+    heads = collections.Counter((r["reduction"] or "spatial mean", r["sac_heads"] > 0) for r in records
+                                if r["outcome"] == "preserved" and r.get("sac_heads") is not None)
+    if heads:
+        lines += ["", "Default SAC heads on the preserved models (each head checked to give one row of logits per "
+                  "image); a model without them converts, and `--sac-stages` can still name taps:", "",
+                  "| reduction | with SAC heads | without |", "|---|---|---|"]
+        for kind in ("spatial mean", "token mean", "class token"):
+            if heads.get((kind, True)) or heads.get((kind, False)):
+                lines.append(f"| {kind} | {heads.get((kind, True), 0)} | {heads.get((kind, False), 0)} |")
     with_cli = any(summary["cli"].values())
     if with_cli:
         lines += ["", "## Through the command line", "",

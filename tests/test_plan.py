@@ -55,7 +55,9 @@ def test_default_weights_are_the_papers_for_two_heads_and_increase_otherwise():
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="os.system('x')"),)}, "is not a module path"),
     ({"pools": (PoolEdit("pool", "x", 1, (2, 2), module="a b"),)}, "is not a module path"),
     ({"sac": (SacTap("t", 1, (2, 2), "layer2", "both"), SacTap("u", 1, (2, 2), "layer3"))},
-     "read its output or input"),
+     "read its output, an element of it"),
+    ({"sac": (SacTap("t", 1, (2, 2), "layer2", "output[-1]"),)}, "read its output, an element of it"),
+    ({"sac": (SacTap("t", 1, (2, 2), "layer2", "output[0].x"),)}, "read its output, an element of it"),
     ({"version": 1}, "convert the source model again"),
 ])
 def test_bad_plans_are_refused_with_the_field_named(changes, message):

@@ -8,6 +8,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from timm.models import group_parameters
+from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from timm.optim import create_optimizer_v2
 
 import flexsurgeon
@@ -201,6 +202,41 @@ def test_a_hierarchical_token_models_heads_go_at_its_stage_ends_past_its_positio
     # that view must not split the stage (it once put a head on the first block of the last stage)
     source = timm.create_model("twins_pcpvt_small", depths=(1, 2, 2, 1), img_size=64, num_classes=5)
     assert [t.module for t in flexsurgeon.inspect(source, img_size=64).plan.sac] == ["blocks.1.1", "blocks.2.1"]
+
+
+def _small_mvitv2():
+    torch.manual_seed(0)
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 2, 1), embed_dim=16, num_heads=1), img_size=(64, 64),
+                         num_classes=5)
+
+
+def test_a_block_that_returns_a_tuple_gets_its_sac_head_on_the_tokens_in_it(tmp_path):
+    # MViTv2's blocks return (tokens, feat_size): a head reads element 0 of the last block of stages 2 and 3
+    model = flexsurgeon.convert(_small_mvitv2(), img_size=64)
+    plan = model.flexsurgeon_plan
+    assert [(t.module, t.read, t.channels, t.size) for t in plan.sac] == [
+        ("stages.1.blocks.0", "output[0]", 32, (1, 64)), ("stages.2.blocks.1", "output[0]", 64, (1, 16))]
+    x = _x(64)
+    out, heads = flexsurgeon.forward_with_sac(model.train(), x)
+    assert out.shape == (2, 5) and [h.shape for h in heads] == [(2, 5)] * 2
+    sum(h.logsumexp(1).sum() for h in heads).backward()  # the heads alone train the blocks they read
+    assert all(p.grad is not None for p in model.stages[1].parameters())
+    assert all(p.grad is None for p in model.stages[3].parameters())
+    loaded = flexsurgeon.load(flexsurgeon.save(model, tmp_path / "mvitv2"), model=_small_mvitv2())
+    assert loaded.flexsurgeon_plan == plan
+    with torch.no_grad():
+        for got, want in zip(flexsurgeon.forward_with_sac(loaded.eval(), x)[1],
+                             flexsurgeon.forward_with_sac(model.eval(), x)[1]):
+            torch.testing.assert_close(got, want)
+
+
+def test_no_sac_head_reads_a_tensor_that_folds_positions_into_the_batch():
+    # TNT's inner stream is (B * patches, 16, C) and its blocks return it beside the patch tokens
+    source = timm.create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=5)
+    model = flexsurgeon.convert(source, img_size=32)
+    assert not any(t.module.startswith("pixel_embed") for t in model.flexsurgeon_plan.sac)
+    _, heads = flexsurgeon.forward_with_sac(model.train(), _x(32))
+    assert all(h.shape == (2, 5) for h in heads)
 
 
 def test_costs_count_a_class_attention_model_and_list_its_token_pool():

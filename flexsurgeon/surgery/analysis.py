@@ -220,10 +220,21 @@ def _straddling_block(first_reduced: str, group: list[fx.Node], qualnames: dict,
     return ""
 
 
+SAMPLE_BATCH = 2  # images in the sample that gives every node its shape
+
+
+def _per_image(cuts: list[fx.Node]) -> list[fx.Node]:
+    """The cut nodes whose first dimension is the sample's batch: a tensor that folds positions
+    into the batch (TNT's pixel stream, ``(B * patches, 16, C)``) holds no one image's features,
+    so no SAC head can read it."""
+    return [n for n in cuts if (shape := node_shape(n)) is not None and len(shape) > 0
+            and int(shape[0]) == SAMPLE_BATCH]
+
+
 def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> PoolFinder:
     """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
     finder = PoolFinder(gm, img_size)
-    sample = torch.randn(2, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
+    sample = torch.randn(SAMPLE_BATCH, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
     with training_mode(model, False), torch.no_grad():
         finder.run(sample)
     return finder
@@ -294,8 +305,8 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             pools[-1] = _replacement(model, traced, pools[-1], node_shape(nodes[source]), img_size, in_chans)
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None
+    cuts = _per_image(cut_nodes(traced.graph))
     if head and head[-1].layout == "tokens":
-        cuts = cut_nodes(traced.graph)
         grids = {t[0]: patch_grid(model, t[0], img_size) for t in map(token_shape, map(node_shape, cuts)) if t}
         ends, default = token_stage_ends(cuts, stop, lambda name: find_tap_hook(traced, name))
         stages = [_token_stage(traced, n, grids) for n in ends]
@@ -304,7 +315,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
             stages = [s for s in _find_stages(cuts, traced, img_size, ends[0].name, model)
                       if order.get(s.node, 0) < order[ends[0].name]] + stages
     else:
-        stages, default, grids = _find_stages(cut_nodes(traced.graph), traced, img_size, stop, model), (), {}
+        stages, default, grids = _find_stages(cuts, traced, img_size, stop, model), (), {}
     return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced,
                     default_taps=default, token_grids=grids)
 

@@ -28,10 +28,11 @@ class PoolModule:
 
 @dataclass(frozen=True)
 class TapHook:
-    """Where a hook reads a tap: the output of the module at ``path``, or its first input."""
+    """Where a hook reads a tap: the output of the module at ``path``, one element of the tuple
+    it returns, or its first input."""
 
     path: str
-    read: str  # "output" or "input"
+    read: str  # "output", "output[K]" or "input"
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ def _pools_alone(module: nn.Module, shape, layout: str) -> bool | None:
 
 
 def find_tap_hook(traced: TracedGraph, node: str) -> TapHook | None:
-    """The innermost module called once that returns ``node``'s tensor, else one called once
-    whose first input it is; None when no module call carries it (it exists only inside code).
+    """The innermost module called once that returns ``node``'s tensor (alone, else as an element
+    of a tuple, as MViTv2's blocks return ``(x, feat_size)``), else one called once whose first
+    input it is; None when no module call carries it (it exists only inside code).
 
     Innermost, because a stage container may never be called as a whole: with gradient
     checkpointing timm runs a stage's blocks one by one (``checkpoint_seq``).
@@ -121,6 +123,9 @@ def find_tap_hook(traced: TracedGraph, node: str) -> TapHook | None:
     returning = sorted((c.path for c in once if c.output == node), key=lambda p: -p.count("."))
     if returning:
         return TapHook(returning[0], "output")
+    within = sorted(((c.path, c.items.index(node)) for c in once if node in c.items), key=lambda p: -p[0].count("."))
+    if within:
+        return TapHook(within[0][0], f"output[{within[0][1]}]")
     taking = sorted((c.path for c in once if c.first == node), key=lambda p: -p.count("."))
     if taking:
         return TapHook(taking[0], "input")

@@ -19,7 +19,8 @@ PLAN_VERSION = 3  # 3: pool (was pool_mode), PoolEdit.replacement (was method); 
 LIBRARIES = ("timm", "torchvision", "custom")  # custom: the user's own nn.Module, rebuilt by the user
 REPLACEMENTS = ("in_place", "graph_rewrite")  # how a pool is replaced: a module swapped, or code rewritten
 FORWARDS = ("forward", "forward_head")  # the methods a graph rewrite may regenerate
-READS = ("output", "input")
+READS = ("output", "input")  # and "output[K]": element K of the tuple a module returns
+_OUTPUT_ITEM = re.compile(r"^output\[(\d+)\]$")
 LAYOUTS = ("nchw", "nhwc", "tokens")
 PAPER_MAIN_WEIGHT = 0.7  # the paper's lambdas: 0.1, 0.2 for two SAC heads, 0.7 for the main classifier
 _NODE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -82,7 +83,8 @@ class PoolEdit:
 @dataclass(frozen=True)
 class SacTap:
     """A SAC head on the feature map at ``node``, read by a forward hook on the module at
-    ``module``: its output, or (``read="input"``) its first input."""
+    ``module``: its output, element K of the tuple it returns (``read="output[K]"``), or
+    (``read="input"``) its first input."""
 
     node: str
     channels: int
@@ -92,6 +94,12 @@ class SacTap:
     layout: str = "nchw"  # as for PoolEdit; a head on "tokens" pools all N tokens
     prefix: int = 0
     grid: tuple = ()
+
+    @property
+    def output_item(self) -> int | None:
+        """K of ``read="output[K]"``; None for a whole output or an input."""
+        found = _OUTPUT_ITEM.match(self.read)
+        return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,9 @@ class SurgeryPlan:
         for tap in self.sac:
             if tap.layout not in LAYOUTS:
                 raise PlanError(f"plan SAC tap layout {tap.layout!r} is not one of {', '.join(LAYOUTS)}")
-            if tap.read not in READS or not tap.module:
-                raise PlanError(f"plan SAC tap {tap.node!r} must name a module and read its output or input")
+            if (tap.read not in READS and tap.output_item is None) or not tap.module:
+                raise PlanError(f"plan SAC tap {tap.node!r} must name a module and read its output, an element "
+                                "of it (output[K]) or its input")
         names = [(p.module, p.forward, p.node) for p in self.pools] + [("sac_heads", "", t.node) for t in self.sac]
         if len(set(names)) != len(names):
             raise PlanError("plan names the same node twice")

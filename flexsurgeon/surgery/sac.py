@@ -55,6 +55,9 @@ def forward_with_sac(model: nn.Module, *args, **kwargs):
             module = model.get_submodule(tap.module)
             if tap.read == "output":
                 handles.append(module.register_forward_hook(lambda m, a, out, node=tap.node: keep(node, out)))
+            elif tap.output_item is not None:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, out, node=tap.node, k=tap.output_item: keep(node, out[k])))
             else:
                 handles.append(module.register_forward_pre_hook(lambda m, a, node=tap.node: keep(node, a[0])))
         output = model(*args, **kwargs)

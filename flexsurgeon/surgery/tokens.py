@@ -77,7 +77,7 @@ def token_stage_ends(cuts: list[fx.Node], stop: str | None, hook_of) -> tuple[li
             continue
         shape = token_shape(node_shape(n))
         hook = hook_of(n.name) if shape is not None else None
-        if hook is not None and hook.read == "output" and _BLOCK.search(hook.path):
+        if hook is not None and hook.read.startswith("output") and _BLOCK.search(hook.path):
             if not groups or groups[-1][0] != shape[0]:
                 groups.append((shape[0], []))
             groups[-1][1].append(n)

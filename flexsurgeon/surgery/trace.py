@@ -31,12 +31,14 @@ def _timm_notrace() -> tuple[list, list]:
 class ModuleCall:
     """One call of a submodule during tracing: its path, the nodes of its tensor inputs
     (``first``: its first positional argument's) and of its output (None unless the call
-    returned a single tensor). Names only, so they also apply to copies of the graph."""
+    returned a single tensor; ``items``: each element's of a tuple or list it returned, None
+    for one that is not a traced value). Names only, so they also apply to copies of the graph."""
 
     path: str
     inputs: tuple[str, ...]
     first: str | None
     output: str | None
+    items: tuple[str | None, ...] = ()
 
 
 @dataclass
@@ -84,7 +86,10 @@ class _Tracer(NodePathTracer):
         fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a.node.name) if isinstance(a, fx.Proxy) else a)
         first = args[0].node.name if args and isinstance(args[0], fx.Proxy) else None
         output = out.node.name if isinstance(out, fx.Proxy) else None
-        self.module_calls.append(ModuleCall(self.path_of_module(m), tuple(dict.fromkeys(inputs)), first, output))
+        items = tuple(o.node.name if isinstance(o, fx.Proxy) else None for o in out) \
+            if isinstance(out, (tuple, list)) else ()
+        self.module_calls.append(ModuleCall(self.path_of_module(m), tuple(dict.fromkeys(inputs)), first, output,
+                                            items))
         return out
 
 
