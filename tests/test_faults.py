@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import flexsurgeon
 import flexsurgeon.checkpoints.folders as folders
-import flexsurgeon.checkpoints.io as fio
+import flexsurgeon.training.loop as train_loop
 from flexsurgeon.cli.main import main
 from flexsurgeon.errors import CheckpointError
 from flexsurgeon.training.recipe import load_recipe
@@ -257,7 +257,7 @@ def reference(tmp_path_factory):
     torch.manual_seed(0)
     flexsurgeon.save(flexsurgeon.convert(MODEL, img_size=64, num_classes=4), root / "converted")
     snapshots = {"last": {}, "best": []}
-    original, count = fio.save, iter(range(100))
+    original, count = train_loop.save, iter(range(100))
 
     def save_and_copy(model, directory, *args, **kwargs):
         path = original(model, directory, *args, **kwargs)
@@ -269,13 +269,13 @@ def reference(tmp_path_factory):
             snapshots["best"].append(copy)
         return path
 
-    fio.save = save_and_copy
+    train_loop.save = save_and_copy  # where the run saves its checkpoints
     try:
         with _one_thread():
             run(str(root / "converted"), DATA, load_recipe("smoke").replace(**RECIPE), root / "run",
                 progress=False, log=_quiet)
     finally:
-        fio.save = original
+        train_loop.save = original
     assert sorted(snapshots["last"]) == [1, 2, 3]
     return {"converted": root / "converted", "run": root / "run", "snapshots": snapshots}
 

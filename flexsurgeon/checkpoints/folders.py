@@ -6,6 +6,7 @@ middle of the two-rename fallback happens on the next save, or through ``recover
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
@@ -13,6 +14,8 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from ..errors import CheckpointError
 from ..utils import first_line
@@ -27,7 +30,6 @@ def write_folder(directory: Path, write, force: bool) -> Path:
     the kill fell between the two renames. Leftovers of killed saves are removed by the next save.
     A failure is one CheckpointError naming ``directory``, never the temporary folder.
     """
-    from safetensors import SafetensorError
 
     directory = Path(directory)
     recover(directory)
@@ -80,7 +82,6 @@ def _replace_dir(new: Path, directory: Path) -> None:
 def _renameat2():
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
 
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
@@ -93,7 +94,6 @@ def _renameat2():
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically; False where the system or file system cannot."""
-    import ctypes
 
     function = _renameat2()
     if function is None:

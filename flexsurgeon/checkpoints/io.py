@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
+
+import safetensors.torch  # called through the module: tests inject write faults into save_model
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, FlexSurgeonError, PlanError
 from ..surgery.apply import apply_plan
@@ -52,14 +56,13 @@ def check_can_save(model, output: Path) -> None:
     """Stop a run before it trains, not after an epoch, where its checkpoints could not be
     written: ``model`` must be a converted model, and its weights are written once to a
     scratch file in ``output`` and removed."""
-    from safetensors.torch import save_model
 
     config_text(model)
     probe = output / f".save-check-{os.getpid()}.safetensors"
     try:
         output.mkdir(parents=True, exist_ok=True)
         try:
-            save_model(model, str(probe))
+            safetensors.torch.save_model(model, str(probe))
         finally:
             probe.unlink(missing_ok=True)
     except OSError as exc:
@@ -73,14 +76,14 @@ def save(model, directory, force: bool = False, extra_files=None) -> Path:
     ``extra_files`` maps file names to functions that write them into the temporary folder,
     so they land atomically with the model (the trainer's optimizer and RNG state).
     """
-    from safetensors.torch import save_model
 
     text = config_text(model)  # fails here, before anything is written
     plan = model.flexsurgeon_plan
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(text + "\n")
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", PLAN_METADATA_KEY: plan.to_json()})
+        metadata = {"format": "pt", PLAN_METADATA_KEY: plan.to_json()}
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS_NAME), metadata=metadata)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
 
@@ -165,7 +168,6 @@ def read_weights_header(path: Path, plan: SurgeryPlan | None = None) -> dict[str
     config.json and a model.safetensors that do not belong together are refused before a
     model is built.
     """
-    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -200,11 +202,6 @@ def build_from_plan(plan: SurgeryPlan, **builder_kwargs):
 
 
 def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) -> None:
-    from collections import OrderedDict
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if shapes is None:
         shapes = read_weights_header(path)
     own = model.state_dict()
@@ -215,7 +212,7 @@ def load_weights(model, path: Path, shapes: dict[str, list[int]] | None = None) 
         raise CheckpointError(f"{path} does not match the model its plan builds: {name} has shape {theirs} in the "
                               f"file but {ours} in the model{more}")
     try:
-        state = OrderedDict(load_file(str(path)))
+        state = OrderedDict(safetensors.torch.load_file(str(path)))
         # safetensors keeps no module versions; a model that checks its own (torchvision's MNASNet) gets them
         state._metadata = getattr(own, "_metadata", None)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from timm.data import resolve_data_config
+from tqdm import tqdm
+
 from ..checkpoints.folders import check_not_interrupted
+from ..checkpoints.io import load_folder
+from ..data import load_data
+from ..data.loaders import make_loader
 from ..errors import CheckpointError, DataError
 from ..runs.layout import checkpoint_source, is_checkpoint_source
+from ..surgery.sources import is_model_code, resolve_source
+from ..training.metrics import evaluate
+from ..training.recipe import Recipe
+from ..training.setup import device_settings, resolve_device
 from ..utils import training_mode
 
 
@@ -18,10 +29,6 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
                img_size=None, in_chans: int = 3, model_code: str | None = None):
     """``(model, label, data_config)`` for a checkpoint folder, an ``hf-hub:`` checkpoint or a model
     name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model."""
-    from timm.data import resolve_data_config
-
-    from ..checkpoints.io import load_folder
-    from ..surgery.sources import is_model_code, resolve_source
 
     if is_checkpoint_source(source):  # a folder, or a checkpoint on the Hub (or in its local cache)
         checkpoint = checkpoint_source(source)
@@ -45,14 +52,6 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
     accuracies in percent; heads are the SAC heads (``sac:NODE``), then ``main``.
     """
-    import torch
-    from tqdm import tqdm
-
-    from ..data import load_data
-    from ..data.loaders import make_loader
-    from ..training.metrics import evaluate
-    from ..training.recipe import Recipe
-    from ..training.setup import device_settings, resolve_device
 
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans, model_code=model_code)
@@ -79,8 +78,6 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
 
 
 def _num_outputs(model, input_size) -> int:
-    import torch
-
     if isinstance(getattr(model, "num_classes", None), int):
         return model.num_classes
     with training_mode(model, False), torch.no_grad():

@@ -13,6 +13,7 @@ renamed into place, so a failed export never leaves a half-written file behind.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.io import save
 from ..errors import ExportError
 from ..layers.pools import FlexPool, FlexPoolNHWC
 from ..surgery.apply import pool_paths
@@ -80,7 +82,6 @@ def _example_input(model: nn.Module, plan: SurgeryPlan, size: tuple[int, int]) -
 def frozen_for_export(model, example: torch.Tensor) -> nn.Module:
     """An eval-mode copy of ``model`` for export: no SAC heads, every FlexPool frozen at the
     feature-map size ``example`` gives it. ``model`` itself is left as it was."""
-    import copy
 
     frozen_model = copy.deepcopy(strip_sac_heads(model)).eval()
     pools = {path: frozen_model.get_submodule(path) for path in pool_paths(frozen_model.flexsurgeon_plan)}
@@ -207,7 +208,6 @@ def export_onnx(model, path, img_size=None, opset: int | None = None, force: boo
 def export_inference_folder(model, out_dir, force: bool = False) -> Path:
     """Save ``model`` without its SAC heads as a convert-style folder (config.json +
     model.safetensors): loadable with ``flexsurgeon.load`` and timm's ``local-dir:``."""
-    from ..checkpoints.io import save
 
     plan_of(model, "exported", ExportError)
     return save(strip_sac_heads(model), out_dir, force=force)

@@ -15,14 +15,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from ..checkpoints.folders import write_folder
 from ..checkpoints.hub import HUB_PREFIX, import_hub, split_repo
 from ..checkpoints.io import read_config, read_weights_header
 from ..checkpoints.names import CONFIG_NAME, WEIGHTS_NAME
 from ..data import TIMM_PREFIXES
-from ..errors import HubError
-from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME
+from ..errors import HubError, PlotError
+from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME, checkpoint_folder
+from ..runs.log import read_log
 from ..surgery.plan import SurgeryPlan
 from ..utils import clip, first_line
+from ..version import __version__
 
 CARD_NAME = "README.md"
 # timm's pretrained tags name the data set the weights were trained on
@@ -64,7 +69,6 @@ class _Pushed:
 
 def _read(directory) -> _Pushed:
     """DIR: a model folder, or a run whose best/ is pushed; its run is DIR or the folder's parent."""
-    from ..runs.layout import checkpoint_folder
 
     folder = checkpoint_folder(Path(directory))
     run = next((r for r in (folder, folder.parent) if (r / LOG_NAME).is_file()), None)
@@ -75,9 +79,6 @@ def _read(directory) -> _Pushed:
 
 
 def _final_metrics(run: Path) -> dict | None:
-    from ..errors import PlotError
-    from ..runs.log import read_log
-
     try:
         records = read_log(run / LOG_NAME)
     except PlotError:
@@ -108,8 +109,6 @@ def model_card(directory, repo_id: str) -> str:
 
 
 def _card(pushed: _Pushed, repo_id: str) -> str:
-    import yaml
-
     config, plan, metrics = pushed.config, pushed.plan, pushed.metrics
     cfg = config.get("pretrained_cfg") or {}
     source = plan.source
@@ -232,8 +231,6 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
     """Upload the model folder DIR means (a convert, finetune or export folder) to ``repo_id``
     in one commit, with a model card; ``dry_run=OUT`` writes the same files to OUT instead
     (replacing an existing OUT only with ``force``)."""
-    from ..checkpoints.folders import write_folder
-    from ..version import __version__
 
     repo, rev = split_repo(repo_id)
     revision = revision or rev

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -81,8 +82,6 @@ class _IdxImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         i = int(self.indices[index])
         return self.transform(Image.fromarray(self.images[i], "L")), int(self.labels[i])
 

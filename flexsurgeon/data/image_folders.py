@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ..errors import DataError
 from ..utils import first_line
@@ -53,8 +56,6 @@ class _ImageFiles(Dataset):
         return int(self._bad.sum())
 
     def __getitem__(self, index):
-        from PIL import Image
-
         if self._bad[index]:
             return None
         path, label = self.samples[index]
@@ -136,7 +137,6 @@ def _loops(real: str, fences: list[str]) -> bool:
 
 def _open_error(path: str) -> str | None:
     """Why PIL cannot open ``path``'s header (nothing is decoded); None when it can."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path):
@@ -156,9 +156,6 @@ def _open_errors(paths: list[str]) -> list[str | None]:
 def _readable(found: dict[str, list[str]], scan: _Scan, where: Path) -> dict[str, list[str]]:
     """``found`` without the files whose header PIL cannot open (those go to ``scan.unreadable``);
     a one-line DataError when that leaves nothing, or a class with nothing."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
 
     paths = [p for class_paths in found.values() for p in class_paths]
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]  # not a future per file

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as tdist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
@@ -48,7 +49,6 @@ def make_loader(dataset, *, batch_size: int, train: bool, seed: int, epoch: int 
     elif distributed:
         # Evaluation: each sample on exactly one rank. DistributedSampler would pad the
         # shards to equal length by repeating samples, which the summed metrics count twice.
-        import torch.distributed as tdist
 
         world = num_replicas if num_replicas is not None else tdist.get_world_size()
         sampler = _KeyedSampler(len(dataset), shuffle=False, seed=seed,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from timm.data import create_dataset
+
 from ..errors import DataError
 from ..utils import first_line
 from .bundle import DataBundle, sizes
@@ -22,8 +24,6 @@ def load_timm(spec, transforms: Transforms) -> DataBundle:
     hint = "no network? use synthetic: or a local image / IDX folder"
 
     def create(split, transform):
-        from timm.data import create_dataset
-
         try:
             return create_dataset(name, root=root, split=split, download=True, is_training=split == "train",
                                   input_img_mode=transforms.mode, transform=transform)

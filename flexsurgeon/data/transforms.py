@@ -7,6 +7,8 @@ counts repeat the RGB channels.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+from timm.data import create_transform
 
 from ..errors import DataError
 from ..utils import per_channel
@@ -21,7 +23,6 @@ def input_hw(data_config) -> tuple[int, int]:
 
 def _to_pil_mode(img, mode):
     """Any PIL image -> ``mode`` ('RGB' or 'L'): alpha composited on white, 16/32-bit scaled to 8-bit."""
-    from PIL import Image
 
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img).astype(np.float64)
@@ -49,8 +50,6 @@ class Transforms:
         self._built = None
 
     def _build(self):
-        from timm.data import create_transform
-
         pil_chans = 1 if self.mode == "L" else 3
         config = {k: v for k, v in self.config.items() if k in ("input_size", "interpolation", "mean", "std",
                                                                   "crop_pct", "crop_mode")}

@@ -337,7 +337,7 @@ class GlobalPool(_TimmPoolInterface, nn.Module):
 
 
 def _timm_pool(pool: str, channels: int) -> nn.Module:
-    import timm.layers
+    import timm.layers  # here, not at the top: importing timm registers checkpoints.timm_registry, which imports this
 
     name = {"lse": "LsePlus2d", "simpool": "SimPool2d"}[pool]
     cls = getattr(timm.layers, name, None)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import AnalysisError, FlexSurgeonError
 from ..layers.kinds import preserves
@@ -98,8 +99,6 @@ def convert(model_or_name, *, img_size=None, in_chans: int = 3, num_classes: int
     class token) changes the output from the start, so it is not checked. ``progress`` shows
     the step under way on a terminal (a large model at a large size takes a while on a CPU).
     """
-    from tqdm import tqdm
-
 
     label = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
     steps = tqdm(total=4, desc=f"building {label}", bar_format="{desc} (step {n_fmt}/{total_fmt}, {elapsed})",

@@ -15,7 +15,8 @@ import torch
 from torch import fx, nn
 
 from ..utils import training_mode
-from .trace import TracedGraph
+from .shapes import PoolFinder
+from .trace import TracedGraph, trace_model
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,6 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
     a ``channels``-channel map in ``layout`` (for tokens: the same ``kind`` and ``start``). None
     when the method does not trace.
     """
-    from .shapes import PoolFinder
-    from .trace import trace_model
 
     holder_path = traced.owners.get(node, "")
     holder = model.get_submodule(holder_path) if holder_path else model

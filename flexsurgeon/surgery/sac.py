@@ -9,6 +9,7 @@ stage produced it would give its head wrong input, so that is checked and refuse
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -80,7 +81,6 @@ def strip_sac_heads(model: nn.Module) -> nn.Module:
     """A shallow copy of ``model`` sharing its parameters, with no SAC heads and a plan that
     has none: for inference and for checkpoints that drop the training-only heads."""
     plan = plan_of(model, "stripped of SAC heads")
-    import copy
 
     stripped = copy.copy(model)
     stripped.__dict__["_modules"] = {**model._modules, "sac_heads": SACHeads()}

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import re
+import socket
+import sys
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
 from ..utils import clip, first_line
 from .plan import SourceSpec
+
+# timm and torchvision are imported where a function needs them: importing timm registers our
+# checkpoint architecture with it, whose module (checkpoints.timm_registry) imports this one.
 
 _TV_PREFIXES = ("tv:", "torchvision:")
 # timm's recorded arguments a SourceSpec keeps: these, and flat tuples or lists of them
@@ -147,7 +155,6 @@ def _offline_hub_weights(spec: SourceSpec) -> dict:
     """Where the Hugging Face Hub cannot be reached, the cached weights file as timm's
     ``pretrained_cfg_overlay`` (or a WeightsError at once): the hub client would retry for
     most of a minute before falling back to its cache or failing."""
-    import socket
 
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
@@ -199,7 +206,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
@@ -241,7 +247,6 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
                            f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
     model.load_state_dict(state, strict=False)
     if resized:
-        import warnings
 
         warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape (a classifier for other classes); "
                       f"they are re-initialised: {', '.join(resized[:4])}", stacklevel=2)
@@ -258,9 +263,6 @@ def is_model_code(text) -> bool:
 def build_from_code(text: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
     """Import ``FILE.py`` and call its ``FACTORY`` (with ``num_classes`` / ``in_chans`` where it
     takes them). Only for code the user named on the command line or in a call."""
-    import importlib.util
-    import inspect
-    import sys
 
     match = _MODEL_CODE.match(text)
     if match is None:

@@ -15,14 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from ..checkpoints.io import check_can_save
+from ..checkpoints.io import check_can_save, save
+from ..data.loaders import make_loader
 from ..errors import TrainingError
 from ..runs.layout import BEST, LAST, LOG_NAME, RECIPE_NAME
 from ..runs.log import append_log, truncate_log
 from ..surgery.sac import forward_with_sac, strip_sac_heads
 from .batches import device_batches, raise_if_out_of_memory
+from .heads import head_parameter_names, regularizer
 from .metrics import Tally, evaluate, head_names, one_class_note
 from .recipe import Recipe
 from .run_data import name_classes
@@ -82,7 +92,6 @@ def finetune(model: nn.Module, data, recipe: Recipe, output: str | Path, *, resu
     for epoch in range(job.epoch, recipe.epochs):
         job.end_epoch(epoch, *job.train_epoch(epoch))
     if dist.enabled:
-        import torch.distributed as tdist
 
         tdist.destroy_process_group()
     return FinetuneResult(output=output, epochs=recipe.epochs, best_top1=job.best_top1, best_epoch=job.best_epoch,
@@ -106,10 +115,6 @@ class FinetuneRun:
 
     def __init__(self, model: nn.Module, data, recipe: Recipe, output: Path, device: torch.device,
                  dist: Distributed, settings: DeviceSettings, log, progress: bool):
-        from timm.optim import create_optimizer_v2
-        from timm.utils import ModelEmaV3
-
-        from .heads import head_parameter_names
 
         self.model, self.data, self.recipe, self.output = model, data, recipe, output
         self.device, self.dist, self.settings, self.log, self.progress = device, dist, settings, log, progress
@@ -132,7 +137,6 @@ class FinetuneRun:
         self.last_record: dict = {}
 
     def _loader(self, split):  # built once; set_epoch moves it (and its persistent workers) on
-        from ..data.loaders import make_loader
 
         recipe = self.recipe
         return make_loader(split, batch_size=recipe.batch_size, train=split is self.data.train, seed=recipe.seed,
@@ -151,7 +155,6 @@ class FinetuneRun:
         """Wrap the training forward (DDP, torch.compile); rank 0 writes the recipe and says how it trains."""
         recipe, device, dist, settings = self.recipe, self.device, self.dist, self.settings
         if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [device.index] if device.type == "cuda" else None
             self.train_forward = DistributedDataParallel(self.train_forward, device_ids=device_ids)
@@ -170,7 +173,6 @@ class FinetuneRun:
     def train_epoch(self, epoch: int) -> tuple[dict, float, bool]:
         """One pass over the training set: its summed metrics, the seconds it took, and whether
         the backbone was frozen."""
-        from tqdm import tqdm
 
         recipe, sync_every = self.recipe, self.settings.sync_every
         frozen = recipe.freeze_backbone or epoch < recipe.freeze_epochs
@@ -199,7 +201,6 @@ class FinetuneRun:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, frozen: bool):
         """Forward, the weighted loss over the heads, backward and the updates; returns the
         outputs, the per-head losses and the total loss."""
-        from .heads import regularizer
 
         recipe = self.recipe
         target = y
@@ -249,13 +250,10 @@ class FinetuneRun:
         if self.dist.main:
             self._write_epoch(self.last_record, evaluated, improved)
         if self.dist.enabled:
-            import torch.distributed as tdist
 
             tdist.barrier()
 
     def _write_epoch(self, record: dict, evaluated: nn.Module, improved: bool) -> None:
-        from ..checkpoints.io import save
-
         output, recipe, val, train = self.output, self.recipe, record["val"], record["train"]
         append_log(output / LOG_NAME, record)
         sac_acc = "  ".join(f"{h} {val['top1'][h]:.1f}" for h in self.heads[:-1])
@@ -282,8 +280,6 @@ def _loss_weights(model, recipe: Recipe) -> list[float]:
 
 def _mixup_and_criterion(recipe: Recipe, num_classes: int):
     """timm's Mixup / CutMix (None when the recipe has neither) and the loss that goes with it."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
 
     if recipe.mixup <= 0 and recipe.cutmix <= 0:
         return None, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -298,7 +294,6 @@ def _make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
     if recipe.sched == "onecycle":  # timm has no one-cycle; torch's is the field's standard one
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr,
                                                    total_steps=recipe.epochs * steps_per_epoch)
-    from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs,
                                        warmup_epochs=recipe.warmup_epochs, min_lr=recipe.min_lr,

@@ -4,6 +4,7 @@ batch on the device, reduced over torch.distributed ranks, and ``evaluate`` over
 from __future__ import annotations
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
@@ -51,7 +52,6 @@ class Tally:
     def reduce(self, dist: Distributed) -> None:
         if not dist.enabled:
             return
-        import torch.distributed as tdist
 
         n = len(self.heads)
         local = torch.stack([self.sums[2 * n - 1], self.sums[-1]])  # main top-1 hits, count

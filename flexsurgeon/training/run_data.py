@@ -2,21 +2,22 @@
 or a model name's before the model exists) and the recipe's augmentation, split and subset."""
 from __future__ import annotations
 
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg
 from torch import nn
 
+from ..data import load_data
+from ..data.bundle import subset_train
+from ..surgery.sources import is_model_code
 from ..utils import as_size
 from .recipe import Recipe
 
 
 def data_config_for_name(name: str, img_size, in_chans: int) -> dict:
     """The data config a model name implies, before the model exists (its classes come from the data)."""
-    from timm.data import resolve_data_config
-
-    from ..surgery.sources import is_model_code
 
     cfg = {}
     if not name.startswith(("tv:", "torchvision:")) and not is_model_code(name):
-        from timm.models import get_pretrained_cfg
 
         pretrained = get_pretrained_cfg(name.split(".")[0])
         cfg = pretrained.to_dict() if pretrained is not None else {}
@@ -33,8 +34,6 @@ def train_transform_kwargs(recipe: Recipe) -> dict:
 
 def load_run_data(data_spec: str, data_config: dict, in_chans: int, recipe: Recipe):
     """``data_spec`` loaded for training as ``recipe`` says (augmentation, val split, subset)."""
-    from ..data import load_data
-    from ..data.bundle import subset_train
 
     data = load_data(data_spec, data_config=data_config, in_chans=in_chans, val_split=recipe.val_split,
                      seed=recipe.seed, train_transform_kwargs=train_transform_kwargs(recipe),
@@ -44,7 +43,6 @@ def load_run_data(data_spec: str, data_config: dict, in_chans: int, recipe: Reci
 
 def checkpoint_data(data_spec: str, model: nn.Module, recipe: Recipe):
     """The data for a loaded checkpoint: its data config, its input channels."""
-    from timm.data import resolve_data_config
 
     return load_run_data(data_spec, resolve_data_config(model=model), model.flexsurgeon_plan.in_chans, recipe)
 

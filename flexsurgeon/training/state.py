@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..runs.layout import RECIPE_NAME, STATE_JSON, STATE_TENSORS
@@ -18,7 +20,6 @@ from .recipe import Recipe
 def state_writers(optimizer, scheduler, ema, progress: dict, recipe: Recipe) -> dict:
     """``{file name: write(path)}`` for ``io.save``'s ``extra_files``: the training state and
     the recipe. ``progress`` (epoch, step, best so far) is stored as given."""
-    from safetensors.torch import save_file
 
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
@@ -47,15 +48,12 @@ def state_writers(optimizer, scheduler, ema, progress: dict, recipe: Recipe) -> 
 
 
 def write_recipe(path: Path, recipe: Recipe) -> None:
-    import yaml
-
     path.write_text("# the fully resolved recipe of this run\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def restore_state(directory: Path, optimizer, scheduler, ema) -> dict:
     """Load the training state in ``directory`` into the optimizer, scheduler, EMA and random
     generators; returns the progress ``state_writers`` was given."""
-    from safetensors.torch import load_file
 
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
