@@ -6,6 +6,7 @@ import json
 import pytest
 import timm
 import torch
+import torchvision
 from click.testing import CliRunner
 from timm.models import group_parameters
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
@@ -202,6 +203,18 @@ def test_a_hierarchical_token_models_heads_go_at_its_stage_ends_past_its_positio
     # that view must not split the stage (it once put a head on the first block of the last stage)
     source = timm.create_model("twins_pcpvt_small", depths=(1, 2, 2, 1), img_size=64, num_classes=5)
     assert [t.module for t in flexsurgeon.inspect(source, img_size=64).plan.sac] == ["blocks.1.1", "blocks.2.1"]
+
+
+def test_torchvisions_vit_gets_heads_on_its_encoder_layers():
+    # torchvision names its blocks encoder.layers.encoder_layer_N, not blocks.N
+    torch.manual_seed(0)
+    source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=6, num_heads=2,
+                                                  hidden_dim=32, mlp_dim=64, num_classes=5)
+    model = flexsurgeon.convert(source, img_size=32)
+    assert [t.module for t in model.flexsurgeon_plan.sac] == ["encoder.layers.encoder_layer_1",
+                                                              "encoder.layers.encoder_layer_3"]
+    _, heads = flexsurgeon.forward_with_sac(model.train(), _x(32))
+    assert [h.shape for h in heads] == [(2, 5)] * 2
 
 
 def _small_mvitv2():

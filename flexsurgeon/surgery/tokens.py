@@ -15,7 +15,7 @@ from torch import fx, nn
 from .trace import downstream, node_shape
 
 MAX_PREFIX = 16  # class, distillation and register tokens before the patches
-_BLOCK = re.compile(r"(^|\.)\d+$")  # a numbered child of a block list: blocks.3, stages.1.blocks.0
+_BLOCK = re.compile(r"(^|\.)([A-Za-z]+_)*\d+$")  # a numbered block: blocks.3, stages.1.blocks.0, encoder_layer_3
 
 
 def patch_grid(model: nn.Module, num_tokens: int, img_size) -> tuple[int, tuple[int, int] | tuple]:
