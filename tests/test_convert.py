@@ -6,6 +6,7 @@ import timm
 import torch
 import torchvision
 from timm.layers import AttentionPool2d
+from timm.models.convmixer import ConvMixer
 
 import flexsurgeon
 from flexsurgeon.errors import AnalysisError
@@ -276,3 +277,15 @@ def test_sac_heads_on_a_channels_last_hierarchical_model_go_after_its_early_stag
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     _, heads = flexsurgeon.forward_with_sac(model, x)
     assert [h.shape for h in heads] == [(1, 5), (1, 5)]
+
+
+def test_an_isotropic_cnn_gets_heads_on_its_blocks_at_one_and_two_thirds_of_the_depth():
+    # ConvMixer keeps one map size after its stem: no stage ends where the resolution changes, so
+    # its blocks are its stages (each block is a Sequential: the block's last child ends it)
+    torch.manual_seed(0)
+    model = flexsurgeon.convert(ConvMixer(dim=32, depth=6, kernel_size=3, patch_size=4, num_classes=5), img_size=64)
+    assert [(t.module, t.size) for t in model.flexsurgeon_plan.sac] == [("blocks.1.3", (16, 16)),
+                                                                        ("blocks.3.3", (16, 16))]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _, heads = flexsurgeon.forward_with_sac(model.train(), x)
+    assert [h.shape for h in heads] == [(2, 5)] * 2

@@ -24,9 +24,10 @@ from torch import fx, nn
 
 from ..errors import AnalysisError
 from ..utils import first_line, training_mode
+from .blocks import block_stage_ends
 from .locate import PoolModule, RewriteSite, TapHook, find_pool_module, find_rewrite_site, find_tap_hook
 from .shapes import PoolFinder, is_map
-from .tokens import lands_on_tokens, patch_grid, token_shape, token_stage_ends
+from .tokens import lands_on_tokens, patch_grid, token_shape
 from .trace import TracedGraph, downstream, node_shape, trace_model
 
 REPLACEABLE = ("avg", "token")  # pool kinds FlexPool can start out equal to
@@ -183,21 +184,19 @@ def _find_stages(cuts: list[fx.Node], traced: TracedGraph, img_size, stop: str |
             block = _straddling_block(qualnames.get(following[0].name, ""), group, qualnames, model)
             if block:
                 group = [n for n in group if not qualnames.get(n.name, "").startswith(block + ".")] or group
-        last = group[-1]
-        shape = node_shape(last)
-        size, layout = _map(shape, img_size)
-        if size[0] * size[1] <= 1:
-            continue
-        stages.append(StageSite(
-            node=last.name,
-            module=qualnames.get(last.name, ""),
-            channels=int(shape[3] if layout == "nhwc" else shape[1]),
-            size=size,
-            reduction=max(1, round(img_size[0] / size[0])),
-            hook=find_tap_hook(traced, last.name),
-            layout=layout,
-        ))
+        size, _ = _map(node_shape(group[-1]), img_size)
+        if size[0] * size[1] > 1:
+            stages.append(_map_stage(traced, group[-1], img_size))
     return stages
+
+
+def _map_stage(traced: TracedGraph, node: fx.Node, img_size) -> StageSite:
+    shape = node_shape(node)
+    size, layout = _map(shape, img_size)
+    return StageSite(node=node.name, module=traced.qualnames.get(node.name, ""),
+                     channels=int(shape[3] if layout == "nhwc" else shape[1]), size=size,
+                     reduction=max(1, round(img_size[0] / size[0])), hook=find_tap_hook(traced, node.name),
+                     layout=layout)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -306,9 +305,13 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     head = [p for p in pools if p.role == "head"]
     stop = head[-1].input if head else None
     cuts = _per_image(cut_nodes(traced.graph))
+
+    def hook_of(name):
+        return find_tap_hook(traced, name)
+
     if head and head[-1].layout == "tokens":
         grids = {t[0]: patch_grid(model, t[0], img_size) for t in map(token_shape, map(node_shape, cuts)) if t}
-        ends, default = token_stage_ends(cuts, stop, lambda name: find_tap_hook(traced, name))
+        ends, default = block_stage_ends(cuts, stop, hook_of, key=lambda n: (token_shape(node_shape(n)) or (None,))[0])
         stages = [_token_stage(traced, n, grids) for n in ends]
         if not default and ends:  # hierarchical: the map stages before the first token stage come first
             order = {n.name: i for i, n in enumerate(cuts)}
@@ -316,6 +319,9 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
                       if order.get(s.node, 0) < order[ends[0].name]] + stages
     else:
         stages, default, grids = _find_stages(cuts, traced, img_size, stop, model), (), {}
+        if len(stages) < 2:  # one map size throughout (ConvMixer, SAM's ViT): its blocks are its stages
+            ends, default = block_stage_ends(cuts, stop, hook_of, key=lambda n: _spatial(node_shape(n), img_size))
+            stages = [_map_stage(traced, n, img_size) for n in ends] if default else stages
     return Analysis(img_size=tuple(img_size), in_chans=in_chans, pools=pools, stages=stages, traced=traced,
                     default_taps=default, token_grids=grids)
 
