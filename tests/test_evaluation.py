@@ -94,6 +94,17 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("option", [["--num-classes", "7"], ["--img-size", "128"], ["--in-chans", "1"],
+                                    ["--random-init"], ["--weights", "w.safetensors"]])
+def test_options_for_a_model_name_are_refused_for_a_checkpoint(option, converted_dir):
+    # a checkpoint has its own classes, input size, channels and weights: an option that would change
+    # one of them cannot take effect, so it is refused rather than ignored
+    result = CliRunner().invoke(main, ["eval", str(converted_dir), "--data", DATA, "--workers", "0", *option])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    name = "--weights/--random-init" if option[0] in ("--weights", "--random-init") else option[0]
+    assert f"{name} applies to a model given by name; {converted_dir} is a checkpoint" in result.output
+
+
 def test_a_score_from_predictions_that_are_all_one_class_gets_a_note(tmp_path):
     """Every prediction one class gives that class's share as top-1 (here 25% of 4 balanced
     classes): it looks like a result and is not one, so eval and the epoch line say so."""

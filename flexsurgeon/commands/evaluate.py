@@ -28,9 +28,15 @@ from ..utils import training_mode
 def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
                img_size=None, in_chans: int = 3, model_code: str | None = None):
     """``(model, label, data_config)`` for a checkpoint folder, an ``hf-hub:`` checkpoint or a model
-    name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model."""
-
+    name (``FILE.py:FACTORY`` included); ``model_code`` builds the source of a folder converted from a custom model.
+    The options for a model name (classes, input size, channels, weights) are refused for a checkpoint."""
     if is_checkpoint_source(source):  # a folder, or a checkpoint on the Hub (or in its local cache)
+        given = [option for option, used in (("--num-classes", num_classes is not None),
+                                             ("--img-size", img_size is not None), ("--in-chans", in_chans != 3),
+                                             ("--weights/--random-init", weights != "pretrained")) if used]
+        if given:
+            raise CheckpointError(f"{given[0]} applies to a model given by name; {source} is a checkpoint, with "
+                                  "its own classes, input size, channels and weights")
         checkpoint = checkpoint_source(source)
         model = load_folder(checkpoint, model_code)
         return model, str(checkpoint), resolve_data_config(model=model)
@@ -52,7 +58,6 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
     accuracies in percent; heads are the SAC heads (``sac:NODE``), then ``main``.
     """
-
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans, model_code=model_code)
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
