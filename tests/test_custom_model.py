@@ -107,6 +107,18 @@ def test_the_command_line_converts_and_finetunes_a_factory_and_reads_its_folders
     assert code == 0, output
 
 
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_model_code_for_a_model_that_is_not_a_folder_is_refused(command, tmp_path):
+    # --model-code rebuilds the source of a converted folder; beside a model name or a factory it
+    # could not take effect, so it is refused rather than ignored
+    for source in ("resnet10t", f"{HERE}:small_cnn"):
+        code, output = _run(command, source, "--random-init", "--data", DATA, "--model-code", f"{HERE}:small_cnn",
+                            *(["--recipe", "smoke", "-o", tmp_path / "run"] if command == "finetune" else []))
+        assert code == 1 and "Traceback" not in output, output
+        assert f"--model-code builds the source of a converted folder; {source} is not one" in output
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_such_file.py:f", "model code file not found"),
     (f"{HERE}:no_such_factory", "has no function 'no_such_factory'"),

@@ -43,6 +43,9 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
     if "/" in source and not source.startswith(("tv:", "torchvision:")) and not is_model_code(source):
         check_not_interrupted(Path(source))
         raise CheckpointError(f"no such checkpoint folder: {source}")
+    if model_code is not None:
+        raise CheckpointError(f"--model-code builds the source of a converted folder; {source} is not one "
+                              "(to score your own model, give FILE.py:FACTORY as MODEL)")
     model, spec = resolve_source(source, num_classes=num_classes, in_chans=in_chans, weights=weights)
     args = {"input_size": (in_chans, *img_size)} if img_size else {}
     label = source if is_model_code(source) else spec.label

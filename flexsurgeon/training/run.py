@@ -41,6 +41,9 @@ def run(source: str, data_spec: str, recipe: Recipe, output: str | Path, *, resu
     with ``overrides`` on top (e.g. more epochs). ``model_code`` (``FILE.py:FACTORY``) builds the
     source of a folder converted from a custom model; a source given as ``FILE.py:FACTORY`` is its own.
     ``num_classes`` re-initialises a converted folder's classifier and SAC heads for that many classes."""
+    if model_code is not None and not is_checkpoint_source(source):
+        raise TrainingError(f"--model-code builds the source of a converted folder; {source} is not one "
+                            "(to fine-tune your own model, give FILE.py:FACTORY as SOURCE)")
     if is_model_code(source):
         model_code = source
     output = Path(output)
