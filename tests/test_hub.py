@@ -147,6 +147,7 @@ class _FakeApi:
 
     calls: list = []
     repos: dict = {}  # repo id -> its branches, as the Hub has them
+    private: set = set()  # the private ones among them
 
     def __init__(self, **kwargs):
         pass
@@ -160,6 +161,9 @@ class _FakeApi:
     def list_repo_refs(self, repo_id):
         branches = [type("Ref", (), {"name": b})() for b in self.repos[repo_id]]
         return type("Refs", (), {"branches": branches})()
+
+    def repo_info(self, repo_id):
+        return type("Info", (), {"private": repo_id in self.private})()
 
     def delete_repo(self, repo_id):
         self.calls.append(("delete_repo", repo_id))
@@ -241,6 +245,32 @@ def test_a_failed_upload_says_what_it_could_not_delete(converted, monkeypatch):
     result = CliRunner().invoke(main, ["push", str(converted), REPO])
     assert result.exit_code == 1 and len(result.output.splitlines()) == 1
     assert f"the empty repository {REPO} it created is left on the Hub: delete it there" in result.output
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_private_on_an_existing_repository_is_refused_unless_it_is_private_already(converted, monkeypatch, private):
+    import huggingface_hub
+
+    _FakeApi.calls, _FakeApi.repos = [], {REPO: ["main"]}
+    monkeypatch.setattr(_FakeApi, "private", {REPO} if private else set())
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    result = CliRunner().invoke(main, ["push", str(converted), REPO, "--private"])
+    if private:
+        assert result.exit_code == 0 and [c[0] for c in _FakeApi.calls] == ["upload_folder"], result.output
+    else:
+        assert result.exit_code == 1 and len(result.output.splitlines()) == 1 and _FakeApi.calls == []
+        assert f"{REPO} exists and is public: --private applies when push creates the repository" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry-run", "OUT", "--private"], "--private and --revision apply to an upload"),
+    (["--dry-run", "OUT", "--revision", "v1"], "--private and --revision apply to an upload"),
+    (["--force"], "--force replaces the OUT of --dry-run"),
+])
+def test_push_options_that_cannot_apply_are_refused(converted, tmp_path, args, message):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = CliRunner().invoke(main, ["push", str(converted), REPO, *args])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "out").exists()
 
 
 def test_push_without_credentials_or_huggingface_hub_is_one_line(converted, tmp_path, monkeypatch):

@@ -284,6 +284,10 @@ def push(directory, repo_id, private, revision, dry_run, force):
     (hf auth login, or HF_TOKEN)."""
     from ..commands.publish import push as push_folder
 
+    if dry_run is not None and (private or revision):  # refused, never ignored
+        raise click.UsageError("--private and --revision apply to an upload; --dry-run uploads nothing")
+    if dry_run is None and force:
+        raise click.UsageError("--force replaces the OUT of --dry-run; an upload replaces nothing")
     result = push_folder(directory, repo_id, private=private, revision=revision, dry_run=dry_run, force=force)
     where = f"wrote to {result.output}/" if result.output else f"pushed to {repo_id}: {result.url}"
     click.echo(f"{where} ({', '.join(result.files)}); commit message: {result.commit_message!r}")
