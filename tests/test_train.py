@@ -351,6 +351,16 @@ def test_scheduler_functions_are_left_out_of_the_saved_state_and_resume_still_st
     assert restored.get_last_lr() == original.get_last_lr()
 
 
+def test_keep_sac_is_refused_for_a_model_without_sac_heads(tmp_path):
+    folder = flexsurgeon.save(flexsurgeon.convert("resnet10t", img_size=64, num_classes=4, sac_stages=[]),
+                              tmp_path / "no-heads")
+    result = CliRunner().invoke(main, ["finetune", str(folder), "--data", DATA, "--recipe", "smoke", "--keep-sac",
+                                       "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert "--keep-sac keeps the SAC heads in best/, and this model has none" in result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_model_that_could_not_be_saved_is_refused_before_training(tmp_path):
     class Net(torch.nn.Module):  # a custom model trained from Python without convert: no checkpoint for it
         def __init__(self):
