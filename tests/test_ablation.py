@@ -140,6 +140,26 @@ def test_unknown_variant_is_one_line_before_any_work(tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("field", ["pool=linear", "dropout=0.5"])
+def test_a_pool_or_dropout_set_for_every_run_is_refused_as_the_variants_set_them(field, tmp_path):
+    result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "avg,flex", "--set", field,
+                                       "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"--set {field.split('=')[0]}: each variant sets its own pool and dropout" in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_recipe_files_pool_and_dropout_are_named_as_not_used(tmp_path):
+    # the shipped paper recipe sets pool: linear and dropout: 0.25; in an ablation the variants decide
+    out = tmp_path / "abl"
+    result = CliRunner().invoke(main, ["ablate", *ARGS[:-6], "--recipe", "paper", "--epochs", "1", "--batch-size",
+                                       "16", "--variants", "avg", "--seeds", "1", "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "note: the recipe's pool: linear, dropout: 0.25 are not used" in result.output
+    assert json.loads((out / "runs" / "avg" / "seed0" / "last" / "config.json").read_text())[
+        "model_args"]["plan"]["pool"] == "avg"
+
+
 def test_baseline_flex_compares_against_flex_with_a_holm_column(tmp_path):
     out = tmp_path / "abl"
     result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "avg,flex+sac,lse", "--seeds", "2",

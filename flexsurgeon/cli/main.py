@@ -11,7 +11,15 @@ import sys
 
 import click
 
-from ..commands.ablate import BASELINE, MAX_SEEDS, check_baseline, parse_variants, run_ablation
+from ..commands.ablate import (
+    BASELINE,
+    MAX_SEEDS,
+    VARIANT_FIELDS,
+    check_baseline,
+    parse_variants,
+    run_ablation,
+)
+from ..errors import AblationError
 from ..layers.kinds import POOL_KINDS
 from ..runs.layout import ABLATION_RESULTS, ACCURACY_NAME, SUMMARY_MD
 from ..utils import first_line
@@ -336,6 +344,9 @@ def ablate(model, data_spec, variants, seeds, baseline, recipe, output, sets, in
         check_baseline(baseline, [v.name for v in parsed])
     changes = {k: v for k, v in overrides.items() if v is not None}
     changes.update(parse_override(s) for s in sets)
+    chosen = [k for k in VARIANT_FIELDS if k in changes]
+    if chosen:  # refused, never ignored
+        raise AblationError(f"--set {chosen[0]}: each variant sets its own pool and dropout (--variants)")
     resolved = with_overrides(load_recipe(recipe), changes)
     output = output or str(Path("ablations") / Path(model.replace(":", "_")).name)
     result = run_ablation(model, data_spec, parsed, seeds, resolved, output, weights=weights_file or weights,

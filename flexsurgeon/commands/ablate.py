@@ -54,6 +54,7 @@ BASES = {"avg": "avg", "token": "token", "flex": "softmax", "flex-linear": "line
          "simpool": "simpool"}
 OPTIONS = ("sac", "dropout")
 PAPER_DROPOUT = 0.25
+VARIANT_FIELDS = ("pool", "dropout")  # recipe fields each variant sets for its runs
 BASELINE = "avg"
 MAX_SEEDS = MAX_DF + 1  # the t table's reach: 2 to 31 paired seeds give 1 to 30 degrees of freedom
 SIGNIFICANCE = 0.05  # the family-wise level of the Holm column
@@ -193,6 +194,9 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
     names = [v.name for v in variants]
     baseline = baseline if baseline is not None else BASELINE if BASELINE in names else names[0]
     check_baseline(baseline, names)
+    set_by_recipe = [f"{k}: {getattr(recipe, k)}" for k in VARIANT_FIELDS if getattr(recipe, k) != getattr(Recipe, k)]
+    if set_by_recipe:
+        log(f"note: the recipe's {', '.join(set_by_recipe)} are not used: each variant sets its own pool and dropout")
     output = Path(output)
     with hold(output):
         _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],
