@@ -134,6 +134,10 @@ def test_ablation_plot_from_rows_and_from_a_results_folder(tmp_path):
     assert code == 0, output
     assert output.strip() == f"wrote {tmp_path / 'abl' / 'plots' / 'accuracy.png'}"
     _png(tmp_path / "abl" / "plots" / "accuracy.png")
+    for option in (["--top", "3"], ["--model-code", "net.py:build"]):  # weight-map options: no model here
+        code, output = _run("plot", tmp_path / "abl", "-o", tmp_path / "other", *option)
+        assert code == 1 and f"{option[0]} applies to FlexPool weight maps, and {tmp_path / 'abl'} holds no model" \
+            in output and not (tmp_path / "other").exists(), output
     with pytest.raises(PlotError, match="row 1 .*top1 a number"):
         plot_ablation([{"variant": "avg", "seed": 0, "top1": "n/a"}], tmp_path / "b.png")
 

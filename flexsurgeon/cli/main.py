@@ -173,8 +173,8 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
 @click.argument("path", metavar="DIR", type=click.Path())
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False),
               help="Folder for the PNGs [default: DIR/plots].")
-@click.option("--top", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Channels per weight map: those with the largest spread (max - min of the weights).")
+@click.option("--top", type=click.IntRange(min=1),
+              help="Channels per weight map: those with the largest spread (max - min of the weights) [default: 8].")
 @model_code_option
 @friendly_errors
 def plot(path, output, top, model_code):

@@ -30,7 +30,7 @@ from ..runs.layout import (
 )
 from ..runs.log import read_log
 from .figures import new_figure, require_matplotlib, save_png
-from .weight_maps import check_top, plot_weight_maps
+from .weight_maps import DEFAULT_TOP, check_top, plot_weight_maps
 
 __all__ = ["plot_ablation", "plot_ablation_by_epoch", "plot_folder", "plot_training_curves", "plot_weight_maps",
            "read_results"]
@@ -209,18 +209,25 @@ def plot_ablation_by_epoch(rows: Iterable[Mapping], out_path) -> Path:
 
 # ---------------------------------------------------------------- folders
 
-def plot_folder(path, out_dir=None, top: int = 8, model_code: str | None = None) -> list[Path]:
+def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | None = None) -> list[Path]:
     """Plot whatever ``path`` holds; PNGs go to ``out_dir`` (default ``path/plots``).
 
     A model folder (config.json): weight maps. A finetune run (log.jsonl): training curves and
     the weight maps of its best/ model (else last/). An ablation folder (results.csv): the
-    accuracy plot. A log.jsonl or results.csv file itself also works.
+    accuracy plot. A log.jsonl or results.csv file itself also works. ``top`` (channels per
+    weight map, default 8) and ``model_code`` apply to weight maps: refused where there is no
+    model to draw them from.
     """
-    check_top(top)
-    require_matplotlib()
     path = Path(path)
     if not path.exists():
         raise PlotError(f"nothing to plot: {path} does not exist")
+    if (top is not None or model_code is not None) and not any(
+            (p / CONFIG_NAME).is_file() for p in (path, path / BEST, path / LAST)):
+        raise PlotError(f"{'--top' if top is not None else '--model-code'} applies to FlexPool weight maps, and "
+                        f"{path} holds no model to draw them from")
+    top = DEFAULT_TOP if top is None else top
+    check_top(top)
+    require_matplotlib()
     if path.is_file():
         out = Path(out_dir) if out_dir is not None else path.parent / PLOTS_DIR
         if path.suffix == ".jsonl":

@@ -64,7 +64,10 @@ def flex_pools_of(model) -> list[tuple[str, str, object]]:
     return found
 
 
-def plot_weight_maps(model, out_dir, top: int = 8, source: str | None = None) -> list[Path]:
+DEFAULT_TOP = 8  # channels per weight map
+
+
+def plot_weight_maps(model, out_dir, top: int = DEFAULT_TOP, source: str | None = None) -> list[Path]:
     """One PNG per FlexPool in ``model``: its channel-mean weight map and the ``top`` channels
     with the largest spread (max - min of A), on one colour scale centred on ``1/(H*W)``
     (average pooling, white). Returns the paths written; none when the model has no FlexPool.
