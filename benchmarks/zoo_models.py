@@ -10,7 +10,7 @@ import warnings
 import torch
 from zoo_common import NUM_CLASSES
 
-from flexsurgeon.checkpoints.io import ARCHITECTURE
+from flexsurgeon.surgery.plan import ARCHITECTURE
 from flexsurgeon.surgery.sources import build_source, parse_source
 
 

@@ -10,6 +10,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+HUB_PREFIX = "hf-hub:"  # a Hugging Face Hub repository, as timm.create_model names one
+
+
+def is_hub_name(text) -> bool:
+    return isinstance(text, str) and text.startswith(HUB_PREFIX)
+
 
 def first_line(exc: BaseException, default: str | None = None) -> str:
     """The first line of ``exc``'s message, for one-line errors; ``default`` (the exception's

@@ -356,17 +356,44 @@ def test_finetune_and_export_take_a_converted_model_on_the_hub(converted, tmp_pa
     assert trained.flexsurgeon_plan == flexsurgeon.load(converted).flexsurgeon_plan
 
 
-def test_a_hub_repository_of_a_plain_timm_model_is_refused_in_one_line(tmp_path, monkeypatch):
-    files = tmp_path / "plain"
-    files.mkdir()
-    (files / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 4}))
-    (files / "model.safetensors").write_bytes(b"")
-    _offline_cache(files, tmp_path, monkeypatch)
-    for args in (["export", f"hf-hub:{REPO}", "--format", "safetensors", "-o", str(tmp_path / "out")],
-                 ["finetune", f"hf-hub:{REPO}", "--data", "synthetic:classes=4,train=8,val=8,size=64",
-                  "-o", str(tmp_path / "run")]):
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert len(result.output.splitlines()) == 1, result.output
-        assert f"hf-hub:{REPO}/config.json names architecture 'resnet18', not 'flexsurgeon'" in result.output
-        assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+def test_a_timm_model_on_the_hub_converts_fine_tunes_and_scores_by_its_hf_hub_name(converted, tmp_path, monkeypatch):
+    """``hf-hub:ORG/NAME`` of a plain timm model (as timm's push_to_hf_hub writes one) is a model to
+    convert, as timm.create_model takes it; export, which takes converted models only, refuses it."""
+    torch.manual_seed(0)
+    timm.models.save_for_hf(timm.create_model("resnet10t", num_classes=4), str(tmp_path / "plain"),
+                            safe_serialization=True)
+    _offline_cache(tmp_path / "plain", tmp_path, monkeypatch)
+    name = f"hf-hub:{REPO}"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = timm.create_model(name, pretrained=True).eval()(x)
+
+    result = CliRunner().invoke(main, ["convert", name, "--img-size", "64", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    loaded = flexsurgeon.load(tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), want, rtol=0, atol=1e-5)  # the repository's own weights
+    source = loaded.flexsurgeon_plan.source
+    assert (source.library, source.name, source.weights) == ("timm", "resnet10t", name)
+
+    data = "synthetic:classes=4,train=32,val=16,size=64"
+    result = CliRunner().invoke(main, ["eval", name, "--data", data, "--workers", "0", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["count"] == 16, result.output
+    result = CliRunner().invoke(main, ["finetune", name, "--data", data, "--recipe", "smoke", "--epochs", "1",
+                                       "--img-size", "64", "--workers", "0", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert flexsurgeon.load(tmp_path / "run" / "last").flexsurgeon_plan.source.name == "resnet10t"
+
+    result = CliRunner().invoke(main, ["export", name, "--format", "safetensors", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"{name}/config.json names architecture 'resnet10t', not 'flexsurgeon'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_converted_model_on_the_hub(converted, tmp_path, monkeypatch):
+    out = tmp_path / "to-upload"
+    assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
+    _offline_cache(out, tmp_path, monkeypatch)
+    result = CliRunner().invoke(main, ["convert", f"hf-hub:{REPO}", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"hf-hub:{REPO} holds a converted model already" in result.output and not (tmp_path / "c").exists()

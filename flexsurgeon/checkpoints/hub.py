@@ -3,14 +3,13 @@ Hugging Face cache (``pip install 'flexsurgeon[hub]'``).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import CheckpointError, HubError
-from ..utils import clip, first_line
+from ..surgery.plan import ARCHITECTURE
+from ..utils import HUB_PREFIX, clip, first_line
 from .names import CONFIG_NAME, WEIGHTS_NAME
-
-HUB_PREFIX = "hf-hub:"
-
 
 _INSTALL = "pip install 'flexsurgeon[hub]'"
 
@@ -21,10 +20,6 @@ def import_hub():
     except ImportError:
         raise HubError(f"the Hugging Face Hub needs huggingface_hub: {_INSTALL}") from None
     return huggingface_hub
-
-
-def is_hub_name(text) -> bool:
-    return isinstance(text, str) and text.startswith(HUB_PREFIX)
 
 
 def split_repo(name: str) -> tuple[str, str | None]:
@@ -47,6 +42,16 @@ def download_file(name: str, filename: str) -> Path:
     except Exception as exc:  # offline, not found, gated, network: all mean "no such file here"
         raise CheckpointError(f"cannot get {filename} of hf-hub:{repo}"
                               f"{'@' + revision if revision else ''}: {clip(first_line(exc), 200)}") from None
+
+
+def holds_converted_model(name: str) -> bool:
+    """Whether the repository ``name`` holds a converted model (its config.json names our timm
+    architecture) rather than a timm model to convert."""
+    try:
+        config = json.loads(download_file(name, CONFIG_NAME).read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: config.json is not JSON ({clip(first_line(exc), 120)})") from None
+    return isinstance(config, dict) and config.get("architecture") == ARCHITECTURE
 
 
 def download_checkpoint(name: str) -> Path:

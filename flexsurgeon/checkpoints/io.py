@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CheckpointError, FlexSurgeonError, PlanError
 from ..surgery.apply import apply_plan
 from ..surgery.convert import make_pretrained_cfg
-from ..surgery.plan import SurgeryPlan
-from ..surgery.sources import build_from_code, build_source, check_source
-from ..surgery.state import ARCHITECTURE
-from ..utils import clip, first_line
+from ..surgery.model_code import build_from_code
+from ..surgery.plan import ARCHITECTURE, SurgeryPlan
+from ..surgery.sources import build_source, check_source
+from ..utils import clip, first_line, is_hub_name
 from .folders import check_not_interrupted, write_folder
-from .hub import download_checkpoint, is_hub_name
+from .hub import download_checkpoint
 from .names import CONFIG_NAME, PLAN_METADATA_KEY, WEIGHTS_NAME
 
 # what config.json may hold: ours, plus the fields timm's hub tools add

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, PlanError
-from ..surgery.plan import SurgeryPlan
-from ..surgery.state import ARCHITECTURE
+from ..surgery.plan import ARCHITECTURE, SurgeryPlan
 from ..utils import first_line
 from .hub import download_file
 from .io import (

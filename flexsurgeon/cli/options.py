@@ -101,7 +101,7 @@ MODEL_CODE_HELP = ("FILE.py:FACTORY that builds the source model of a folder con
 
 
 def model_code_callback(ctx, param, value):
-    from ..surgery.sources import is_model_code
+    from ..surgery.model_code import is_model_code
 
     if value is not None and not is_model_code(value):
         raise click.BadParameter(f"'{value}' is not FILE.py:FACTORY")

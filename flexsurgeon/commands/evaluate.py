@@ -18,11 +18,12 @@ from ..data import load_data
 from ..data.loaders import make_loader
 from ..errors import CheckpointError, DataError
 from ..runs.layout import checkpoint_source, is_checkpoint_source
-from ..surgery.sources import is_model_code, resolve_source
+from ..surgery.model_code import is_model_code
+from ..surgery.sources import resolve_source
 from ..training.metrics import evaluate
 from ..training.recipe import Recipe
 from ..training.setup import device_settings, resolve_device
-from ..utils import training_mode
+from ..utils import is_hub_name, training_mode
 
 
 def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: int | None = None,
@@ -40,7 +41,8 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
         checkpoint = checkpoint_source(source)
         model = load_folder(checkpoint, model_code)
         return model, str(checkpoint), resolve_data_config(model=model)
-    if "/" in source and not source.startswith(("tv:", "torchvision:")) and not is_model_code(source):
+    if "/" in source and not source.startswith(("tv:", "torchvision:")) and not is_model_code(source) \
+            and not is_hub_name(source):
         check_not_interrupted(Path(source))
         raise CheckpointError(f"no such checkpoint folder: {source}")
     if model_code is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoints.folders import write_folder
-from ..checkpoints.hub import HUB_PREFIX, import_hub, split_repo
+from ..checkpoints.hub import import_hub, split_repo
 from ..checkpoints.io import read_config, read_weights_header
 from ..checkpoints.names import CONFIG_NAME, WEIGHTS_NAME
 from ..data import TIMM_PREFIXES
@@ -26,7 +26,7 @@ from ..errors import HubError, PlotError
 from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME, checkpoint_folder
 from ..runs.log import read_log
 from ..surgery.plan import SurgeryPlan
-from ..utils import clip, first_line
+from ..utils import HUB_PREFIX, clip, first_line
 from ..version import __version__
 
 CARD_NAME = "README.md"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints.hub import is_hub_name
+from ..checkpoints.hub import holds_converted_model
 from ..checkpoints.names import CONFIG_NAME
 from ..errors import CheckpointError
+from ..utils import is_hub_name
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"  # the SOURCE and --data a run started from, for --resume and model cards
@@ -30,8 +31,9 @@ def checkpoint_source(source: str | Path) -> str | Path:
 
 
 def is_checkpoint_source(source: str | Path) -> bool:
-    """A checkpoint (a folder or an ``hf-hub:`` name) rather than a model to convert."""
-    return is_hub_name(source) or Path(source).is_dir()
+    """A checkpoint (a folder, or a Hub repository that holds a converted model) rather than a
+    model to convert (a name, or ``hf-hub:`` of a timm model)."""
+    return holds_converted_model(str(source)) if is_hub_name(source) else Path(source).is_dir()
 
 
 BEST, LAST = "best", "last"  # the checkpoint folders of a finetune run

@@ -21,10 +21,9 @@ from .analysis import Analysis, analyse
 from .apply import apply_plan
 from .costs import CostReport
 from .costs import measure as measure_costs
-from .plan import SurgeryPlan
+from .plan import ARCHITECTURE, SurgeryPlan
 from .planner import make_plan
 from .sources import resolve_source
-from .state import ARCHITECTURE
 
 PRESERVATION_TOLERANCE = 1e-5  # float32, the converted model's eval output against the source's
 

@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..utils import training_mode
 from .apply import pool_paths
+from .model_code import build_from_code, is_model_code
 from .sac import forward_with_sac
-from .sources import build_from_code, build_source, is_model_code
+from .sources import build_source
 
 _BATCH = 2
 

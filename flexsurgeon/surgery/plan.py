@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import PlanError
 from ..layers.kinds import POOL_KINDS
 
+ARCHITECTURE = "flexsurgeon"  # the timm architecture that rebuilds a converted model from its plan
 PLAN_VERSION = 3  # 3: pool (was pool_mode), PoolEdit.replacement (was method); older plans are refused
 LIBRARIES = ("timm", "torchvision", "custom")  # custom: the user's own nn.Module, rebuilt by the user
 REPLACEMENTS = ("in_place", "graph_rewrite")  # how a pool is replaced: a module swapped, or code rewritten

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import inspect
-import re
 import socket
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,8 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
-from ..utils import clip, first_line
-from .plan import SourceSpec
+from ..utils import HUB_PREFIX, clip, first_line, is_hub_name
+from .model_code import build_from_code, is_model_code
+from .plan import ARCHITECTURE, SourceSpec
 
 # timm and torchvision are imported where a function needs them: importing timm registers our
 # checkpoint architecture with it, whose module (checkpoints.timm_registry) imports this one.
@@ -40,6 +38,8 @@ _TV_DEFAULT_KWARGS = {
 
 def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -> SourceSpec:
     """Turn a user's model name into a SourceSpec, or raise with the closest known names."""
+    if is_hub_name(name):
+        return _hub_spec(name, num_classes, in_chans)
     for prefix in _TV_PREFIXES:
         if name.startswith(prefix):
             builder = name[len(prefix):]
@@ -63,6 +63,50 @@ def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
     return SourceSpec("timm", name, kwargs)
+
+
+def _hub_spec(name: str, num_classes: int | None, in_chans: int) -> SourceSpec:
+    """A timm model on the Hub (``hf-hub:ORG/NAME``, as ``timm.create_model`` takes it): the
+    architecture and arguments its config.json records; its weights are the repository's."""
+    arch, model_args = hub_model_config(name)[1:]
+    if arch == ARCHITECTURE:
+        raise ModelNotFoundError(f"{name} holds a converted model already: finetune, eval and export take it as it is")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()
+              if k not in ("num_classes", "in_chans")}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    elif isinstance(model_args.get("num_classes"), int):
+        kwargs["num_classes"] = model_args["num_classes"]
+    if in_chans != 3:
+        kwargs["in_chans"] = in_chans
+    return SourceSpec("timm", arch, kwargs, weights=name)
+
+
+def hub_model_config(name: str) -> tuple[dict, str, dict]:
+    """``(pretrained_cfg, architecture, model_args)`` of the timm model in the Hub repository
+    ``name``, read from its config.json through the Hugging Face cache."""
+    import timm.models
+
+    try:
+        found = timm.models.load_model_config_from_hf(name.removeprefix(HUB_PREFIX))
+    except Exception as exc:  # offline and not cached, no such repository, not a timm config
+        raise ModelNotFoundError(f"cannot read the timm config of {name}: {clip(first_line(exc), 160)} (without "
+                                 "network, the repository must be in the Hugging Face cache)") from None
+    pretrained_cfg, arch = found[0], found[1]
+    model_args = found[2] if len(found) > 2 and isinstance(found[2], dict) else {}  # older timm: none
+    return dict(pretrained_cfg or {}), arch, model_args
+
+
+def pretrained_cfg_of(name: str) -> dict:
+    """timm's pretrained config of a model name (``NAME[.TAG]`` or ``hf-hub:ORG/NAME``); {} for others."""
+    if is_hub_name(name):
+        return hub_model_config(name)[0]
+    if name.startswith(_TV_PREFIXES) or is_model_code(name):
+        return {}
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def _did_you_mean(name: str, known, prefix: str) -> str:
@@ -126,9 +170,11 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
         import timm
 
         if weights == "pretrained":
-            overlay = _offline_hub_weights(spec)
+            # a repository on the Hub (hf-hub:ORG/NAME) has its own weights; a name, timm's default tag's
+            hub = is_hub_name(spec.weights)
+            named, overlay = (spec.weights, {}) if hub else (spec.name, _offline_hub_weights(spec))
             try:
-                return timm.create_model(spec.name, pretrained=True, **overlay, **spec.kwargs)
+                return timm.create_model(named, pretrained=True, **overlay, **spec.kwargs)
             except Exception as exc:  # hub, URL and file errors all mean "no weights here"
                 raise _download_error(spec, exc) from exc
         model = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
@@ -250,53 +296,6 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 
         warnings.warn(f"{len(resized)} tensors of {path.name} differ in shape (a classifier for other classes); "
                       f"they are re-initialised: {', '.join(resized[:4])}", stacklevel=2)
-
-
-_MODEL_CODE = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
-
-
-def is_model_code(text) -> bool:
-    """True for ``FILE.py:FACTORY``, the command line's way to name a model in the user's own code."""
-    return isinstance(text, str) and _MODEL_CODE.match(text) is not None
-
-
-def build_from_code(text: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-    """Import ``FILE.py`` and call its ``FACTORY`` (with ``num_classes`` / ``in_chans`` where it
-    takes them). Only for code the user named on the command line or in a call."""
-
-    match = _MODEL_CODE.match(text)
-    if match is None:
-        raise ModelNotFoundError(f"'{text}' is not FILE.py:FACTORY")
-    path, name = Path(match["file"]), match["name"]
-    if not path.is_file():
-        raise ModelNotFoundError(f"model code file not found: {path}")
-    module_name = f"flexsurgeon_model_code.{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # so classes defined there pickle and unpickle (torch.save of a model)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        reason = clip(first_line(exc), 200)
-        raise ModelNotFoundError(f"importing {path} failed: {type(exc).__name__}: {reason}") from exc
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise ModelNotFoundError(f"{path} has no function '{name}'")
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    wanted = {"num_classes": num_classes, "in_chans": in_chans}
-    kwargs = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in params)}
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        raise ModelNotFoundError(f"{text} failed: {type(exc).__name__}: {clip(first_line(exc), 200)}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelNotFoundError(f"{text} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
 
 
 def spec_at_size(spec: SourceSpec, img_size) -> SourceSpec:

@@ -7,8 +7,6 @@ from torch import nn
 from ..errors import FlexSurgeonError
 from .plan import SurgeryPlan
 
-ARCHITECTURE = "flexsurgeon"  # the timm architecture that rebuilds a converted model from its plan
-
 
 def plan_of(model: nn.Module, doing: str = "used here", error: type[FlexSurgeonError] = FlexSurgeonError
             ) -> SurgeryPlan:

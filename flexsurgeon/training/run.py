@@ -14,14 +14,13 @@ import os
 from pathlib import Path
 
 from ..checkpoints.folders import recover
-from ..checkpoints.hub import is_hub_name
 from ..checkpoints.io import load_folder, read_config
 from ..checkpoints.locks import hold
 from ..errors import CheckpointError, TrainingError
 from ..runs.layout import BEST, LAST, RECIPE_NAME, RUN_NAME, STATE_JSON, is_checkpoint_source
 from ..surgery.convert import convert
-from ..surgery.sources import is_model_code
-from ..utils import write_text_replacing
+from ..surgery.model_code import is_model_code
+from ..utils import is_hub_name, write_text_replacing
 from .heads import reset_head
 from .loop import FinetuneResult, finetune
 from .recipe import Recipe, load_recipe, with_overrides

@@ -3,24 +3,18 @@ or a model name's before the model exists) and the recipe's augmentation, split 
 from __future__ import annotations
 
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg
 from torch import nn
 
 from ..data import load_data
 from ..data.bundle import subset_train
-from ..surgery.sources import is_model_code
+from ..surgery.sources import pretrained_cfg_of
 from ..utils import as_size
 from .recipe import Recipe
 
 
 def data_config_for_name(name: str, img_size, in_chans: int) -> dict:
     """The data config a model name implies, before the model exists (its classes come from the data)."""
-
-    cfg = {}
-    if not name.startswith(("tv:", "torchvision:")) and not is_model_code(name):
-
-        pretrained = get_pretrained_cfg(name.split(".")[0])
-        cfg = pretrained.to_dict() if pretrained is not None else {}
+    cfg = pretrained_cfg_of(name)
     size = cfg.get("input_size", (3, 224, 224))
     if img_size is not None:
         size = (in_chans, *as_size(img_size))
