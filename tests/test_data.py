@@ -157,11 +157,13 @@ def test_idx_val_is_carved_from_train_without_t10k_or_when_asked(tmp_path):
     images, labels = _tiny_idx(n=30)
     _write_idx(tmp_path, "train", images, labels, gz=True)
     bundle = load_data(str(tmp_path), data_config=RAW, val_split=0.2, seed=1)
-    assert (len(bundle.train), len(bundle.val)) == (24, 6)
+    assert (len(bundle.train), len(bundle.val)) == (24, 6) and bundle.val_carved
     assert sorted(int(bundle.val[i][1]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
     _write_idx(tmp_path, "t10k", images[:9], labels[:9], gz=True)
-    assert len(load_data(str(tmp_path), data_config=RAW).val) == 9
-    assert len(load_data(str(tmp_path), data_config=RAW, val_split=0.2, val_from_train=True).val) == 6
+    own = load_data(str(tmp_path), data_config=RAW)
+    assert len(own.val) == 9 and not own.val_carved  # the val options then have nothing to act on
+    carved = load_data(str(tmp_path), data_config=RAW, val_split=0.2, val_from_train=True)
+    assert len(carved.val) == 6 and carved.val_carved
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -500,7 +502,8 @@ def test_val_from_train_leaves_the_val_folder_unseen(tmp_path):
     _folder(tmp_path / "train", n=10)
     _folder(tmp_path / "val", n=3, ext=".jpg")
     bundle = load_data(str(tmp_path), data_config=CFG, val_split=0.2, seed=0, val_from_train=True)
-    assert (len(bundle.train), len(bundle.val)) == (16, 4)
+    assert (len(bundle.train), len(bundle.val)) == (16, 4) and bundle.val_carved
+    assert not load_data(str(tmp_path), data_config=CFG).val_carved  # train/ and val/ as they are
     paths = [Path(p) for p, _ in bundle.train.samples + bundle.val.samples]
     assert all(p.parent.parent == tmp_path / "train" for p in paths) and len(set(paths)) == 20
 

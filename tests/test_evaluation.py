@@ -105,6 +105,13 @@ def test_options_for_a_model_name_are_refused_for_a_checkpoint(option, converted
     assert f"{name} applies to a model given by name; {converted_dir} is a checkpoint" in result.output
 
 
+@pytest.mark.parametrize("option", [["--val-split", "0.2"], ["--seed", "3"]])
+def test_val_split_options_are_refused_for_data_with_its_own_val_part(option, converted_dir):
+    result = CliRunner().invoke(main, ["eval", str(converted_dir), "--data", DATA, "--workers", "0", *option])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"{option[0]} applies to data without a val part of its own; {DATA} has one" in result.output
+
+
 def test_a_score_from_predictions_that_are_all_one_class_gets_a_note(tmp_path):
     """Every prediction one class gives that class's share as top-1 (here 25% of 4 balanced
     classes): it looks like a result and is not one, so eval and the epoch line say so."""

@@ -201,6 +201,8 @@ def test_a_model_name_is_converted_first(tmp_path):
     (["--data", "synthetic:classes=6"], "the model has 4 classes but the data has 6; pass --num-classes 6"),
     (["--data", "synthetic:classes=6", "--num-classes", "5"], "--num-classes 5 but the data has 6 classes"),
     (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--val-split", "0.2"], "--val-split carves val out of train, and synthetic:classes=4,train=96,val=64 has a val"),
+    (["--set", "val_from_train=true"], "val_from_train carves val out of an image folder's or IDX files' train"),
 ])
 def test_bad_finetune_input_is_one_line(converted, tmp_path, args, message):
     base = {"--data": DATA, "--recipe": "smoke"}

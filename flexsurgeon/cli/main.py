@@ -194,9 +194,9 @@ def plot(path, output, top, model_code):
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader workers.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-              show_default=True, help="Val fraction, for data without a val part of its own.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val split.")
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Val fraction, for data without a val part of its own [default: 0.1].")
+@click.option("--seed", type=int, help="Seed of that val split [default: 0].")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classes of a model given by name.")
 @click.option("--img-size", callback=size_callback, metavar="N|HxW", help="Input size for a model given by name.")
 @click.option("--in-chans", type=click.IntRange(min=1), default=3, show_default=True,

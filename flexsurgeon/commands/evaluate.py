@@ -55,18 +55,24 @@ def load_model(source: str, *, weights: str | Path = "pretrained", num_classes: 
 
 
 def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, workers: int = 2, device: str = "auto",
-                    val_split: float = 0.1, seed: int = 0, weights: str | Path = "pretrained",
+                    val_split: float | None = None, seed: int | None = None, weights: str | Path = "pretrained",
                     num_classes: int | None = None, img_size=None, in_chans: int = 3,
                     model_code: str | None = None, progress: bool = True) -> dict:
     """Score ``source`` on the val split of ``data_spec``.
 
     Returns ``{"model", "data", "count", "heads": {name: {"top1", "top5", "loss"}}}`` with
-    accuracies in percent; heads are the SAC heads (``sac:NODE``), then ``main``.
+    accuracies in percent; heads are the SAC heads (``sac:NODE``), then ``main``. ``val_split``
+    (default 0.1) and ``seed`` (default 0) carve val out of data without a val part of its own,
+    and are refused for data with one.
     """
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans, model_code=model_code)
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
-    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
+    data = load_data(data_spec, data_config=data_config, in_chans=chans,
+                     val_split=0.1 if val_split is None else val_split, seed=0 if seed is None else seed)
+    given = "--val-split" if val_split is not None else "--seed" if seed is not None else None
+    if given and not data.val_carved:
+        raise DataError(f"{given} applies to data without a val part of its own; {data_spec} has one")
     outputs = _num_outputs(model, data_config["input_size"])
     if outputs != data.num_classes:  # a score against other classes would look like a result and mean nothing
         raise DataError(f"{label} has {outputs} classes but the data has {data.num_classes}; evaluate a model "

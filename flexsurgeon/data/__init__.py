@@ -57,7 +57,11 @@ def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: flo
         raise DataError(f"--data is empty; {_FORMS}")
     if in_chans < 1:
         raise DataError(f"in_chans must be at least 1, got {in_chans}")
-    if spec.startswith("synthetic:") or (spec == "synthetic" and not os.path.exists(spec)):
+    generated = spec.startswith("synthetic:") or (spec == "synthetic" and not os.path.exists(spec))
+    if val_from_train and (generated or (spec.lower().startswith(TIMM_PREFIXES) and not os.path.exists(spec))):
+        raise DataError(f"val_from_train carves val out of an image folder's or IDX files' train part; --data {spec} "
+                        "comes with its own splits")
+    if generated:
         return load_synthetic(spec, data_config, in_chans, (train_transform_kwargs or {}).get("hflip", 0.5))
     transforms = Transforms(data_config, in_chans, train_transform_kwargs)
     if spec.lower().startswith(TIMM_PREFIXES) and not os.path.exists(spec):

@@ -25,6 +25,7 @@ class DataBundle:
     class_names: list[str]
     description: str
     left_out: int = 0  # unreadable images the scan left out (not in train or val)
+    val_carved: bool = False  # val was carved out of train by val_split (the data has no val part, or val_from_train)
 
     @property
     def skipped(self) -> int:
@@ -49,7 +50,7 @@ def subset_train(data: DataBundle, size: int, seed: int) -> DataBundle:
     picked = torch.randperm(len(data.train), generator=generator(seed, 0x5B5E7)).tolist()
     subset = Subset(data.train, sorted(picked[:size]))
     return DataBundle(subset, data.val, data.num_classes, data.class_names,
-                      f"{data.description}; training on a seeded subset of {size}", data.left_out)
+                      f"{data.description}; training on a seeded subset of {size}", data.left_out, data.val_carved)
 
 
 def stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[int]]:

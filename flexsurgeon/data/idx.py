@@ -103,4 +103,4 @@ def load_idx(root, transforms, val_split, seed, val_from_train) -> DataBundle:
     val = _IdxImages(val_images, val_labels, val_idx, transforms(train=False))
     text = (f"IDX folder {root}: {sizes(train, val, num_classes)}, {images.shape[1]}x{images.shape[2]} gray "
             f"(val: {how})")
-    return DataBundle(train, val, num_classes, names, text)
+    return DataBundle(train, val, num_classes, names, text, val_carved=not (has_test and not val_from_train))

@@ -227,14 +227,14 @@ def load_folder(root: Path, transforms: Transforms, val_split: float, seed: int,
                             f"only in train: {_listed(only_train)}; only in {val_dir.name}: {_listed(only_val)}")
         names = list(train_found)
         train, val = _labelled(names, train_found), _labelled(names, val_found)
-        how = f"{val_dir.name}/ folder"
+        how, carved = f"{val_dir.name}/ folder", False
     else:
         found = _scan_classes(root, scan)
         names = list(found)
         samples = _labelled(names, found)
         train_idx, val_idx = stratified_split([c for _, c in samples], val_split, seed, root)
         train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-        how = f"{val_split:g} split, seed {seed}"
+        how, carved = f"{val_split:g} split, seed {seed}", True
     scan.warn()
     bundle_train = _ImageFiles(train, transforms(train=True), root)
     bundle_val = _ImageFiles(val, transforms(train=False), root)
@@ -242,7 +242,7 @@ def load_folder(root: Path, transforms: Transforms, val_split: float, seed: int,
     text = f"image folder {root}: {sizes(train, val, len(names))} (val: {how})"
     if left_out:
         text += f"; {left_out} unreadable image{'s' if left_out > 1 else ''} left out"
-    return DataBundle(bundle_train, bundle_val, len(names), names, text, left_out=left_out)
+    return DataBundle(bundle_train, bundle_val, len(names), names, text, left_out=left_out, val_carved=carved)
 
 
 def _containers(root: Path) -> list[Path]:

@@ -89,6 +89,9 @@ def _run_held(source, data_spec, recipe, output: Path, *, resume, overrides, wei
         model = convert(source, weights=weights or "random", num_classes=data.num_classes, img_size=recipe.img_size,
                         in_chans=in_chans, pool=recipe.pool, dropout=recipe.dropout, sac_stages=sac_stages,
                         sac_weights=recipe.sac_weights, replace_gating=replace_gating, progress=progress)
+    if "val_split" in (overrides or {}) and not data.val_carved:
+        raise TrainingError(f"--val-split carves val out of train, and {data_spec} has a val part of its own "
+                            "(--set val_from_train=true carves val from its train part instead)")
     if (overrides or {}).get("keep_sac") and not model.flexsurgeon_plan.sac:
         raise TrainingError("--keep-sac keeps the SAC heads in best/, and this model has none")
     if num_classes is not None:
