@@ -22,7 +22,7 @@
 #         ROUNDS=3 SKIP_TESTS=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-resnet50} IMG=${IMG:-224} BATCH=${BATCH:-128}
 DATA=${DATA:-synthetic:classes=10,train=4096,val=1024} ROUNDS=${ROUNDS:-20}
 PY=${PYTHON:-python3}

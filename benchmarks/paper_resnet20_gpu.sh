@@ -16,7 +16,7 @@
 #     DEVICE=cpu EPOCHS=1 SUBSET=512 WORKERS=0 TIME_LIMIT=300 bash benchmarks/paper_resnet20_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 DEVICE=${DEVICE:-cuda} EPOCHS=${EPOCHS:-100} SEEDS=${SEEDS:-1} WORKERS=${WORKERS:-7} TIME_LIMIT=${TIME_LIMIT:-420}
 VARIANTS=${VARIANTS:-"avg flex-linear+dropout+sac"}
