@@ -68,9 +68,9 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     model, label, data_config = load_model(source, weights=weights, num_classes=num_classes, img_size=img_size,
                                            in_chans=in_chans, model_code=model_code)
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
-    data = load_data(data_spec, data_config=data_config, in_chans=chans,
-                     val_split=0.1 if val_split is None else val_split, seed=0 if seed is None else seed)
     given = "--val-split" if val_split is not None else "--seed" if seed is not None else None
+    val_split, seed = 0.1 if val_split is None else val_split, 0 if seed is None else seed
+    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
     if given and not data.val_carved:
         raise DataError(f"{given} applies to data without a val part of its own; {data_spec} has one")
     outputs = _num_outputs(model, data_config["input_size"])
