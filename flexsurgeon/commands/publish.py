@@ -258,22 +258,18 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
                 api.create_repo(repo, private=private)
                 created = "repository"
             elif private and not api.repo_info(repo).private:
-                raise _Refused(f"{repo} exists and is public: --private applies when push creates the repository "
+                raise HubError(f"{repo} exists and is public: --private applies when push creates the repository "
                                "(make it private on the Hub, or push without --private)")
             if revision and revision not in {b.name for b in api.list_repo_refs(repo).branches}:
                 api.create_branch(repo, branch=revision)
                 created = created or "branch"
             commit = api.upload_folder(repo_id=repo, folder_path=tmp, commit_message=message, revision=revision)
-        except _Refused as exc:
-            raise HubError(str(exc)) from None
+        except HubError:  # refused before anything was created or sent
+            raise
         except Exception as exc:  # one commit: it landed whole or not at all
             left = _undo(api, repo, revision, created)
             raise HubError(f"push to {repo} failed, nothing was uploaded{left}: {clip(first_line(exc), 200)}") from None
     return PushResult(names, message, str(getattr(commit, "commit_url", commit)), None)
-
-
-class _Refused(Exception):
-    """A push refused before anything was created or sent."""
 
 
 def _undo(api, repo: str, revision: str | None, created: str | None) -> str:
