@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HUB_PREFIX = "hf-hub:"  # a Hugging Face Hub repository, as timm.create_model names one
+# a model folder's files, in timm's layout (local-dir: and hf-hub: alike)
+CONFIG_NAME = "config.json"  # architecture, num_classes, pretrained_cfg (and our plan, in model_args)
+WEIGHTS_NAME = "model.safetensors"
 
 
 def is_hub_name(text) -> bool:

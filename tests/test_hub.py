@@ -294,6 +294,13 @@ def test_push_without_credentials_or_huggingface_hub_is_one_line(converted, tmp_
     assert result.exit_code == 1 and "is not a Hub repository" in result.output
 
 
+def test_push_from_the_hub_is_refused_naming_export(tmp_path):
+    result = CliRunner().invoke(main, ["push", f"hf-hub:{REPO}", "someone/copy", "--dry-run", str(tmp_path / "out")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"hf-hub:{REPO} is on the Hub already" in result.output and "flexsurgeon export" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_uncached_repository_offline_is_one_line(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -326,9 +333,10 @@ def test_a_pushed_runs_card_names_its_data_set_without_a_local_path(converted, t
     assert f"Fine-tuned on {named}." in card and "/home" not in card and "/mnt" not in card
 
 
-def test_finetune_and_export_take_a_converted_model_on_the_hub(converted, tmp_path, monkeypatch):
+def test_finetune_export_and_plot_take_a_converted_model_on_the_hub(converted, tmp_path, monkeypatch):
     """``hf-hub:ORG/NAME`` works wherever a converted folder does: finetune starts from it (its
-    conversion kept, conversion options refused) and export writes the same model."""
+    conversion kept, conversion options refused), export writes the same model and plot draws its
+    weight maps (into the folder -o names: the Hub cache is no place for them)."""
     out = tmp_path / "to-upload"
     assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
     _offline_cache(out, tmp_path, monkeypatch)
@@ -355,10 +363,18 @@ def test_finetune_and_export_take_a_converted_model_on_the_hub(converted, tmp_pa
     trained = flexsurgeon.load(run / "last")
     assert trained.flexsurgeon_plan == flexsurgeon.load(converted).flexsurgeon_plan
 
+    refused = CliRunner().invoke(main, ["plot", name])
+    assert refused.exit_code == 1 and refused.output == f"Error: plot {name} needs -o FOLDER for the PNGs\n"
+    result = CliRunner().invoke(main, ["plot", name, "-o", str(tmp_path / "maps")])
+    local = CliRunner().invoke(main, ["plot", str(converted), "-o", str(tmp_path / "local-maps")])
+    assert result.exit_code == 0 and local.exit_code == 0, result.output + local.output
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local-maps").iterdir()) != []
+
 
 def test_a_timm_model_on_the_hub_converts_fine_tunes_and_scores_by_its_hf_hub_name(converted, tmp_path, monkeypatch):
     """``hf-hub:ORG/NAME`` of a plain timm model (as timm's push_to_hf_hub writes one) is a model to
-    convert, as timm.create_model takes it; export, which takes converted models only, refuses it."""
+    convert, as timm.create_model takes it; export and plot, which take converted models only, refuse it."""
     torch.manual_seed(0)
     timm.models.save_for_hf(timm.create_model("resnet10t", num_classes=4), str(tmp_path / "plain"),
                             safe_serialization=True)
@@ -388,6 +404,9 @@ def test_a_timm_model_on_the_hub_converts_fine_tunes_and_scores_by_its_hf_hub_na
     assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
     assert f"{name}/config.json names architecture 'resnet10t', not 'flexsurgeon'" in result.output
     assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["plot", name, "-o", str(tmp_path / "maps")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert "names architecture 'resnet10t', not 'flexsurgeon'" in result.output and not (tmp_path / "maps").exists()
 
 
 def test_convert_refuses_a_converted_model_on_the_hub(converted, tmp_path, monkeypatch):
@@ -397,3 +416,47 @@ def test_convert_refuses_a_converted_model_on_the_hub(converted, tmp_path, monke
     result = CliRunner().invoke(main, ["convert", f"hf-hub:{REPO}", "-o", str(tmp_path / "c")])
     assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
     assert f"hf-hub:{REPO} holds a converted model already" in result.output and not (tmp_path / "c").exists()
+
+
+def test_without_network_a_cached_repository_is_read_at_once_and_an_uncached_one_is_one_line(
+        converted, tmp_path, monkeypatch):
+    """With huggingface.co out of reach (no HF_HUB_OFFLINE, as on a user's machine), hf-hub: sources
+    come from the Hub cache at once, not after the hub client's minute of retries, and a repository
+    that is not cached is one line that says why."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    out = tmp_path / "to-upload"
+    assert CliRunner().invoke(main, ["push", str(converted), REPO, "--dry-run", str(out)]).exit_code == 0
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet10t", num_classes=4)
+    timm.models.save_for_hf(plain, str(tmp_path / "plain"), safe_serialization=True)
+    cache = tmp_path / "hub-cache"
+    _as_hub_cache(out, cache)
+    _as_hub_cache(tmp_path / "plain", cache, "someone/plain")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    data = "synthetic:classes=4,train=32,val=16,size=64"
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["eval", f"hf-hub:{REPO}", "--data", data, "--workers", "0", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["count"] == 16, result.output
+    result = CliRunner().invoke(main, ["convert", "hf-hub:someone/plain", "--img-size", "64",
+                                       "-o", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(flexsurgeon.load(tmp_path / "c").eval()(x), plain.eval()(x), rtol=0, atol=1e-5)
+    missing = "hf-hub:someone/missing"
+    for command in (["eval", missing, "--data", data], ["convert", missing, "-o", str(tmp_path / "m")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+        assert result.output.strip() == ("Error: cannot get config.json of hf-hub:someone/missing: no network "
+                                         "(huggingface.co cannot be reached) and it is not in the Hugging Face cache")
+    assert time.perf_counter() - started < 20  # the hub client alone retries for about 25 s per file

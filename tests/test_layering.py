@@ -17,7 +17,7 @@ import pytest
 import flexsurgeon
 
 # imports point from right to left only; the base modules (first entry) import no other part
-LAYERS = (("errors", "utils", "version"), "layers", "surgery", "checkpoints", "runs", "data", "training",
+LAYERS = (("errors", "utils", "version"), "hub", "layers", "surgery", "checkpoints", "runs", "data", "training",
           "plotting", "commands", ("cli", "launch"))
 MAX_LINES = 400
 PACKAGE = Path(flexsurgeon.__file__).parent

@@ -1,47 +1,15 @@
-"""``hf-hub:ORG/NAME[@REV]`` checkpoint sources: names, and downloading a checkpoint's two files through the
-Hugging Face cache (``pip install 'flexsurgeon[hub]'``).
+"""``hf-hub:ORG/NAME[@REV]`` checkpoint sources: whether a repository holds a converted model, and
+its two files through the Hugging Face cache (``..hub`` reads them).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError
+from ..errors import CheckpointError
+from ..hub import download_file
 from ..surgery.plan import ARCHITECTURE
-from ..utils import HUB_PREFIX, clip, first_line
-from .names import CONFIG_NAME, WEIGHTS_NAME
-
-_INSTALL = "pip install 'flexsurgeon[hub]'"
-
-
-def import_hub():
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise HubError(f"the Hugging Face Hub needs huggingface_hub: {_INSTALL}") from None
-    return huggingface_hub
-
-
-def split_repo(name: str) -> tuple[str, str | None]:
-    """``hf-hub:ORG/NAME@REV`` (or ``ORG/NAME@REV``) -> ``("ORG/NAME", "REV")``; a one-line error
-    for anything that is not a repository id."""
-    repo, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
-    parts = repo.split("/")
-    if not repo or len(parts) > 2 or not all(parts) or any(c.isspace() for c in repo):
-        raise HubError(f"'{name}' is not a Hub repository: expected ORG/NAME (optionally @REVISION)")
-    return repo, revision or None
-
-
-def download_file(name: str, filename: str) -> Path:
-    """One file of the repository ``name`` (``[hf-hub:]ORG/NAME[@REV]``), from the local cache or
-    the Hub; without network and not cached, a one-line CheckpointError."""
-    hub = import_hub()
-    repo, revision = split_repo(name)
-    try:
-        return Path(hub.hf_hub_download(repo, filename, revision=revision))
-    except Exception as exc:  # offline, not found, gated, network: all mean "no such file here"
-        raise CheckpointError(f"cannot get {filename} of hf-hub:{repo}"
-                              f"{'@' + revision if revision else ''}: {clip(first_line(exc), 200)}") from None
+from ..utils import CONFIG_NAME, WEIGHTS_NAME, clip, first_line
 
 
 def holds_converted_model(name: str) -> bool:

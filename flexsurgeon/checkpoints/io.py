@@ -23,10 +23,11 @@ from ..surgery.convert import make_pretrained_cfg
 from ..surgery.model_code import build_from_code
 from ..surgery.plan import ARCHITECTURE, SurgeryPlan
 from ..surgery.sources import build_source, check_source
-from ..utils import clip, first_line, is_hub_name
+from ..utils import CONFIG_NAME, WEIGHTS_NAME, clip, first_line, is_hub_name
 from .folders import check_not_interrupted, write_folder
 from .hub import download_checkpoint
-from .names import CONFIG_NAME, PLAN_METADATA_KEY, WEIGHTS_NAME
+
+PLAN_METADATA_KEY = "flexsurgeon_plan"  # the plan again, as JSON in the safetensors metadata
 
 # what config.json may hold: ours, plus the fields timm's hub tools add
 _CONFIG_KEYS = {"architecture", "num_classes", "num_features", "pretrained_cfg", "model_args", "global_pool",

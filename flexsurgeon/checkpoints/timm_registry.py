@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, PlanError
+from ..hub import download_file
 from ..surgery.plan import ARCHITECTURE, SurgeryPlan
-from ..utils import first_line
-from .hub import download_file
+from ..utils import CONFIG_NAME, WEIGHTS_NAME, first_line
 from .io import (
     as_tuples,
     build_from_plan,
@@ -21,7 +21,6 @@ from .io import (
     read_folder,
     read_weights_header,
 )
-from .names import CONFIG_NAME, WEIGHTS_NAME
 
 # timm keyword arguments the plan fixes: given, they must agree with it
 _PLAN_FIXED = {"num_classes": lambda plan: plan.num_classes, "in_chans": lambda plan: plan.in_chans}

@@ -170,9 +170,9 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
 
 
 @main.command()
-@click.argument("path", metavar="DIR", type=click.Path())
+@click.argument("path", metavar="DIR")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False),
-              help="Folder for the PNGs [default: DIR/plots].")
+              help="Folder for the PNGs [default: DIR/plots; required for hf-hub:].")
 @click.option("--top", type=click.IntRange(min=1),
               help="Channels per weight map: those with the largest spread (max - min of the weights) [default: 8].")
 @model_code_option
@@ -180,6 +180,7 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
 def plot(path, output, top, model_code):
     """Write PNGs for DIR: FlexPool weight maps (a model folder), training curves (a finetune run,
     plus its best/ model's weight maps) or the accuracy plot (an ablation folder with results.csv).
+    A converted model on the Hub, hf-hub:ORG/NAME, gives its weight maps.
     Needs matplotlib: pip install 'flexsurgeon[plot]'."""
     from ..plotting.plot import plot_folder
 

@@ -18,15 +18,14 @@ from pathlib import Path
 import yaml
 
 from ..checkpoints.folders import write_folder
-from ..checkpoints.hub import import_hub, split_repo
 from ..checkpoints.io import read_config, read_weights_header
-from ..checkpoints.names import CONFIG_NAME, WEIGHTS_NAME
 from ..data import TIMM_PREFIXES
 from ..errors import HubError, PlotError
+from ..hub import import_hub, split_repo
 from ..runs.layout import LOG_NAME, PLOTS_DIR, RECIPE_NAME, RUN_NAME, checkpoint_folder
 from ..runs.log import read_log
 from ..surgery.plan import SurgeryPlan
-from ..utils import HUB_PREFIX, clip, first_line
+from ..utils import CONFIG_NAME, HUB_PREFIX, WEIGHTS_NAME, clip, first_line, is_hub_name
 from ..version import __version__
 
 CARD_NAME = "README.md"
@@ -232,6 +231,9 @@ def push(directory, repo_id: str, *, private: bool = False, revision: str | None
     in one commit, with a model card; ``dry_run=OUT`` writes the same files to OUT instead
     (replacing an existing OUT only with ``force``)."""
 
+    if is_hub_name(directory):
+        raise HubError(f"push uploads a model folder, and {directory} is on the Hub already: to publish it "
+                       "elsewhere, export it to a folder first (flexsurgeon export)")
     repo, rev = split_repo(repo_id)
     revision = revision or rev
     pushed = _read(directory)

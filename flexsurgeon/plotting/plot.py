@@ -16,7 +16,6 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..checkpoints.names import CONFIG_NAME
 from ..errors import PlotError
 from ..runs.layout import (
     ABLATION_RESULTS,
@@ -29,6 +28,7 @@ from ..runs.layout import (
     SUMMARY_JSON,
 )
 from ..runs.log import read_log
+from ..utils import CONFIG_NAME, HUB_PREFIX, is_hub_name
 from .figures import new_figure, require_matplotlib, save_png
 from .weight_maps import DEFAULT_TOP, check_top, plot_weight_maps
 
@@ -214,10 +214,19 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
 
     A model folder (config.json): weight maps. A finetune run (log.jsonl): training curves and
     the weight maps of its best/ model (else last/). An ablation folder (results.csv): the
-    accuracy plot. A log.jsonl or results.csv file itself also works. ``top`` (channels per
+    accuracy plot. A log.jsonl or results.csv file itself also works, and so does a converted
+    model on the Hub (``hf-hub:ORG/NAME``; ``out_dir`` is then required). ``top`` (channels per
     weight map, default 8) and ``model_code`` apply to weight maps: refused where there is no
     model to draw them from.
     """
+    if is_hub_name(path):  # a converted model on the Hub: its weight maps
+        if out_dir is None:
+            raise PlotError(f"plot {path} needs -o FOLDER for the PNGs")
+        top = DEFAULT_TOP if top is None else top
+        check_top(top)
+        require_matplotlib()
+        return _plot_model_folder(path, Path(out_dir), top, required=True, source=path.removeprefix(HUB_PREFIX),
+                                  model_code=model_code)
     path = Path(path)
     if not path.exists():
         raise PlotError(f"nothing to plot: {path} does not exist")
@@ -264,7 +273,7 @@ def _ablation_baseline(folder: Path) -> str:
         return "avg"
 
 
-def _plot_model_folder(directory: Path, out: Path, top: int, required: bool, source: str | None = None,
+def _plot_model_folder(directory: Path | str, out: Path, top: int, required: bool, source: str | None = None,
                        model_code: str | None = None) -> list[Path]:
     from ..checkpoints.io import load_folder
 

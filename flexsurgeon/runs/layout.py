@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints.hub import holds_converted_model
-from ..checkpoints.names import CONFIG_NAME
 from ..errors import CheckpointError
-from ..utils import is_hub_name
+from ..utils import CONFIG_NAME, is_hub_name
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"  # the SOURCE and --data a run started from, for --resume and model cards

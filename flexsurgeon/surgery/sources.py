@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import socket
+import json
 import warnings
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
-from ..utils import HUB_PREFIX, clip, first_line, is_hub_name
+from ..errors import FlexSurgeonError, HubError, ModelNotFoundError, WeightsError
+from ..hub import download_file, hub_host, hub_reachable
+from ..utils import CONFIG_NAME, WEIGHTS_NAME, clip, first_line, is_hub_name
 from .model_code import build_from_code, is_model_code
 from .plan import ARCHITECTURE, SourceSpec
 
@@ -84,17 +85,38 @@ def _hub_spec(name: str, num_classes: int | None, in_chans: int) -> SourceSpec:
 
 def hub_model_config(name: str) -> tuple[dict, str, dict]:
     """``(pretrained_cfg, architecture, model_args)`` of the timm model in the Hub repository
-    ``name``, read from its config.json through the Hugging Face cache."""
-    import timm.models
-
+    ``name``, as its config.json records them (the layout timm's ``push_to_hf_hub`` writes;
+    older files are one flat ``pretrained_cfg`` that names the architecture)."""
+    path = download_file(name, CONFIG_NAME)
     try:
-        found = timm.models.load_model_config_from_hf(name.removeprefix(HUB_PREFIX))
-    except Exception as exc:  # offline and not cached, no such repository, not a timm config
-        raise ModelNotFoundError(f"cannot read the timm config of {name}: {clip(first_line(exc), 160)} (without "
-                                 "network, the repository must be in the Hugging Face cache)") from None
-    pretrained_cfg, arch = found[0], found[1]
-    model_args = found[2] if len(found) > 2 and isinstance(found[2], dict) else {}  # older timm: none
-    return dict(pretrained_cfg or {}), arch, model_args
+        config = json.loads(path.read_text())
+        arch = config["architecture"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelNotFoundError(f"{name} is no timm model: its config.json names no architecture") from None
+    pretrained_cfg = dict(config.get("pretrained_cfg") or config)
+    pretrained_cfg.pop("architecture", None)
+    if isinstance(config.get("num_classes"), int):
+        pretrained_cfg["num_classes"] = config["num_classes"]
+    model_args = config.get("model_args")
+    return pretrained_cfg, arch, dict(model_args) if isinstance(model_args, dict) else {}
+
+
+def _hub_folder(name: str) -> Path:
+    """The cached copy of the Hub repository ``name``: its config.json and weights, which timm
+    reads as a ``local-dir:`` folder (``model.safetensors``, else ``pytorch_model.bin`` with
+    ``weights_only=True``)."""
+    config = download_file(name, CONFIG_NAME)
+    missing = ""
+    for filename in (WEIGHTS_NAME, "pytorch_model.bin"):
+        try:
+            weights = download_file(name, filename)
+        except HubError as exc:
+            missing = str(exc)
+            continue
+        if weights.parent == config.parent:  # one snapshot of the repository
+            return config.parent
+        missing = f"{filename} and {CONFIG_NAME} came from different revisions"
+    raise WeightsError(f"could not get pretrained weights for {name}: {missing}")
 
 
 def pretrained_cfg_of(name: str) -> dict:
@@ -154,6 +176,8 @@ def weights_origin(spec: SourceSpec | None, weights: str | Path, model: nn.Modul
         return "random"
     if weights != "pretrained":
         return f"file:{Path(weights).name}"
+    if spec is not None and is_hub_name(spec.weights):
+        return spec.weights
     if spec is not None and spec.library == "torchvision":
         return "torchvision:DEFAULT"
     cfg = getattr(model, "pretrained_cfg", None)
@@ -171,8 +195,9 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
 
         if weights == "pretrained":
             # a repository on the Hub (hf-hub:ORG/NAME) has its own weights; a name, timm's default tag's
-            hub = is_hub_name(spec.weights)
-            named, overlay = (spec.weights, {}) if hub else (spec.name, _offline_hub_weights(spec))
+            if is_hub_name(spec.weights):  # the repository's own weights, from the Hub or its cache
+                return timm.create_model(f"local-dir:{_hub_folder(spec.weights)}", pretrained=True, **spec.kwargs)
+            named, overlay = spec.name, _offline_hub_weights(spec)
             try:
                 return timm.create_model(named, pretrained=True, **overlay, **spec.kwargs)
             except Exception as exc:  # hub, URL and file errors all mean "no weights here"
@@ -208,16 +233,13 @@ def _offline_hub_weights(spec: SourceSpec) -> dict:
     cfg = get_pretrained_cfg(spec.name)
     if cfg is None or not cfg.hf_hub_id:
         return {}
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
+    if hub_reachable():
         return {}
-    except OSError:
-        pass
     for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
         cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
         if isinstance(cached, str):
             return {"pretrained_cfg_overlay": {"file": cached, "hf_hub_id": None, "url": None}}
-    raise WeightsError(f"could not get pretrained weights for {spec.label}: no network (huggingface.co cannot be "
+    raise WeightsError(f"could not get pretrained weights for {spec.label}: no network ({hub_host()} cannot be "
                        f"reached) and they are not in the local cache; pass --weights FILE (a local state dict) "
                        "or --random-init")
 
