@@ -490,7 +490,25 @@ def test_timm_passthrough_torchvision_name(tmp_path):
 def test_timm_passthrough_failure_is_a_data_error(tmp_path, spec):
     with pytest.raises(DataError) as e:
         load_data(f"{spec}:{tmp_path}", data_config=CFG)
-    assert spec in str(e.value) and "synthetic:" in str(e.value) and "\n" not in str(e.value)
+    message = str(e.value)  # no network, or (hfds/ without the datasets package) the package to install
+    assert spec in message and ("synthetic:" in message or "pip install" in message) and "\n" not in message
+
+
+def test_a_missing_backend_package_is_one_line_naming_it(capsys):
+    """timm prints its own install advice before it raises: the user sees one line, ours."""
+    import flexsurgeon.data.timm_sets as timm_sets
+
+    def create_dataset(*args, **kwargs):
+        print("Please install Hugging Face datasets package `pip install datasets`.")
+        raise ModuleNotFoundError("No module named 'datasets'", name="datasets")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm_sets, "create_dataset", create_dataset)
+        with pytest.raises(DataError) as e:
+            load_data("hfds/someone/pets", data_config=CFG)
+    assert str(e.value) == ("--data hfds/someone/pets: timm needs the Python package 'datasets' for hfds/ data sets: "
+                            "pip install datasets")
+    assert capsys.readouterr().out == ""
 
 
 def test_empty_spec():

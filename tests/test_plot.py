@@ -1,5 +1,6 @@
 """flexsurgeon plot: weight maps, training curves and ablation plots as PNGs; errors in one line."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -168,6 +169,20 @@ def test_nothing_plottable_is_one_line(tmp_path, setup, message):
     assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1, output
     assert message.format(d=tmp_path) in output and "Traceback" not in output
     assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
+
+
+@pytest.mark.parametrize("broken", ["best/config.json", "log.jsonl"])
+def test_a_folder_with_one_unreadable_part_writes_no_png(model_dir, tmp_path, broken):
+    """An ablation or run folder is read whole before anything is drawn: one bad part fails the
+    command with one line and no PNG of the parts that were fine."""
+    run = tmp_path / "run"
+    _write_log(run / "log.jsonl")
+    shutil.copytree(model_dir, run / "best")
+    (run / "results.csv").write_text(RESULTS)
+    (run / broken).write_text("{broken")
+    code, output = _run("plot", run)
+    assert code == 1 and len(output.strip().splitlines()) == 1 and f"{run / broken}" in output, output
+    assert not (run / "plots").exists()
 
 
 def test_without_matplotlib_the_cli_says_how_to_install_it(tmp_path, monkeypatch):

@@ -5,7 +5,10 @@ Prefixes ``torch/``, ``hfds/``, ``hfids/``, ``tfds/``, ``wds/``; splits 'train' 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import sys
 from pathlib import Path
 
 from timm.data import create_dataset
@@ -24,14 +27,21 @@ def load_timm(spec, transforms: Transforms) -> DataBundle:
     hint = "no network? use synthetic: or a local image / IDX folder"
 
     def create(split, transform):
+        printed = io.StringIO()  # what a backend prints (download notes, install advice): kept for success only
         try:
-            return create_dataset(name, root=root, split=split, download=True, is_training=split == "train",
-                                  input_img_mode=transforms.mode, transform=transform)
+            with contextlib.redirect_stdout(printed):
+                dataset = create_dataset(name, root=root, split=split, download=True, is_training=split == "train",
+                                         input_img_mode=transforms.mode, transform=transform)
         except DataError:
             raise
-        except Exception as e:  # anything the backend raises: network, missing package, unknown name
+        except ModuleNotFoundError as e:  # the backend's package (datasets, tensorflow_datasets, webdataset)
+            raise DataError(f"--data {spec}: timm needs the Python package {e.name!r} for {name.split('/')[0]}/ "
+                            f"data sets: pip install {e.name}") from None
+        except Exception as e:  # anything else the backend raises: network, unknown name
             raise DataError(f"--data {spec}: timm could not load split {split!r} ({type(e).__name__}: "
                             f"{first_line(e, '')}); {hint}") from None
+        sys.stdout.write(printed.getvalue())
+        return dataset
 
     train = create("train", transforms(train=True))
     try:

@@ -30,7 +30,7 @@ from ..runs.layout import (
 from ..runs.log import read_log
 from ..utils import CONFIG_NAME, HUB_PREFIX, is_hub_name
 from .figures import new_figure, require_matplotlib, save_png
-from .weight_maps import DEFAULT_TOP, check_top, plot_weight_maps
+from .weight_maps import DEFAULT_TOP, check_top, flex_pools_of, plot_weight_maps
 
 __all__ = ["plot_ablation", "plot_ablation_by_epoch", "plot_folder", "plot_training_curves", "plot_weight_maps",
            "read_results"]
@@ -43,7 +43,10 @@ def plot_training_curves(log_path, out_path) -> Path:
     """Loss and top-1 per head (SAC heads and ``main``), train dashed and val solid, against epoch."""
     require_matplotlib()
     log_path = Path(log_path)
-    records = read_log(log_path)
+    return _draw_training_curves(read_log(log_path), log_path, out_path)
+
+
+def _draw_training_curves(records: list[dict], log_path: Path, out_path) -> Path:
     heads: list[str] = []
     for r in records:
         for split in ("train", "val"):
@@ -219,14 +222,16 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
     weight map, default 8) and ``model_code`` apply to weight maps: refused where there is no
     model to draw them from.
     """
+    # every input is read (and refused) before the first PNG is written: a failing plot writes nothing
     if is_hub_name(path):  # a converted model on the Hub: its weight maps
         if out_dir is None:
             raise PlotError(f"plot {path} needs -o FOLDER for the PNGs")
         top = DEFAULT_TOP if top is None else top
         check_top(top)
         require_matplotlib()
-        return _plot_model_folder(path, Path(out_dir), top, required=True, source=path.removeprefix(HUB_PREFIX),
-                                  model_code=model_code)
+        draw = _weight_maps(path, Path(out_dir), top, required=True, source=path.removeprefix(HUB_PREFIX),
+                            model_code=model_code)
+        return draw()
     path = Path(path)
     if not path.exists():
         raise PlotError(f"nothing to plot: {path} does not exist")
@@ -245,22 +250,23 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
             return [plot_ablation(read_results(path), out / ACCURACY_NAME, _ablation_baseline(path.parent))]
         raise PlotError(f"cannot plot {path}: give a folder, a log.jsonl or a results.csv")
     out = Path(out_dir) if out_dir is not None else path / PLOTS_DIR
-    written: list[Path] = []
+    draws = []
     if (path / ABLATION_RESULTS).is_file():
-        written.append(plot_ablation(read_results(path / ABLATION_RESULTS), out / ACCURACY_NAME,
-                                     _ablation_baseline(path)))
+        rows, baseline = read_results(path / ABLATION_RESULTS), _ablation_baseline(path)
+        draws.append(lambda: [plot_ablation(rows, out / ACCURACY_NAME, baseline)])
     if (path / LOG_NAME).is_file():
-        written.append(plot_training_curves(path / LOG_NAME, out / CURVES_NAME))
+        records = read_log(path / LOG_NAME)
+        draws.append(lambda: [_draw_training_curves(records, path / LOG_NAME, out / CURVES_NAME)])
         model_dir = next((path / d for d in (BEST, LAST) if (path / d / CONFIG_NAME).is_file()), None)
         if model_dir is not None:
-            written += _plot_model_folder(model_dir, out, top, required=False, source=f"{path.name}/{model_dir.name}",
-                                          model_code=model_code)
+            draws.append(_weight_maps(model_dir, out, top, required=False, source=f"{path.name}/{model_dir.name}",
+                                      model_code=model_code))
     elif (path / CONFIG_NAME).is_file():
-        written += _plot_model_folder(path, out, top, required=True, model_code=model_code)
-    if not written and not (path / LOG_NAME).is_file() and not (path / ABLATION_RESULTS).is_file():
+        draws.append(_weight_maps(path, out, top, required=True, model_code=model_code))
+    if not draws:
         raise PlotError(f"nothing to plot in {path}: it has no {CONFIG_NAME} (a model folder), "
                         f"{LOG_NAME} (a finetune run) or {ABLATION_RESULTS} (an ablation)")
-    return written
+    return [written for draw in draws for written in draw()]
 
 
 def _ablation_baseline(folder: Path) -> str:
@@ -273,14 +279,15 @@ def _ablation_baseline(folder: Path) -> str:
         return "avg"
 
 
-def _plot_model_folder(directory: Path | str, out: Path, top: int, required: bool, source: str | None = None,
-                       model_code: str | None = None) -> list[Path]:
+def _weight_maps(directory: Path | str, out: Path, top: int, required: bool, source: str | None = None,
+                 model_code: str | None = None):
+    """Load the model in ``directory`` now; return what draws its weight maps. ``required``: a
+    model without FlexPool is an error (a model folder asked for), else it draws nothing."""
     from ..checkpoints.io import load_folder
 
     model = load_folder(directory, model_code)
-    written = plot_weight_maps(model, out, top=top, source=source or directory.resolve().name)
-    if required and not written:
+    if required and not flex_pools_of(model):
         pool = getattr(getattr(model, "flexsurgeon_plan", None), "pool", "another kind")
         raise PlotError(f"nothing to plot in {directory}: its pools are {pool}, not FlexPool, so they have "
                         "no weight maps")
-    return written
+    return lambda: plot_weight_maps(model, out, top=top, source=source or Path(directory).resolve().name)

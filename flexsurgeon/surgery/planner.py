@@ -65,8 +65,9 @@ def make_plan(analysis: Analysis, source: SourceSpec | None, num_classes: int, *
                 "class token carried on its own (PiT); FlexPool has no tokens to weigh there, so it cannot replace it")
         if others:
             raise AnalysisError(
-                f"the head pool at '{others[0].module or others[0].node}' is not an average "
-                "(max or another reduction), so FlexPool cannot replace it without changing the model")
+                f"the head pool at '{others[0].module or others[0].node}' is not an average over the whole map or "
+                "over a run of tokens (it is a max, a sum, or a masked or weighted reduction), so FlexPool cannot "
+                "replace it without changing the model")
         h, w = analysis.img_size
         raise AnalysisError(
             f"no global average pool over a map and no class token or mean over tokens found at input size "
