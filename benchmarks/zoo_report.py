@@ -99,7 +99,11 @@ def write_table(records: list[dict], not_walked: dict[str, str], path: Path, com
     heads = collections.Counter((r["reduction"] or "spatial mean", r["sac_heads"] > 0) for r in records
                                 if r["outcome"] == "preserved" and r.get("sac_heads") is not None)
     if heads:
-        lines += ["", "Default SAC heads on the preserved models (each head checked to give one row of logits per "
+        checked = sum(heads.values())
+        preserved = sum(1 for r in records if r["outcome"] == "preserved")
+        scope = "the preserved models" if checked == preserved else \
+            f"the {checked} of the {preserved} preserved models walked with this check"
+        lines += ["", f"Default SAC heads on {scope} (each head checked to give one row of logits per "
                   "image); a model without them converts, and `--sac-stages` can still name taps:", "",
                   "| reduction | with SAC heads | without |", "|---|---|---|"]
         for kind in ("spatial mean", "token mean", "class token"):

@@ -262,3 +262,25 @@ def test_costs_count_a_class_attention_model_and_list_its_token_pool():
     added = dict(costs.added)
     assert costs.inference.macs > 0 and any(n.startswith("flex_pools.") for n in added)
     assert all(n.startswith(("flex_pools.", "sac_heads.")) and c.params > 0 for n, c in added.items())
+
+
+@pytest.mark.slow  # about 10 s: CoaT traces slowly (run with -m slow)
+def test_a_head_that_mixes_the_class_tokens_of_several_streams_gets_one_flexpool_per_stream(tmp_path):
+    """CoaT stacks the class tokens of its three streams and mixes them in its head: each read is
+    a head pool (not a query going back into tokens), becomes a FlexPool of its own stream, and
+    the outputs and the saved folder stay the model's."""
+    def source():
+        torch.manual_seed(0)
+        return timm.create_model("coat_tiny", serial_depths=(1, 1, 1, 1), parallel_depth=1,
+                                 **{**SMALL, "img_size": 64}).eval()
+
+    x = _x(64)
+    model = flexsurgeon.convert(source(), img_size=64)
+    plan = model.flexsurgeon_plan
+    assert [(p.size, tuple(p.start)) for p in plan.pools] == [((1, 65), ("token", 0)), ((1, 17), ("token", 0)),
+                                                               ((1, 5), ("token", 0))]
+    with torch.no_grad():
+        want = source()(x)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+        flexsurgeon.save(model, tmp_path / "coat")
+        torch.testing.assert_close(flexsurgeon.load(tmp_path / "coat")(x), want, rtol=0, atol=1e-5)

@@ -288,8 +288,8 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
         if layout == "tokens":
             prefix, grid = patch_grid(model, int(shape[1]), img_size)
             pools.append(PoolSite(
-                node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind,
-                role="gating" if lands_on_tokens(nodes[name], int(shape[2])) else "head", channels=int(shape[2]),
+                node=name, input=source, module=traced.qualnames.get(name, ""), kind=kind, channels=int(shape[2]),
+                role="gating" if lands_on_tokens(nodes[name], int(shape[2]), candidates) else "head",
                 size=(1, int(shape[1])), keepdim=False, layout=layout, start=finder.token_starts.get(name, ()),
                 prefix=prefix, grid=grid))
         else:
@@ -340,7 +340,7 @@ def _replacement(model, traced, site: PoolSite, shape, img_size, in_chans) -> Po
     if found is not None:
         return dataclasses.replace(site, pool_module=found)
     return dataclasses.replace(site, rewrite=find_rewrite_site(model, traced, site.node, img_size, in_chans,
-                                                               site.channels, site.layout, site.kind, site.start))
+                                                               shape, site.layout, site.kind, site.start))
 
 
 def find_tap(analysis: Analysis, name: str) -> StageSite:

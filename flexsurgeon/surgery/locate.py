@@ -134,14 +134,15 @@ def find_tap_hook(traced: TracedGraph, node: str) -> TapHook | None:
 
 
 def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size, in_chans: int,
-                      channels: int, layout: str, kind: str = "avg", start: tuple = ()) -> RewriteSite | None:
+                      shape, layout: str, kind: str = "avg", start: tuple = ()) -> RewriteSite | None:
     """Where the pool ``node`` (a name in the model's trace) sits in the code of the module
     that holds it: that module's ``forward``, or for a model whose own code holds it, timm's
     ``forward_head`` when the pool is there (so ``forward_head`` itself runs FlexPool).
 
     The holder's method is traced on its own with every submodule a leaf, run on what the
     holder receives from a sample, and its pool found again by value: the average pool over
-    a ``channels``-channel map in ``layout`` (for tokens: the same ``kind`` and ``start``). None
+    an input of the pool's ``shape`` (the trace's, batch aside) in ``layout`` (for tokens: the
+    same ``kind`` and ``start``; the size tells apart the streams of a multi-stream head). None
     when the method does not trace.
     """
 
@@ -163,9 +164,8 @@ def find_rewrite_site(model: nn.Module, traced: TracedGraph, node: str, img_size
             except Exception:  # this method does not trace or run on its own: try the next
                 continue
             for name, (source, found_kind, keepdim, found_layout) in finder.candidates.items():
-                shape = _shape(finder, source)
                 same = found_kind == kind and found_layout == layout and finder.token_starts.get(name, ()) == start
-                if same and shape[{"nhwc": 3, "tokens": 2}.get(layout, 1)] == channels:
+                if same and _shape(finder, source)[1:] == tuple(shape[1:]):
                     return RewriteSite(holder_path, forward, name, source, keepdim)
     return None
 

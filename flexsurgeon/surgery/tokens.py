@@ -8,6 +8,7 @@ patch grid when the model's patch embedding declares one and it accounts for the
 """
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from .trace import downstream, node_shape
@@ -33,11 +34,14 @@ def patch_grid(model: nn.Module, num_tokens: int, img_size) -> tuple[int, tuple[
     return 0, ()
 
 
-def lands_on_tokens(node: fx.Node, channels: int) -> bool:
+def lands_on_tokens(node: fx.Node, channels: int, pools=frozenset()) -> bool:
     """True when a value computed from ``node`` (a pooled ``(B, C)``) goes back into a sequence or
     a map of ``channels`` features, as a class-attention query does; a head's pooled vector only
-    reaches the logits (which may be stacked and averaged over branches, as in CrossViT)."""
+    reaches the logits (which may be stacked and averaged over branches, as in CrossViT), or is
+    stacked with the other pooled vectors (node names in ``pools``) of a multi-stream head (CoaT)."""
     for user in downstream(node):
+        if _stacks_pooled(user, pools):
+            continue
         shape = node_shape(user)
         if shape is not None and len(shape) >= 3 and channels in (int(shape[1]), int(shape[-1])):
             positions = 1
@@ -46,6 +50,14 @@ def lands_on_tokens(node: fx.Node, channels: int) -> bool:
             if positions > channels:
                 return True
     return False
+
+
+def _stacks_pooled(node: fx.Node, pools) -> bool:
+    """``torch.stack`` / ``torch.cat`` of pooled vectors only."""
+    if node.op != "call_function" or node.target not in (torch.stack, torch.cat):
+        return False
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    return bool(parts) and all(isinstance(p, fx.Node) and p.name in pools for p in parts)
 
 
 def token_shape(shape) -> tuple[int, int] | None:
