@@ -284,3 +284,26 @@ def test_a_head_that_mixes_the_class_tokens_of_several_streams_gets_one_flexpool
         torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
         flexsurgeon.save(model, tmp_path / "coat")
         torch.testing.assert_close(flexsurgeon.load(tmp_path / "coat")(x), want, rtol=0, atol=1e-5)
+
+
+def test_a_class_token_is_found_where_the_patch_size_is_one_int():
+    """XCiT gives its patch size as one int: its class token and patch grid are still found, so
+    ``pool='token'`` reads the class token and ``avg`` the patch tokens. (At depth 2 one default
+    SAC head sits on a map of the patch embedding: the 'token' baseline's head averages it.)"""
+    def source():
+        torch.manual_seed(0)
+        return timm.create_model("xcit_nano_12_p16_224", depth=2, **SMALL).eval()
+
+    x = _x()
+    with torch.no_grad():
+        want = source()(x)
+        tokens = source().forward_features(x)
+    for pool in ("token", "avg"):
+        model = flexsurgeon.convert(source(), img_size=32, pool=pool)
+        edit = model.flexsurgeon_plan.pools[0]
+        assert (edit.prefix, tuple(edit.grid), tuple(edit.start)) == (1, (2, 2), ("token", 0))
+        with torch.no_grad():
+            if pool == "avg":
+                torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 1:].mean(1))
+            else:
+                torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)

@@ -46,8 +46,8 @@ class SACHead(nn.Module):
                 raise ValueError(f"a SAC head on tokens takes pool {', '.join(FLEXPOOL_KINDS + TOKEN_BASELINES)}, "
                                  f"not {pool!r}")
             self.norm = nn.LayerNorm(channels)
-        else:
-            self.pool = make_pool(pool, channels, size, dropout=dropout)
+        else:  # a map has no class token: the 'token' baseline's heads average, as they do on tokens
+            self.pool = make_pool("avg" if pool == "token" else pool, channels, size, dropout=dropout)
         self.fc = nn.Linear(channels, num_classes)
 
     def regularizer(self) -> torch.Tensor:

@@ -11,20 +11,24 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..utils import as_size
 from .trace import downstream, node_shape
 
 MAX_PREFIX = 16  # class, distillation and register tokens before the patches
 
 
 def patch_grid(model: nn.Module, num_tokens: int, img_size) -> tuple[int, tuple[int, int] | tuple]:
-    """``(prefix tokens, (Hp, Wp))`` when a patch embedding's patch size (at ``img_size``) or
+    """``(prefix tokens, (Hp, Wp))`` when a patch embedding's patch size (at ``img_size``, else at
+    the size the embedding was built for: CrossViT's second stream sees the image resized) or
     declared grid gives ``Hp * Wp`` patches and at most ``MAX_PREFIX`` tokens before them;
     ``(0, ())`` when no grid accounts for the ``num_tokens`` tokens."""
     for module in model.modules():
         grids = []
-        patch = getattr(module, "patch_size", None)
-        if isinstance(patch, (tuple, list)) and len(patch) == 2 and all(isinstance(p, int) and p > 0 for p in patch):
-            grids.append((img_size[0] // patch[0], img_size[1] // patch[1]))
+        patch = as_size(getattr(module, "patch_size", None))  # (16, 16), or 16 (XCiT)
+        if patch is not None:
+            for size in (img_size, as_size(getattr(module, "img_size", None))):
+                if size is not None:
+                    grids.append((size[0] // patch[0], size[1] // patch[1]))
         grid = getattr(module, "grid_size", None)
         if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid):
             grids.append(tuple(grid))
