@@ -460,3 +460,17 @@ def test_without_network_a_cached_repository_is_read_at_once_and_an_uncached_one
         assert result.output.strip() == ("Error: cannot get config.json of hf-hub:someone/missing: no network "
                                          "(huggingface.co cannot be reached) and it is not in the Hugging Face cache")
     assert time.perf_counter() - started < 20  # the hub client alone retries for about 25 s per file
+
+
+def test_hub_weights_that_do_not_fit_their_config_are_one_line(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    timm.models.save_for_hf(timm.create_model("resnet10t", num_classes=4), str(tmp_path / "plain"),
+                            safe_serialization=True)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({**config, "architecture": "resnet14t"}))
+    _offline_cache(tmp_path / "plain", tmp_path, monkeypatch)
+    result = CliRunner().invoke(main, ["convert", f"hf-hub:{REPO}", "--img-size", "64", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: the weights of hf-hub:{REPO} do not load into resnet14t (Error(s) in "
+                                    "loading state_dict for ResNet: "), result.output
+    assert not (tmp_path / "c").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import warnings
 from pathlib import Path
 
@@ -18,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import FlexSurgeonError, HubError, ModelNotFoundError, WeightsError
-from ..hub import download_file, hub_host, hub_reachable
-from ..utils import CONFIG_NAME, WEIGHTS_NAME, clip, first_line, is_hub_name
+from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
+from ..utils import clip, first_line, is_hub_name
+from .hub_models import hub_folder, hub_model_config, hub_spec, offline_hub_weights
 from .model_code import build_from_code, is_model_code
-from .plan import ARCHITECTURE, SourceSpec
+from .plan import SourceSpec
 
 # timm and torchvision are imported where a function needs them: importing timm registers our
 # checkpoint architecture with it, whose module (checkpoints.timm_registry) imports this one.
@@ -40,7 +39,7 @@ _TV_DEFAULT_KWARGS = {
 def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -> SourceSpec:
     """Turn a user's model name into a SourceSpec, or raise with the closest known names."""
     if is_hub_name(name):
-        return _hub_spec(name, num_classes, in_chans)
+        return hub_spec(name, num_classes, in_chans)
     for prefix in _TV_PREFIXES:
         if name.startswith(prefix):
             builder = name[len(prefix):]
@@ -64,59 +63,6 @@ def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
     return SourceSpec("timm", name, kwargs)
-
-
-def _hub_spec(name: str, num_classes: int | None, in_chans: int) -> SourceSpec:
-    """A timm model on the Hub (``hf-hub:ORG/NAME``, as ``timm.create_model`` takes it): the
-    architecture and arguments its config.json records; its weights are the repository's."""
-    arch, model_args = hub_model_config(name)[1:]
-    if arch == ARCHITECTURE:
-        raise ModelNotFoundError(f"{name} holds a converted model already: finetune, eval and export take it as it is")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()
-              if k not in ("num_classes", "in_chans")}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    elif isinstance(model_args.get("num_classes"), int):
-        kwargs["num_classes"] = model_args["num_classes"]
-    if in_chans != 3:
-        kwargs["in_chans"] = in_chans
-    return SourceSpec("timm", arch, kwargs, weights=name)
-
-
-def hub_model_config(name: str) -> tuple[dict, str, dict]:
-    """``(pretrained_cfg, architecture, model_args)`` of the timm model in the Hub repository
-    ``name``, as its config.json records them (the layout timm's ``push_to_hf_hub`` writes;
-    older files are one flat ``pretrained_cfg`` that names the architecture)."""
-    path = download_file(name, CONFIG_NAME)
-    try:
-        config = json.loads(path.read_text())
-        arch = config["architecture"]
-    except (ValueError, KeyError, TypeError):
-        raise ModelNotFoundError(f"{name} is no timm model: its config.json names no architecture") from None
-    pretrained_cfg = dict(config.get("pretrained_cfg") or config)
-    pretrained_cfg.pop("architecture", None)
-    if isinstance(config.get("num_classes"), int):
-        pretrained_cfg["num_classes"] = config["num_classes"]
-    model_args = config.get("model_args")
-    return pretrained_cfg, arch, dict(model_args) if isinstance(model_args, dict) else {}
-
-
-def _hub_folder(name: str) -> Path:
-    """The cached copy of the Hub repository ``name``: its config.json and weights, which timm
-    reads as a ``local-dir:`` folder (``model.safetensors``, else ``pytorch_model.bin`` with
-    ``weights_only=True``)."""
-    config = download_file(name, CONFIG_NAME)
-    missing = ""
-    for filename in (WEIGHTS_NAME, "pytorch_model.bin"):
-        try:
-            weights = download_file(name, filename)
-        except HubError as exc:
-            missing = str(exc)
-            continue
-        if weights.parent == config.parent:  # one snapshot of the repository
-            return config.parent
-        missing = f"{filename} and {CONFIG_NAME} came from different revisions"
-    raise WeightsError(f"could not get pretrained weights for {name}: {missing}")
 
 
 def pretrained_cfg_of(name: str) -> dict:
@@ -194,10 +140,12 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
         import timm
 
         if weights == "pretrained":
-            # a repository on the Hub (hf-hub:ORG/NAME) has its own weights; a name, timm's default tag's
-            if is_hub_name(spec.weights):  # the repository's own weights, from the Hub or its cache
-                return timm.create_model(f"local-dir:{_hub_folder(spec.weights)}", pretrained=True, **spec.kwargs)
-            named, overlay = spec.name, _offline_hub_weights(spec)
+            # a repository on the Hub (hf-hub:ORG/NAME) has its own weights, read from the Hub's cache as a
+            # local-dir: folder; a name, timm's default tag's
+            if is_hub_name(spec.weights):
+                named, overlay = f"local-dir:{hub_folder(spec.weights)}", {}
+            else:
+                named, overlay = spec.name, offline_hub_weights(spec)
             try:
                 return timm.create_model(named, pretrained=True, **overlay, **spec.kwargs)
             except Exception as exc:  # hub, URL and file errors all mean "no weights here"
@@ -222,30 +170,12 @@ def build_source(spec: SourceSpec, weights: str | Path = "random") -> nn.Module:
     return model
 
 
-def _offline_hub_weights(spec: SourceSpec) -> dict:
-    """Where the Hugging Face Hub cannot be reached, the cached weights file as timm's
-    ``pretrained_cfg_overlay`` (or a WeightsError at once): the hub client would retry for
-    most of a minute before falling back to its cache or failing."""
-
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(spec.name)
-    if cfg is None or not cfg.hf_hub_id:
-        return {}
-    if hub_reachable():
-        return {}
-    for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
-        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
-        if isinstance(cached, str):
-            return {"pretrained_cfg_overlay": {"file": cached, "hf_hub_id": None, "url": None}}
-    raise WeightsError(f"could not get pretrained weights for {spec.label}: no network ({hub_host()} cannot be "
-                       f"reached) and they are not in the local cache; pass --weights FILE (a local state dict) "
-                       "or --random-init")
-
-
 def _download_error(spec: SourceSpec, exc: Exception) -> WeightsError:
-    reason = first_line(exc)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch's load error heads its list ("Error(s) in loading state_dict for ResNet:"): keep the first entry
+    reason = " ".join(lines[:2]) if lines and lines[0].endswith(":") else first_line(exc)
+    if is_hub_name(spec.weights):  # the files are here (fetched or cached): they do not fit
+        return WeightsError(f"the weights of {spec.weights} do not load into {spec.label} ({clip(reason, 200)})")
     return WeightsError(f"could not get pretrained weights for {spec.label} ({clip(reason, 160)}); without network "
                         "access pass --weights FILE (a local state dict) or --random-init")
 
