@@ -36,7 +36,10 @@ def split_repo(name: str) -> tuple[str, str | None]:
 
 def hub_host() -> str:
     """The Hub's host name (``HF_ENDPOINT`` can name a mirror)."""
-    return urlparse(import_hub().constants.ENDPOINT).hostname or "huggingface.co"
+    import_hub()  # the install hint, where huggingface_hub is missing
+    from huggingface_hub import constants  # a submodule: not loaded by ``import huggingface_hub``
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
 
 
 def hub_reachable() -> bool:

@@ -199,3 +199,15 @@ def test_without_avg_among_the_variants_the_first_is_the_baseline(tmp_path):
     result = CliRunner().invoke(main, ["ablate", *ARGS, "--variants", "flex", "--seeds", "1", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())[0]["baseline"] == "flex"
+
+
+@pytest.mark.parametrize("model, data, message", [
+    ("resnet5O", "synthetic:classes=2", "unknown model 'resnet5O'"),
+    ("test_resnet", "/no/such/folder", "no such file or folder"),
+])
+def test_a_model_or_data_set_the_first_run_refuses_leaves_no_ablation_folder(tmp_path, model, data, message):
+    out = tmp_path / "abl"
+    result = CliRunner().invoke(main, ["ablate", model, "--random-init", "--data", data, "--variants", "avg,flex",
+                                       "--recipe", "smoke", "-o", str(out)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

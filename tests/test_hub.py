@@ -474,3 +474,11 @@ def test_hub_weights_that_do_not_fit_their_config_are_one_line(tmp_path, monkeyp
     assert result.output.startswith(f"Error: the weights of hf-hub:{REPO} do not load into resnet14t (Error(s) in "
                                     "loading state_dict for ResNet: "), result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_the_hub_host_is_read_in_a_fresh_process():
+    """huggingface_hub loads its submodules lazily: what reads its settings must import them."""
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.example.org"}
+    done = subprocess.run([sys.executable, "-c", "from flexsurgeon.hub import hub_host; print(hub_host())"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "hub.example.org", done.stderr[-2000:]

@@ -22,10 +22,12 @@ that p-value adjusted by Holm's method for the number of variants compared with 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +189,6 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
     """Fine-tune every (variant, seed) that has not finished yet, then write the comparison
     against ``baseline`` (one of the variants; by default ``avg`` where it is one, else the first)."""
     from ..checkpoints.locks import hold
-    from ..training.run import run
 
     if not 1 <= seeds <= MAX_SEEDS:
         raise AblationError(f"--seeds must be 1 to {MAX_SEEDS} (the t table's reach), got {seeds}")
@@ -198,28 +199,54 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
     if set_by_recipe:
         log(f"note: the recipe's {', '.join(set_by_recipe)} are not used: each variant sets its own pool and dropout")
     output = Path(output)
+    created = not output.exists()
     with hold(output):
         _check_same_request(output, {"model": model, "data": data_spec, "variants": [v.name for v in variants],
                                      "seeds": seeds, "recipe": recipe.to_dict(), "weights": str(weights),
                                      "in_chans": in_chans})
-        total = len(variants) * seeds
-        for k in range(seeds):  # seed-major, so a stopped ablation has balanced pairs
-            for v in variants:
-                folder = output / ABLATION_RUNS / v.name / f"seed{k}"
-                if (folder / SCORE_NAME).is_file():
-                    continue
-                done = sum((output / ABLATION_RUNS / u.name / f"seed{j}" / SCORE_NAME).is_file()
-                           for j in range(seeds) for u in variants)
-                log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
-                run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
-                                            sac_weights=recipe.sac_weights if v.sac else None)
-                resume = (folder / LAST / STATE_JSON).is_file()
-                run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
-                    sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
-                write_text_replacing(folder / SCORE_NAME, json.dumps(_score(folder, v.name, k)))
-                # the report so far, after each run: a long ablation stopped early still has its summary
-                write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline, plot=False)
-        return write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline)
+        try:
+            return _run_all(model, data_spec, variants, seeds, recipe, output, weights=weights, in_chans=in_chans,
+                            progress=progress, log=log, baseline=baseline)
+        except BaseException:
+            _undo_if_nothing_ran(output, created)
+            raise
+
+
+def _undo_if_nothing_ran(output: Path, created: bool) -> None:
+    """Where the first run stopped before it wrote anything (a model or data set it refused), take
+    back what this ablation wrote: a refused command leaves no folder behind."""
+    runs = output / ABLATION_RUNS
+    if runs.exists() and any(p.is_file() for p in runs.rglob("*")):
+        return
+    shutil.rmtree(runs, ignore_errors=True)
+    (output / ABLATION_REQUEST).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            output.rmdir()  # only when empty
+
+
+def _run_all(model, data_spec, variants, seeds, recipe, output, *, weights, in_chans, progress, log,
+             baseline) -> AblationResult:
+    from ..training.run import run
+
+    total = len(variants) * seeds
+    for k in range(seeds):  # seed-major, so a stopped ablation has balanced pairs
+        for v in variants:
+            folder = output / ABLATION_RUNS / v.name / f"seed{k}"
+            if (folder / SCORE_NAME).is_file():
+                continue
+            done = sum((output / ABLATION_RUNS / u.name / f"seed{j}" / SCORE_NAME).is_file()
+                       for j in range(seeds) for u in variants)
+            log(f"[{done + 1}/{total}] {v.name}, seed {recipe.seed + k}")
+            run_recipe = recipe.replace(seed=recipe.seed + k, pool=v.pool, dropout=v.dropout,
+                                        sac_weights=recipe.sac_weights if v.sac else None)
+            resume = (folder / LAST / STATE_JSON).is_file()
+            run(model, data_spec, run_recipe, folder, resume=resume, weights=weights,
+                sac_stages=None if v.sac else [], in_chans=in_chans, progress=progress, log=log)
+            write_text_replacing(folder / SCORE_NAME, json.dumps(_score(folder, v.name, k)))
+            # the report so far, after each run: a long ablation stopped early still has its summary
+            write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline, plot=False)
+    return write_report(output, [v.name for v in variants], seeds, log=log, baseline=baseline)
 
 
 def _check_same_request(output: Path, request: dict) -> None:
