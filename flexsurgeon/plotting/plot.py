@@ -223,25 +223,23 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
     model to draw them from.
     """
     # every input is read (and refused) before the first PNG is written: a failing plot writes nothing
-    if is_hub_name(path):  # a converted model on the Hub: its weight maps
-        if out_dir is None:
-            raise PlotError(f"plot {path} needs -o FOLDER for the PNGs")
-        top = DEFAULT_TOP if top is None else top
-        check_top(top)
-        require_matplotlib()
-        draw = _weight_maps(path, Path(out_dir), top, required=True, source=path.removeprefix(HUB_PREFIX),
-                            model_code=model_code)
-        return draw()
-    path = Path(path)
-    if not path.exists():
-        raise PlotError(f"nothing to plot: {path} does not exist")
-    if (top is not None or model_code is not None) and not any(
-            (p / CONFIG_NAME).is_file() for p in (path, path / BEST, path / LAST)):
-        raise PlotError(f"{'--top' if top is not None else '--model-code'} applies to FlexPool weight maps, and "
-                        f"{path} holds no model to draw them from")
+    hub = is_hub_name(path)  # a converted model on the Hub: its weight maps
+    if hub and out_dir is None:
+        raise PlotError(f"plot {path} needs -o FOLDER for the PNGs")
+    if not hub:
+        path = Path(path)
+        if not path.exists():
+            raise PlotError(f"nothing to plot: {path} does not exist")
+        if (top is not None or model_code is not None) and not any(
+                (p / CONFIG_NAME).is_file() for p in (path, path / BEST, path / LAST)):
+            raise PlotError(f"{'--top' if top is not None else '--model-code'} applies to FlexPool weight maps, and "
+                            f"{path} holds no model to draw them from")
     top = DEFAULT_TOP if top is None else top
     check_top(top)
     require_matplotlib()
+    if hub:
+        return _weight_maps(path, Path(out_dir), top, required=True, source=path.removeprefix(HUB_PREFIX),
+                            model_code=model_code)()
     if path.is_file():
         out = Path(out_dir) if out_dir is not None else path.parent / PLOTS_DIR
         if path.suffix == ".jsonl":

@@ -71,18 +71,17 @@ def offline_hub_weights(spec: SourceSpec) -> dict:
     """Where the Hugging Face Hub cannot be reached, the cached weights file as timm's
     ``pretrained_cfg_overlay`` (or a WeightsError at once): the hub client would retry for
     most of a minute before falling back to its cache or failing."""
-    from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg  # timm where used: see sources.py
 
     cfg = get_pretrained_cfg(spec.name)
-    if cfg is None or not cfg.hf_hub_id:
-        return {}
-    if hub_reachable():
+    if cfg is None or not cfg.hf_hub_id or hub_reachable():
         return {}
     for filename in filter(None, (cfg.hf_hub_filename, WEIGHTS_NAME, "pytorch_model.bin")):
-        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
-        if isinstance(cached, str):
-            return {"pretrained_cfg_overlay": {"file": cached, "hf_hub_id": None, "url": None}}
+        try:
+            cached = download_file(cfg.hf_hub_id, filename)  # from the cache: the Hub is out of reach
+        except HubError:
+            continue
+        return {"pretrained_cfg_overlay": {"file": str(cached), "hf_hub_id": None, "url": None}}
     raise WeightsError(f"could not get pretrained weights for {spec.label}: no network ({hub_host()} cannot be "
                        f"reached) and they are not in the local cache; pass --weights FILE (a local state dict) "
                        "or --random-init")
