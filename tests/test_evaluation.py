@@ -127,3 +127,41 @@ def test_a_score_from_predictions_that_are_all_one_class_gets_a_note(tmp_path):
     tally = Tally(["main"])
     tally.add([torch.eye(4)[[0, 1, 2, 2]]], [torch.zeros(())], torch.tensor([0, 1, 2, 3]))
     assert "one_class" not in tally.summary() and one_class_note(tally.summary()) == ""
+
+
+def test_scoring_a_timm_data_set_loads_its_val_split_alone(converted_dir):
+    """eval needs the val split only: a timm data set's train split (for a large set, a large
+    download) is never asked for, and the class names come from the val split."""
+    import PIL.Image
+
+    import flexsurgeon.data.timm_sets as timm_sets
+
+    asked = []
+
+    class Split(torch.utils.data.Dataset):
+        classes = ["a", "b", "c", "d"]
+
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return self.transform(PIL.Image.new("RGB", (64, 64), (30 * i, 0, 0))), i % 4
+
+    def create_dataset(name, *, split, transform, **kwargs):
+        asked.append(split)
+        if split == "validation":
+            raise ValueError("no validation split")  # like a set whose held-out split is 'test'
+        return Split(transform)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm_sets, "create_dataset", create_dataset)
+        scores = evaluate_source(str(converted_dir), "hfds/someone/pets", workers=0, device="cpu", progress=False)
+        assert asked == ["validation", "test"] and scores["count"] == 8
+        assert "8 val images, 4 classes" in scores["data"] and "train" not in scores["data"]
+        asked.clear()
+        load_data("hfds/someone/pets", data_config={"input_size": (3, 64, 64), "interpolation": "bilinear",
+                                                    "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+        assert asked == ["train", "validation", "test"]  # fine-tuning reads both

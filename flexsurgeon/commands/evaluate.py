@@ -70,7 +70,8 @@ def evaluate_source(source: str, data_spec: str, *, batch_size: int = 64, worker
     chans = model.flexsurgeon_plan.in_chans if hasattr(model, "flexsurgeon_plan") else in_chans
     given = "--val-split" if val_split is not None else "--seed" if seed is not None else None
     val_split, seed = 0.1 if val_split is None else val_split, 0 if seed is None else seed
-    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed)
+    data = load_data(data_spec, data_config=data_config, in_chans=chans, val_split=val_split, seed=seed,
+                     train=False)
     if given and not data.val_carved:
         raise DataError(f"{given} applies to data without a val part of its own; {data_spec} has one")
     outputs = _num_outputs(model, data_config["input_size"])

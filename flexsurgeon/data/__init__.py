@@ -43,7 +43,8 @@ _FORMS = ("use an image folder (train/ + val/ class folders, or class folders), 
 
 
 def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: float = 0.1, seed: int = 0,
-              train_transform_kwargs: dict | None = None, val_from_train: bool = False) -> DataBundle:
+              train_transform_kwargs: dict | None = None, val_from_train: bool = False,
+              train: bool = True) -> DataBundle:
     """Resolve a ``--data`` spec into train and val datasets (see the module docstring for forms).
 
     ``data_config`` is ``timm.data.resolve_data_config(model=model)``; its mean/std are
@@ -51,6 +52,8 @@ def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: flo
     ``create_transform(is_training=True)`` (``synthetic:`` reads only ``hflip``). ``val_split`` and
     ``seed`` carve val out of train where the data has no val part of its own, and also where it
     has one when ``val_from_train`` (to choose settings without looking at a test split).
+    ``train=False`` (scoring): a timm data set's train split is not loaded (the bundle's ``train``
+    is None); the other forms read their train part, which val may be carved from.
     """
     spec = str(spec).strip()
     if not spec:
@@ -65,7 +68,7 @@ def load_data(spec: str, *, data_config: dict, in_chans: int = 3, val_split: flo
         return load_synthetic(spec, data_config, in_chans, (train_transform_kwargs or {}).get("hflip", 0.5))
     transforms = Transforms(data_config, in_chans, train_transform_kwargs)
     if spec.lower().startswith(TIMM_PREFIXES) and not os.path.exists(spec):
-        return load_timm(spec, transforms)
+        return load_timm(spec, transforms, train=train)
     root = Path(spec).expanduser()
     if not root.exists():
         raise DataError(f"--data {spec}: no such file or folder; {_FORMS}")

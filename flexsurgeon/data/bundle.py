@@ -19,7 +19,7 @@ from .seeds import generator
 class DataBundle:
     """Train and val datasets of ``(float tensor C x H x W, int label)`` plus what logs need."""
 
-    train: Dataset
+    train: Dataset | None  # None where only val was asked for (scoring a timm data set)
     val: Dataset
     num_classes: int
     class_names: list[str]
@@ -72,7 +72,7 @@ def stratified_split(labels, val_split, seed, where) -> tuple[list[int], list[in
 
 def sizes(train, val, num_classes: int) -> str:
     """``"N train / M val images, K classes"`` for a description; ``?`` where a set streams."""
-    sizes = " / ".join(f"{len(d)} {s}" if hasattr(d, "__len__") else f"? {s}" for d, s in ((train, "train"),
-                                                                                         (val, "val")))
+    parts = [(d, s) for d, s in ((train, "train"), (val, "val")) if d is not None]
+    sizes = " / ".join(f"{len(d)} {s}" if hasattr(d, "__len__") else f"? {s}" for d, s in parts)
     return f"{sizes} images, {num_classes} classes"
 

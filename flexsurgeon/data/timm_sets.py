@@ -21,7 +21,9 @@ from .transforms import Transforms
 TIMM_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 
 
-def load_timm(spec, transforms: Transforms) -> DataBundle:
+def load_timm(spec, transforms: Transforms, *, train: bool = True) -> DataBundle:
+    """``train=False`` loads the val split alone (its class names too): scoring a model needs no
+    train split, which for a large data set is a large download."""
     name, _, root = spec.partition(":")
     root = root or str(Path("~/.cache/flexsurgeon/datasets").expanduser() / re.sub(r"[^\w.-]+", "_", name))
     hint = "no network? use synthetic: or a local image / IDX folder"
@@ -43,15 +45,16 @@ def load_timm(spec, transforms: Transforms) -> DataBundle:
         sys.stdout.write(printed.getvalue())
         return dataset
 
-    train = create("train", transforms(train=True))
+    train_set = create("train", transforms(train=True)) if train else None
     try:
         val = create("validation", transforms(train=False))
     except DataError:
         val = create("test", transforms(train=False))
-    names = _timm_class_names(train)
+    names = _timm_class_names(val if train_set is None else train_set)
     if names is None:
         raise DataError(f"--data {spec}: cannot tell the number of classes of this data set; {hint}")
-    return DataBundle(train, val, len(names), names, f"timm dataset {name} at {root}: {sizes(train, val, len(names))}")
+    return DataBundle(train_set, val, len(names), names,
+                      f"timm dataset {name} at {root}: {sizes(train_set, val, len(names))}")
 
 
 def _timm_class_names(dataset) -> list[str] | None:
