@@ -101,3 +101,20 @@ def test_one_epoch_smoke_of_the_ablation_on_a_subset(tmp_path):
     assert [r["variant"] for r in rows] == ["avg", "flex-linear+dropout+sac"]
     assert all(0 <= float(r["top1"]) <= 100 and float(r["loss"]) > 0 for r in rows), rows
     assert "| flex-linear+dropout+sac | 1 |" in (out / "summary.md").read_text()
+
+
+def test_the_schedules_figure_reads_both_ablations_records(tmp_path):
+    """benchmarks/paper_resnet20_schedules.py on the committed records: the 2-epoch table is the
+    one RESULTS.md shows (AvgPool 88.00 +- 0.47 over 3 seeds), and the figure is written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "schedules.png"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_resnet20_schedules.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    short, long = done.stdout.split("## 10 epochs")
+    assert "| avg | 3 | 88.00 | 0.47 | (baseline) |" in short
+    assert "| flex-linear+sac | 3 | 88.25 | 0.14 | +0.24 | [-0.71, +1.20] |" in short
+    assert all(f"| {v} |" in long for v in ("avg", "avg+sac", "flex-linear+sac", "flex-linear+dropout+sac"))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
