@@ -211,3 +211,16 @@ def test_a_model_or_data_set_the_first_run_refuses_leaves_no_ablation_folder(tmp
                                        "--recipe", "smoke", "-o", str(out)])
     assert result.exit_code == 1 and message in result.output, result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_converted_model_folder_is_refused_before_any_run(tmp_path):
+    """Each variant is its own conversion; a folder (converted or not) cannot be one, and it is
+    said at once, not as a refusal of an option the user never gave."""
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / "config.json").write_text("{}")
+    out = tmp_path / "abl"
+    result = CliRunner().invoke(main, ["ablate", str(tmp_path / "converted"), "--data", "synthetic:classes=3",
+                                       "--variants", "avg,flex", "--seeds", "1", "-o", str(out)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: ablate converts MODEL once per variant, so it takes a model to convert")
+    assert result.output.rstrip().endswith(f"{tmp_path / 'converted'} is a folder") and not out.exists()

@@ -6,6 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+import flexsurgeon
 from flexsurgeon.cli.main import main
 
 
@@ -191,3 +192,22 @@ def test_ctrl_c_after_the_save_says_the_folder_is_complete(tmp_path, monkeypatch
     assert result.exit_code == 130 and "Aborted!" not in result.output
     assert result.output.strip().splitlines()[-1] == f"interrupted after the save: {out} is complete"
     flexsurgeon.load(out)
+
+
+def test_a_path_where_a_model_name_goes_says_what_it_is(tmp_path, monkeypatch):
+    """A saved model folder, another folder or a weights file given as MODEL is named for what it
+    is, not called an unknown model; a timm name still wins over a folder of the same name."""
+    saved = flexsurgeon.save(flexsurgeon.convert("resnet10t", img_size=64, num_classes=3), tmp_path / "saved")
+    (tmp_path / "weights.pth").write_bytes(b"")
+    for source, message in ((saved, f"{saved} is a saved model folder, not a model name: a converted model is "
+                                    f"converted already (fine-tune it: flexsurgeon finetune {saved} --data ...)"),
+                            (tmp_path, f"{tmp_path} is a folder, not a model name: give a timm name, tv:NAME"),
+                            (tmp_path / "weights.pth", "for a state dict, give the model's name and --weights FILE")):
+        for command in (["convert", str(source), "-o", str(tmp_path / "x")], ["inspect", str(source)]):
+            code, output = _run(*command)
+            assert code == 1 and message in output and len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "resnet10t").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, output = _run("inspect", "resnet10t", "--img-size", "64")
+    assert code == 0 and "FlexPool" in output, output

@@ -46,10 +46,11 @@ from ..runs.layout import (
     STATE_JSON,
     SUMMARY_JSON,
     SUMMARY_MD,
+    is_checkpoint_source,
 )
 from ..runs.log import read_log
 from ..training.recipe import Recipe
-from ..utils import write_text_replacing
+from ..utils import is_hub_name, write_text_replacing
 from .stats import MAX_DF, holm, t_quantile, t_two_sided_p
 
 BASES = {"avg": "avg", "token": "token", "flex": "softmax", "flex-linear": "linear", "lse": "lse",
@@ -192,6 +193,10 @@ def run_ablation(model: str, data_spec: str, variants: list[Variant], seeds: int
 
     if not 1 <= seeds <= MAX_SEEDS:
         raise AblationError(f"--seeds must be 1 to {MAX_SEEDS} (the t table's reach), got {seeds}")
+    if is_checkpoint_source(model):  # a converted model has one pool and its heads: no variant could apply
+        raise AblationError(f"ablate converts MODEL once per variant, so it takes a model to convert (a timm name, "
+                            f"tv:NAME, hf-hub:ORG/NAME or FILE.py:FACTORY); {model} is "
+                            f"{'a converted model' if is_hub_name(model) else 'a folder'}")
     names = [v.name for v in variants]
     baseline = baseline if baseline is not None else BASELINE if BASELINE in names else names[0]
     check_baseline(baseline, names)

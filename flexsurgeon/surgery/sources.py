@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import FlexSurgeonError, ModelNotFoundError, WeightsError
-from ..utils import clip, first_line, is_hub_name
+from ..utils import CONFIG_NAME, clip, first_line, is_hub_name
 from .hub_models import hub_folder, hub_model_config, hub_spec, offline_hub_weights
 from .model_code import build_from_code, is_model_code
 from .plan import SourceSpec
@@ -55,6 +55,8 @@ def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -
     import timm
 
     if not timm.is_model(name):
+        if Path(name).expanduser().exists():  # a path where a model name goes: say what it is
+            raise ModelNotFoundError(_a_path_is_not_a_name(Path(name).expanduser(), name))
         raise ModelNotFoundError(f"unknown model '{name}'{_did_you_mean(name, timm.list_models(), '')} "
                                  "(torchvision models are named tv:NAME)")
     kwargs = {}
@@ -63,6 +65,17 @@ def parse_source(name: str, num_classes: int | None = None, in_chans: int = 3) -
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
     return SourceSpec("timm", name, kwargs)
+
+
+def _a_path_is_not_a_name(path: Path, name: str) -> str:
+    if (path / CONFIG_NAME).is_file():
+        return (f"{name} is a saved model folder, not a model name: a converted model is converted already "
+                f"(fine-tune it: flexsurgeon finetune {name} --data ...); convert and inspect take a timm name, "
+                "tv:NAME, hf-hub:ORG/NAME or FILE.py:FACTORY")
+    kind = "folder" if path.is_dir() else "file"
+    hint = "; for a state dict, give the model's name and --weights FILE" if path.is_file() else ""
+    return (f"{name} is a {kind}, not a model name: give a timm name, tv:NAME, hf-hub:ORG/NAME or FILE.py:FACTORY"
+            f"{hint}")
 
 
 def pretrained_cfg_of(name: str) -> dict:
