@@ -81,3 +81,16 @@ def test_an_old_timm_without_the_optimizer_registry_still_gets_one_line(monkeypa
     assert with_overrides(load_recipe("smoke"), {"optimizer": "adamw"}).optimizer == "adamw"
     with pytest.raises(RecipeError, match="recipe field 'optimizer' = 'adamm' is not an optimizer this timm knows"):
         with_overrides(load_recipe("smoke"), {"optimizer": "adamm"})
+
+
+def test_an_override_that_clashes_with_the_recipes_own_value_says_which_to_change():
+    """--epochs 1 on a recipe that warms up for 1 epoch: the error names the recipe's field and how
+    to change it; a clash in the overrides themselves stays the plain field error."""
+    with pytest.raises(RecipeError) as e:
+        with_overrides(load_recipe("quick"), {"epochs": 1})
+    assert str(e.value) == ("recipe field 'warmup_epochs' = 1 must be below epochs: that is the recipe's value, and "
+                            "with epochs=1 from the command line it must change too (--set warmup_epochs=VALUE)")
+    with pytest.raises(RecipeError) as e:
+        with_overrides(load_recipe("quick"), {"epochs": 2, "warmup_epochs": 2})
+    assert str(e.value) == "recipe field 'warmup_epochs' = 2 must be below epochs"
+    assert with_overrides(load_recipe("quick"), {"epochs": 1, "warmup_epochs": 0}).epochs == 1

@@ -116,7 +116,9 @@ class Recipe:
 
 def _check(ok: bool, key: str, value, why: str) -> None:
     if not ok:
-        raise RecipeError(f"recipe field '{key}' = {value!r} {why}")
+        error = RecipeError(f"recipe field '{key}' = {value!r} {why}")
+        error.field = key
+        raise error
 
 
 def _check_optimizer(name: str) -> None:
@@ -274,4 +276,13 @@ def parse_override(text: str) -> tuple[str, object]:
 def with_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     if not overrides:
         return recipe
-    return from_dict({**recipe.to_dict(), **overrides}, source="command line")
+    try:
+        return from_dict({**recipe.to_dict(), **overrides}, source="command line")
+    except RecipeError as exc:
+        field = getattr(exc, "field", None)
+        if field is None or field in overrides:
+            raise
+        # the recipe's own value clashes with an override (warm-up epochs against --epochs 1): say so
+        given = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        raise RecipeError(f"{exc}: that is the recipe's value, and with {given} from the command line it must "
+                          f"change too (--set {field}=VALUE)") from None
