@@ -209,6 +209,20 @@ def test_push_uploads_the_folder_card_and_plots_in_one_commit(converted, tmp_pat
     assert f"pushed to {REPO}" in result.output
 
 
+def test_a_dry_run_writes_the_plots_a_push_would_upload(converted, tmp_path):
+    """A run folder that has been plotted holds plots/: the dry run writes them too, as the push would."""
+    folder = tmp_path / "with-plots"
+    shutil.copytree(converted, folder)
+    (folder / "plots").mkdir()
+    (folder / "plots" / "flexpool_weights.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run", str(out)])
+    assert result.exit_code == 0, result.output
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["README.md", "config.json", "model.safetensors", "plots/flexpool_weights.png"]
+    assert "![flexpool_weights](plots/flexpool_weights.png)" in (out / "README.md").read_text()
+
+
 class _FailingUpload(_FakeApi):
     def upload_folder(self, *args, **kwargs):
         raise ConnectionError("Connection reset by peer")

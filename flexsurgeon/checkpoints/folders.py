@@ -107,8 +107,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for name in os.listdir(folder):
-        with open(folder / name, "rb") as handle:
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):  # a push's plots/
+            _fsync_tree(Path(entry.path))
+            continue
+        with open(entry.path, "rb") as handle:
             os.fsync(handle.fileno())
     _fsync_dir(folder)
 
