@@ -161,6 +161,8 @@ def test_plot_a_model_folder_and_a_run_folder_through_the_cli(model_dir, tmp_pat
     (lambda d: (d / "log.jsonl").write_text(""), "log.jsonl has no finished epochs yet"),
     (lambda d: (d / "log.jsonl").write_text("{}\n{}\n"), "line 1 has no epoch with train/val loss"),
     (lambda d: (d / "results.csv").write_text("name,acc\nx,1\n"), "has no column variant, seed, top1"),
+    (lambda d: (d / "ablation.json").write_text("{}"),
+     "nothing to plot in {d} yet: no run of this ablation has finished (results.csv is written after each run)"),
 ])
 def test_nothing_plottable_is_one_line(tmp_path, setup, message):
     setup(tmp_path)

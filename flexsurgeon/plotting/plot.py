@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import PlotError
 from ..runs.layout import (
+    ABLATION_REQUEST,
     ABLATION_RESULTS,
     ACCURACY_NAME,
     BEST,
@@ -261,6 +262,9 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
                                       model_code=model_code))
     elif (path / CONFIG_NAME).is_file():
         draws.append(_weight_maps(path, out, top, required=True, model_code=model_code))
+    if not draws and (path / ABLATION_REQUEST).is_file():
+        raise PlotError(f"nothing to plot in {path} yet: no run of this ablation has finished ({ABLATION_RESULTS} "
+                        "is written after each run)")
     if not draws:
         raise PlotError(f"nothing to plot in {path}: it has no {CONFIG_NAME} (a model folder), "
                         f"{LOG_NAME} (a finetune run) or {ABLATION_RESULTS} (an ablation)")
