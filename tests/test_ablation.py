@@ -120,6 +120,10 @@ def test_ablation_runs_pairs_reports_and_resumes(tmp_path):
     table = (out / "summary.md").read_text()
     assert "| avg | 2 |" in table and "| flex+sac | 2 |" in table and "95% CI" in table
     assert "| flex+sac | 2 |" in first.output
+    drawn = runner.invoke(main, ["plot", str(out)])  # plot redraws both figures ablate drew
+    assert drawn.exit_code == 0, drawn.output
+    assert drawn.output.split() == ["wrote", str(out / "plots" / "accuracy.png"),
+                                    "wrote", str(out / "plots" / "accuracy_by_epoch.png")]
 
     # repeating the command runs nothing; a lost score re-runs (resumes) only that run
     score = out / "runs" / "avg" / "seed1" / "score.json"

@@ -179,7 +179,8 @@ def finetune(source, data_spec, recipe, output, sets, sac_stages, in_chans, repl
 @friendly_errors
 def plot(path, output, top, model_code):
     """Write PNGs for DIR: FlexPool weight maps (a model folder), training curves (a finetune run,
-    plus its best/ model's weight maps) or the accuracy plot (an ablation folder with results.csv).
+    plus its best/ model's weight maps) or the accuracy plots (an ablation folder with results.csv:
+    accuracy.png, and accuracy_by_epoch.png from its runs' records).
     A converted model on the Hub, hf-hub:ORG/NAME, gives its weight maps.
     Needs matplotlib: pip install 'flexsurgeon[plot]'."""
     from ..plotting.plot import plot_folder

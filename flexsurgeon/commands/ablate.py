@@ -48,7 +48,7 @@ from ..runs.layout import (
     SUMMARY_MD,
     is_checkpoint_source,
 )
-from ..runs.log import read_log
+from ..runs.log import read_log, read_scores
 from ..training.recipe import Recipe
 from ..utils import is_hub_name, write_text_replacing
 from .stats import MAX_DF, holm, t_quantile, t_two_sided_p
@@ -288,12 +288,7 @@ def write_report(output: Path, variants: list[str], seeds: int, log=print,
     if baseline is None:
         baseline = BASELINE if BASELINE in variants else variants[0]
     check_baseline(baseline, variants)
-    rows = []
-    for v in variants:
-        for k in range(seeds):
-            path = output / ABLATION_RUNS / v / f"seed{k}" / SCORE_NAME
-            if path.is_file():
-                rows.append(json.loads(path.read_text()))
+    rows = read_scores(output, variants, seeds)
     summary = summarize(rows, variants, baseline)
     table = markdown_table(summary, baseline) + "\n\n" + holm_note(summary, baseline)
     buffer = io.StringIO()

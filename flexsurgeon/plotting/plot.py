@@ -20,6 +20,7 @@ from ..errors import PlotError
 from ..runs.layout import (
     ABLATION_REQUEST,
     ABLATION_RESULTS,
+    ACCURACY_BY_EPOCH_NAME,
     ACCURACY_NAME,
     BEST,
     CURVES_NAME,
@@ -28,7 +29,7 @@ from ..runs.layout import (
     PLOTS_DIR,
     SUMMARY_JSON,
 )
-from ..runs.log import read_log
+from ..runs.log import read_log, read_scores
 from ..utils import CONFIG_NAME, HUB_PREFIX, is_hub_name
 from .figures import new_figure, require_matplotlib, save_png
 from .weight_maps import DEFAULT_TOP, check_top, flex_pools_of, plot_weight_maps
@@ -253,6 +254,9 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
     if (path / ABLATION_RESULTS).is_file():
         rows, baseline = read_results(path / ABLATION_RESULTS), _ablation_baseline(path)
         draws.append(lambda: [plot_ablation(rows, out / ACCURACY_NAME, baseline)])
+        by_epoch = [r for r in _ablation_scores(path) if r.get("top1_by_epoch")]
+        if by_epoch:  # the figure ablate draws beside accuracy.png
+            draws.append(lambda: [plot_ablation_by_epoch(by_epoch, out / ACCURACY_BY_EPOCH_NAME)])
     if (path / LOG_NAME).is_file():
         records = read_log(path / LOG_NAME)
         draws.append(lambda: [_draw_training_curves(records, path / LOG_NAME, out / CURVES_NAME)])
@@ -269,6 +273,16 @@ def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | No
         raise PlotError(f"nothing to plot in {path}: it has no {CONFIG_NAME} (a model folder), "
                         f"{LOG_NAME} (a finetune run) or {ABLATION_RESULTS} (an ablation)")
     return [written for draw in draws for written in draw()]
+
+
+def _ablation_scores(folder: Path) -> list[dict]:
+    """The finished runs' score records (their top-1 after each epoch), in the ablation's order."""
+    try:
+        request = json.loads((folder / ABLATION_REQUEST).read_text())
+        variants, seeds = [str(v) for v in request["variants"]], int(request["seeds"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return []  # results.csv alone (copied out of its folder): accuracy.png only
+    return read_scores(folder, variants, seeds)
 
 
 def _ablation_baseline(folder: Path) -> str:

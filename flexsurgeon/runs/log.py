@@ -1,13 +1,14 @@
 """A run's epoch log (``log.jsonl``): appending an epoch's record, reading it, and cutting it back
-to the epochs a resumed run keeps.
+to the epochs a resumed run keeps; and the score records of an ablation's finished runs.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..errors import PlotError
+from ..errors import AblationError, PlotError
 from ..utils import write_text_replacing
+from .layout import ABLATION_RUNS, SCORE_NAME
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -59,3 +60,18 @@ def read_log(log_path) -> list[dict]:
     if not by_epoch:
         raise PlotError(f"{log_path} has no finished epochs yet")
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_scores(folder, variants: list[str], seeds: int) -> list[dict]:
+    """The ``score.json`` records of the finished runs of the ablation in ``folder``, variant by
+    variant and seed by seed."""
+    rows = []
+    for v in variants:
+        for k in range(seeds):
+            path = Path(folder) / ABLATION_RUNS / v / f"seed{k}" / SCORE_NAME
+            if path.is_file():
+                try:
+                    rows.append(json.loads(path.read_text()))
+                except (OSError, UnicodeDecodeError, ValueError) as exc:
+                    raise AblationError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return rows
