@@ -133,6 +133,11 @@ def test_convert_weights_keeps_the_class_count_of_their_trained_head(tmp_path):
     with pytest.warns(UserWarning, match="a classifier for other classes.*re-initialised"):
         renewed = flexsurgeon.convert("resnet10t", weights=tmp_path / "ten.safetensors", img_size=64, num_classes=4)
     assert renewed.flexsurgeon_plan.num_classes == 4
+    # on the command line the warning is one line of what it says, not a file, line number and code
+    told = CliRunner().invoke(main, [*common, "--num-classes", "4", "-o", str(tmp_path / "renewed")])
+    assert told.exit_code == 0, told.output
+    assert told.stderr.splitlines() == ["warning: 2 tensors of ten.safetensors differ in shape (a classifier for other "
+                                        "classes); they are re-initialised: fc.bias, fc.weight"]
 
 
 NO_NETWORK = """

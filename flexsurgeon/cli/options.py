@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import click
 
@@ -10,12 +11,20 @@ from ..layers.kinds import POOL_KINDS
 from ..utils import clip, first_line, parse_size
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning on the command line is one line of what it says, not a source location and code."""
+    click.echo(f"warning: {clip(first_line(message, str(category.__name__)), 300)}", err=True)
+
+
 def friendly_errors(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.showwarning = _one_line_warning
+                return command(*args, **kwargs)
         except FlexSurgeonError as exc:
             if debug:
                 raise
