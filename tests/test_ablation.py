@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from flexsurgeon.cli.main import main
-from flexsurgeon.commands.ablate import parse_variants, summarize
+from flexsurgeon.commands.ablate import holm_note, parse_variants, summarize
 from flexsurgeon.commands.stats import holm, t_quantile, t_two_sided_p
 from flexsurgeon.errors import AblationError
 
@@ -77,6 +77,18 @@ def test_summary_against_another_baseline_with_holm_adjusted_p_values():
     assert avg["p"] == pytest.approx(t_two_sided_p(t, 2))
     assert [avg["p_holm"], lse["p_holm"]] == pytest.approx(holm([avg["p"], lse["p"]]))
     assert avg["p_holm"] == pytest.approx(min(1.0, 2 * min(avg["p"], lse["p"])))  # the smaller p, times k = 2
+
+
+def test_the_holm_note_counts_the_comparisons_that_have_a_p_value():
+    rows = [{"variant": v, "seed": s, "top1": t} for v, s, t in [
+        ("avg", 0, 80.0), ("avg", 1, 82.0), ("flex", 0, 81.0), ("flex", 1, 83.5), ("lse", 0, 79.0)]]
+    notes = [holm_note(summarize([r for r in rows if r["seed"] < seeds], ["avg", "flex", "lse"])) for seeds in (1, 2)]
+    assert notes[0].startswith("p and Holm: no variant has two seeds paired with avg yet")
+    assert notes[1].endswith("Holm: with one comparison so far, the same as p; * (p < 0.05) marks a difference "
+                             "significant at 5%.")  # lse has one seed: no p-value, not counted
+    rows += [{"variant": "lse", "seed": 1, "top1": 84.0}]
+    both = holm_note(summarize(rows, ["avg", "flex", "lse"]))
+    assert "Holm's step-down method for the 2 comparisons with avg" in both
 
 
 def test_summary_pairs_seeds_against_the_baseline():

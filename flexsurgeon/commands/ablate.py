@@ -169,9 +169,12 @@ def holm_note(summary: list[dict], baseline: str = BASELINE) -> str:
     if k == 0:
         return (f"p and Holm: no variant has two seeds paired with {baseline} yet, so no paired t-test; "
                 f"run more seeds (--seeds) for them.")
-    return (f"p: the two-sided paired t-test of each variant against {baseline} over the seeds both ran; "
-            f"Holm: those p-values adjusted by Holm's step-down method for the {k} comparison{'s' * (k != 1)} "
-            f"with {baseline}, so that * (adjusted p < {SIGNIFICANCE:g}) marks a difference significant at "
+    test = f"p: the two-sided paired t-test of each variant against {baseline} over the seeds both ran; "
+    if k == 1:
+        return (test + f"Holm: with one comparison so far, the same as p; * (p < {SIGNIFICANCE:g}) marks a "
+                f"difference significant at {SIGNIFICANCE:.0%}.")
+    return (test + f"Holm: those p-values adjusted by Holm's step-down method for the {k} comparisons with "
+            f"{baseline}, so that * (adjusted p < {SIGNIFICANCE:g}) marks a difference significant at "
             f"{SIGNIFICANCE:.0%} with all {k} taken together.")
 
 
