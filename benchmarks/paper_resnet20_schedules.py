@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flexsurgeon.commands.ablate import holm_note, markdown_table, summarize
 from flexsurgeon.plotting.figures import new_figure, save_png
+from flexsurgeon.plotting.plot import draw_top1_by_epoch
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,20 +45,8 @@ def main() -> None:
 
     fig = new_figure(figsize=(11, 4.4))
     curves, gaps = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
-    for i, v in enumerate(variants):
-        runs = [r["top1_by_epoch"] for r in long if r["variant"] == v]
-        if not runs:
-            continue
-        n = min(len(r) for r in runs)
-        columns = [[r[e] for r in runs] for e in range(n)]
-        xs = list(range(1, n + 1))
-        curves.plot(xs, [sum(c) / len(c) for c in columns], marker="o", markersize=3, color=f"C{i}",
-                    label=f"{v} (seeds: {len(runs)})")
-        if len(runs) > 1:
-            curves.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=f"C{i}", alpha=0.15)
-    curves.set(xlabel="epoch", ylabel="top-1 on t10k (%)", title=f"{epochs}-epoch runs: top-1 after each epoch")
-    curves.grid(alpha=0.3)
-    curves.legend(fontsize=8, loc="lower right")
+    draw_top1_by_epoch(curves, long)
+    curves.set(ylabel="top-1 on t10k (%)", title=f"{epochs}-epoch runs: top-1 after each epoch")
 
     others = [v for v in variants if v != args.baseline]
     for n, marker in ((2, "s"), (epochs, "o")):  # the legend's entries, in gray

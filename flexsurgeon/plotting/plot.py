@@ -190,12 +190,19 @@ def plot_ablation_by_epoch(rows: Iterable[Mapping], out_path) -> Path:
     """Val top-1 after each epoch per variant: the mean over seeds as a line, the range over
     seeds as a band. ``rows`` are score records with ``variant`` and ``top1_by_epoch`` (%)."""
     require_matplotlib()
+    fig = new_figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    draw_top1_by_epoch(ax, rows)
+    ax.set_title("top-1 after each epoch: mean over seeds, band from lowest to highest seed", fontsize=9)
+    return save_png(fig, Path(out_path))
+
+
+def draw_top1_by_epoch(ax, rows: Iterable[Mapping]) -> None:
+    """Draw on ``ax`` each variant's mean top-1 per epoch over its seeds, with the seeds' range."""
     curves: dict[str, list[list[float]]] = {}
     for row in rows:
         if row.get("top1_by_epoch"):
             curves.setdefault(str(row["variant"]), []).append([float(t) for t in row["top1_by_epoch"]])
-    fig = new_figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
     for i, (variant, runs) in enumerate(curves.items()):
         epochs = min(len(r) for r in runs)  # seeds still running have fewer epochs
         xs = list(range(1, epochs + 1))
@@ -208,11 +215,7 @@ def plot_ablation_by_epoch(rows: Iterable[Mapping], out_path) -> Path:
     ax.set_ylabel("val top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("top-1 after each epoch: mean over seeds, band from lowest to highest seed", fontsize=9)
-    return save_png(fig, Path(out_path))
 
-
-# ---------------------------------------------------------------- folders
 
 def plot_folder(path, out_dir=None, top: int | None = None, model_code: str | None = None) -> list[Path]:
     """Plot whatever ``path`` holds; PNGs go to ``out_dir`` (default ``path/plots``).
