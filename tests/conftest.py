@@ -49,8 +49,8 @@ def compiled_matches_eager():
     """A check that ``torch.compile(net, fullgraph=True)`` gives ``net``'s outputs in eval mode and
     its parameter gradients in train mode; returns the compiled module."""
 
-    def check(net, x):
-        compiled = torch.compile(net, fullgraph=True)
+    def check(net, x, backend="inductor"):
+        compiled = torch.compile(net, fullgraph=True, backend=backend)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
         net.train()

@@ -350,13 +350,16 @@ def _net_input(layout: str, seed: int = 0) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
+# aot_eager traces what inductor traces (one graph, forward and backward) without generating
+# C++: inductor's first compile takes ~30 s on 2 CPU cores, so it is in the slow set
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_torch_compile_fullgraph_matches_eager_forward_and_backward(layout, compiled_matches_eager):
+def test_torch_compile_fullgraph_matches_eager_forward_and_backward(layout, backend, compiled_matches_eager):
     net = _tiny_net()
     if layout == "channels_last":
         net = net.to(memory_format=torch.channels_last)  # the conv hands FlexPool a channels_last map
     x = _net_input(layout)
-    compiled = compiled_matches_eager(net, x)
+    compiled = compiled_matches_eager(net, x, backend)
     net.eval()
     with torch.no_grad():
         before = net(x)
