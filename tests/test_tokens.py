@@ -87,6 +87,14 @@ def test_inspect_says_what_each_token_pool_reads():
     assert result.exit_code == 0, result.output
     assert "192 x 17 tokens: class token 0 of 17" in result.output
     assert "output of blocks.3" in result.output and "output of blocks.7" in result.output
+    # one name for where the pool is: the head's code (its node in the head's own graph is
+    # another name than in the whole model's), and the blocks the stages end, with their token counts
+    assert "replace the pool at forward_head (graph rewrite) with" in result.output
+    pools, stages = (result.output.split(title)[1].split("\n\n")[0].splitlines()[2:]
+                     for title in ("global pools:", "stages:"))
+    assert [row.split()[1] for row in pools] == ["forward_head"], pools
+    assert [row.split()[2:6] for row in stages[:2]] == [["blocks.0", "192", "17", "tokens"],
+                                                        ["blocks.1", "192", "17", "tokens"]], stages
     mixer = runner.invoke(main, ["inspect", "mixer_s16_224", "--img-size", "64", "--json"])
     pool = json.loads(mixer.output)["plan"]["pools"][0]
     assert (pool["layout"], pool["start"], pool["grid"]) == ("tokens", ["mean", 0, 16], [4, 4])

@@ -7,7 +7,7 @@ from ..surgery.costs import CostReport
 
 def converted_line(plan) -> str:
     """One line on what convert changed: where each pool was replaced and how, and the SAC taps."""
-    pools = ", ".join(pool_site(p) for p in plan.pools)
+    pools = ", ".join(pool_site(p, plan.pools) for p in plan.pools)
     heads = ", ".join(t.module or t.node for t in plan.sac) or "none"
     return f"converted {plan.source.label}: {pool_label(plan.pool)} at {pools}; SAC heads: {heads}"
 
@@ -17,12 +17,13 @@ def inspection_report(model: str, found) -> str:
     a = found.analysis
     lines = [f"{model} at {a.in_chans}x{a.img_size[0]}x{a.img_size[1]}", "", "global pools:"]
     rows = [("node", "module", "kind", "role", "input CxHxW or tokens")]
-    rows += [(p.node, p.module, p.kind, p.role, shape_text(p)) for p in a.pools]
+    rows += [(p.node, pool_module(p), p.kind, p.role, shape_text(p)) for p in a.pools]
     lines += table(rows) if a.pools else ["  none"]
     lines += ["", "stages:"]
     rows = [("#", "node", "module", "channels", "HxW or tokens", "reduction")]
-    rows += [(str(i), s.node, s.module, str(s.channels), shape_text(s).partition(" ")[2] if s.layout == "tokens"
-              else f"{s.size[0]}x{s.size[1]}", str(s.reduction)) for i, s in enumerate(a.stages)]
+    rows += [(str(i), s.node, s.hook.path if s.hook else s.module, str(s.channels),
+              f"{s.size[1]} tokens" if s.layout == "tokens" else f"{s.size[0]}x{s.size[1]}", str(s.reduction))
+             for i, s in enumerate(a.stages)]
     lines += table(rows) if a.stages else ["  none"]
     lines += ["", "convert would:"]
     if found.plan is None:
@@ -31,7 +32,7 @@ def inspection_report(model: str, found) -> str:
         plan = found.plan
         for p in plan.pools:
             dropout = f", dropout {plan.dropout}" if plan.dropout else ""
-            lines.append(f"  replace the pool at {pool_site(p)} with {pool_label(plan.pool)} "
+            lines.append(f"  replace the pool at {pool_site(p, plan.pools)} with {pool_label(plan.pool)} "
                          f"{shape_text(p)}{dropout}" + (f": {token_reads(p)}" if p.layout == "tokens" else ""))
         for t, w in zip(plan.sac, plan.sac_weights):
             lines.append(f"  attach a SAC head at {t.node} ({t.read} of {t.module}), {shape_text(t)}, loss weight {w}")
@@ -41,11 +42,25 @@ def inspection_report(model: str, found) -> str:
     return "\n".join(lines)
 
 
-def pool_site(edit) -> str:
-    """Where a pool is replaced and how: ``global_pool (in place)``, ``forward of head (graph rewrite)``."""
+def pool_module(site) -> str:
+    """The module a found pool is, or the method whose code holds it (``forward_head``); else
+    the path torch.fx gives its node."""
+    if site.pool_module is not None:
+        return site.pool_module.path
+    if site.rewrite is not None:
+        return ".".join(filter(None, (site.rewrite.holder, site.rewrite.forward)))
+    return site.module
+
+
+def pool_site(edit, edits=()) -> str:
+    """Where a pool is replaced and how: ``global_pool (in place)``, ``head.forward (graph
+    rewrite)``. The node, named in that method's own graph, only where the method holds
+    another replaced pool: it is not the node name of the whole model's graph."""
     if edit.replacement == "in_place":
         return f"{edit.module} (in place)"
-    return f"{'.'.join(filter(None, (edit.module, edit.forward)))}, node {edit.node} (graph rewrite)"
+    where = (edit.module, edit.forward)
+    node = f", node {edit.node}" if sum((e.module, e.forward) == where for e in edits) > 1 else ""
+    return f"{'.'.join(filter(None, where))}{node} (graph rewrite)"
 
 
 def shape_text(site) -> str:

@@ -230,13 +230,27 @@ def _per_image(cuts: list[fx.Node]) -> list[fx.Node]:
             and int(shape[0]) == SAMPLE_BATCH]
 
 
+def _sample(img_size, in_chans: int) -> torch.Tensor:
+    return torch.randn(SAMPLE_BATCH, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
+
+
 def _propagate(gm: fx.GraphModule, model: nn.Module, img_size, in_chans: int) -> PoolFinder:
     """Run the eval graph once on a seeded sample (no grad); the model's mode is restored."""
     finder = PoolFinder(gm, img_size)
-    sample = torch.randn(SAMPLE_BATCH, in_chans, *img_size, generator=torch.Generator().manual_seed(0))
     with training_mode(model, False), torch.no_grad():
-        finder.run(sample)
+        finder.run(_sample(img_size, in_chans))
     return finder
+
+
+def _own_error(model: nn.Module, img_size, in_chans: int) -> Exception | None:
+    """The model's own error on the sample, run as itself: a message the model builds while it
+    is traced names torch.fx's stand-ins (``got Proxy(getitem_2)``) where this one has the values."""
+    try:
+        with training_mode(model, False), torch.no_grad():
+            model(_sample(img_size, in_chans))
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _built_for(model: nn.Module) -> tuple[int, int] | None:
@@ -270,7 +284,7 @@ def analyse(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3,
     try:
         finder = _propagate(gm, model, img_size, in_chans)
     except Exception as exc:
-        message = first_line(exc)
+        message = first_line(_own_error(model, img_size, in_chans) or exc)
         built = _built_for(model)
         hint = (f"the input size may be too small for this network, or not one it accepts (it was built for "
                 f"{built[0]}x{built[1]}): try --img-size {built[0]}" if built and built != tuple(img_size) else
