@@ -6,7 +6,8 @@ Reads the final top-1 of every 2-epoch run (``paper_resnet20_2ep_top1.csv``, fro
 the 10-epoch runs (mean over seeds, band from lowest to highest seed); right, each variant's
 mean paired difference to a baseline (``avg``, or ``--baseline``) at 2 and at 10 epochs, with
 its 95% interval where two or more seeds are paired. It prints the comparison of each schedule
-as ``ablate``'s summary writes it.
+as ``ablate``'s summary writes it, and each 10-epoch run's top-1 after epochs 1, 2, 4, ... as a
+Markdown table.
 
     python benchmarks/paper_resnet20_schedules.py [--baseline avg+sac]
 """
@@ -42,6 +43,7 @@ def main() -> None:
     for name, rows, n in (("2 epochs", short, 2), (f"{epochs} epochs", long, epochs)):
         sums[n] = summarize([r for r in rows if r["variant"] in variants], variants, args.baseline)
         print(f"## {name}\n\n{markdown_table(sums[n], args.baseline)}\n\n{holm_note(sums[n], args.baseline)}\n")
+    print(f"## top-1 after each epoch\n\n{by_epoch_table(long, epochs)}\n")
 
     fig = new_figure(figsize=(11, 4.4))
     curves, gaps = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
@@ -69,6 +71,16 @@ def main() -> None:
     gaps.grid(alpha=0.3, axis="y")
     gaps.legend(fontsize=8)
     print(f"wrote {save_png(fig, args.out)}")
+
+
+def by_epoch_table(runs: list[dict], epochs: int) -> str:
+    """One row per run: its top-1 after epoch 1, then every second epoch, the last in bold."""
+    shown = sorted({1, *range(2, epochs + 1, 2), epochs})
+    rows = [f"| variant, seed | top-1 after epoch {' / '.join(map(str, shown))} |", "|---|---|"]
+    for r in runs:
+        top1 = [f"{r['top1_by_epoch'][e - 1]:.2f}" for e in shown]
+        rows.append(f"| {r['variant']}, seed {r['seed']} | {' / '.join(top1[:-1] + [f'**{top1[-1]}**'])} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

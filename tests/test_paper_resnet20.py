@@ -114,6 +114,9 @@ def test_the_schedules_figure_reads_both_ablations_records(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     short, long = done.stdout.split("## 10 epochs")
+    long, by_epoch = long.split("## top-1 after each epoch")
+    # the per-epoch rows RESULTS.md shows, from each run's top1_by_epoch
+    assert "| avg, seed 0 | 79.79 / 84.77 / 86.57 / 89.38 / 89.94 / **90.88** |" in by_epoch
     assert "| avg | 3 | 88.00 | 0.47 | (baseline) |" in short
     assert "| flex-linear+sac | 3 | 88.25 | 0.14 | +0.24 | [-0.71, +1.20] |" in short
     assert all(f"| {v} |" in long for v in ("avg", "avg+sac", "flex-linear+sac", "flex-linear+dropout+sac"))
