@@ -29,13 +29,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """A converted timm resnet18 folder (64x64, 4 classes) for tests that fine-tune or write into runs;
-    one for the whole session, so tests read it and never change it."""
+    """A converted timm ``test_resnet`` folder (64x64, 4 classes) for tests that fine-tune or write
+    into runs; one for the whole session, so tests read it and never change it. timm's small test
+    ResNet (0.4M parameters) trains about five times as fast here as resnet18."""
     import flexsurgeon
 
     torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("convert") / "resnet18"
-    flexsurgeon.save(flexsurgeon.convert("resnet18", img_size=64, num_classes=4), directory)
+    directory = tmp_path_factory.mktemp("convert") / "test_resnet"
+    flexsurgeon.save(flexsurgeon.convert("test_resnet", img_size=64, num_classes=4), directory)
     return directory
 
 

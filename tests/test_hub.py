@@ -92,9 +92,9 @@ def test_a_dry_run_folder_loads_from_an_offline_hub_cache_through_timm_and_flexs
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["library_name"] == "timm" and "flexsurgeon" in meta["tags"] and "license" in meta
-    assert "resnet18" in body and f"timm.create_model('hf-hub:{REPO}', pretrained=True)" in body
     plan = flexsurgeon.load(folder).flexsurgeon_plan
-    assert f"| `{plan.pools[0].module}` | in place | 512x2x2 | softmax |" in body
+    assert f"`{plan.source.name}`" in body and f"timm.create_model('hf-hub:{REPO}', pretrained=True)" in body
+    assert f"| `{plan.pools[0].module}` | in place | {plan.pools[0].channels}x2x2 | softmax |" in body
     assert all(f"| `{tap.module}` |" in body for tap in plan.sac) and plan.sac
 
     cache = tmp_path / "hub-cache"
@@ -204,7 +204,7 @@ def test_push_uploads_the_folder_card_and_plots_in_one_commit(converted, tmp_pat
     _, repo, files, message, revision, card = _FakeApi.calls[2]
     assert (repo, revision) == (REPO, "v1")
     assert files == ["README.md", "config.json", "model.safetensors", "plots/flexpool_weights.png"]
-    assert message.startswith("Add resnet18 with FlexPool (flexsurgeon ")
+    assert message.startswith("Add test_resnet with FlexPool (flexsurgeon ")
     assert "![flexpool_weights](plots/flexpool_weights.png)" in card
     assert f"pushed to {REPO}" in result.output
 

@@ -44,7 +44,7 @@ def test_smoke_run_writes_checkpoints_and_a_log_and_best_loads_in_timm(converted
     records = _log(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["frozen_backbone"] and not records[1]["frozen_backbone"]
-    heads = ["sac:layer2_1_act2", "sac:layer3_1_act2", "main"]
+    heads = ["sac:layer2_0_act2", "sac:layer3_0_act3", "main"]  # the default taps of timm's test_resnet
     for split in ("train", "val"):
         assert list(records[-1][split]["top1"]) == heads and list(records[-1][split]["loss"]) == heads
     assert records[-1]["val"]["count"] == 64 and records[-1]["images_per_s"] > 0
