@@ -64,7 +64,7 @@ def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
 
 def test_finetune_takes_the_img_size_as_hxw_for_a_model_name(tmp_path):
     run = tmp_path / "run"
-    _finetune("resnet18", "--random-init", "--data", DATA, "--recipe", "smoke", "--epochs", "1",
+    _finetune("test_resnet", "--random-init", "--data", DATA, "--recipe", "smoke", "--epochs", "1",
               "--img-size", "48x64", "-o", run)
     model = flexsurgeon.load(run / "last")
     assert tuple(model.flexsurgeon_plan.img_size) == (48, 64)
@@ -188,7 +188,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(converted, 
 
 def test_a_model_name_is_converted_first(tmp_path):
     run = tmp_path / "run"
-    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "smoke",
+    _finetune("test_resnet", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "smoke",
               "--epochs", "1", "-o", run)
     assert flexsurgeon.load(run / "last").num_classes == 4
 
@@ -241,7 +241,7 @@ def test_two_processes_on_gloo_write_one_set_of_checkpoints_and_reduce_metrics(c
 
 def test_paper_recipe_with_mixup_runs_and_converts_with_its_settings(tmp_path):
     run = tmp_path / "paper"
-    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "paper",
+    _finetune("test_resnet", "--random-init", "--img-size", "64", "--data", DATA, "--recipe", "paper",
               "--epochs", "1", "--batch-size", "32", "--workers", "0", "--set", "mixup=0.2", "-o", run)
     plan = flexsurgeon.load(run / "last").flexsurgeon_plan
     assert plan.pool == "linear" and plan.dropout == 0.25 and plan.sac_weights == (0.1, 0.2, 0.7)
@@ -405,7 +405,7 @@ def test_class_names_of_an_image_folder_travel_through_finetune_eval_export_and_
                 pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) // (c + 1)
                 Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.png")
     run = tmp_path / "run"
-    _finetune("resnet18", "--random-init", "--img-size", "64", "--data", tmp_path / "data", "--recipe", "smoke",
+    _finetune("test_resnet", "--random-init", "--img-size", "64", "--data", tmp_path / "data", "--recipe", "smoke",
               "--epochs", "1", "--batch-size", "8", "-o", run)
     model = timm.create_model(f"local-dir:{run / 'best'}", pretrained=True)
     assert list(model.pretrained_cfg["label_names"]) == names
