@@ -14,7 +14,7 @@ from flexsurgeon.commands.ablate import holm_note, parse_variants, summarize
 from flexsurgeon.commands.stats import holm, t_quantile, t_two_sided_p
 from flexsurgeon.errors import AblationError
 
-ARGS = ["resnet10t", "--random-init", "--img-size", "64", "--data", "synthetic:classes=3,train=32,val=16",
+ARGS = ["test_resnet", "--random-init", "--img-size", "64", "--data", "synthetic:classes=3,train=32,val=16",
         "--recipe", "smoke", "--epochs", "1", "--batch-size", "16"]
 
 
