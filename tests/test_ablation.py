@@ -146,6 +146,15 @@ def test_ablation_runs_pairs_reports_and_resumes(tmp_path):
     assert again.output.count("] avg, seed") == 1 and "flex+sac, seed" not in again.output
     assert json.loads(score.read_text())["top1"] == kept["top1"]
 
+    # an ablation recorded before a recipe field existed goes on: the field reads as its default
+    request = json.loads((out / "ablation.json").read_text())
+    del request["recipe"]["ema_warmup"]
+    (out / "ablation.json").write_text(json.dumps(request))
+    older = runner.invoke(main, ["ablate", *ARGS, "--variants", "avg,flex+sac", "--seeds", "2", "-o", str(out)])
+    assert older.exit_code == 0 and ", seed " not in older.output, older.output  # nothing re-runs
+    changed = runner.invoke(main, ["ablate", *ARGS, "--variants", "avg,flex+sac", "--seeds", "2", "--set", "lr=0.5",
+                                   "-o", str(out)])
+    assert changed.exit_code == 1 and "other settings (recipe differ)" in changed.output
     other = runner.invoke(main, ["ablate", *ARGS, "--variants", "avg,flex", "--seeds", "2", "-o", str(out)])
     assert other.exit_code == 1 and "other settings (variants differ)" in other.output
 

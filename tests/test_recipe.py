@@ -34,6 +34,7 @@ def test_probe_freezes_the_backbone():
     ({"optimizer": "adamm"}, "'optimizer' = 'adamm' is not an optimizer timm knows (did you mean 'adam'?)"),
     ({"optimizer": "lookahead_adamm"}, "'optimizer' = 'lookahead_adamm' is not an optimizer timm knows"),
     ({"ema": "yes"}, "'ema' must be true or false"),
+    ({"ema_warmup": True}, "'ema_warmup' = True applies only with ema: true"),
     ({"freeze_epochs": 9, "epochs": 2}, "'freeze_epochs' = 9"),
     ([1, 2], "a recipe must be a mapping"),
 ])

@@ -10,6 +10,7 @@ import sys
 import pytest
 import timm
 import torch
+import yaml
 from click.testing import CliRunner
 
 import flexsurgeon
@@ -60,6 +61,21 @@ def test_same_command_twice_gives_the_same_metrics(converted, tmp_path):
     for name in ("a", "b"):
         _finetune(converted, "--data", DATA, "--recipe", "smoke", "-o", tmp_path / name, "--batch-size", "32")
     assert [_stable(r) for r in _log(tmp_path / "a")] == [_stable(r) for r in _log(tmp_path / "b")]
+
+
+def test_ema_warmup_makes_the_scored_weights_follow_the_training_early(converted, tmp_path):
+    """timm's EMA warm-up: the decay starts near 0, so after a few steps best/ (the EMA) is close
+    to the trained weights (last/); without it, a 0.999 EMA still holds the first step's."""
+    distance = {}
+    for warmup in (False, True):
+        run = tmp_path / str(warmup)
+        _finetune(converted, "--data", DATA, "--recipe", "smoke", "--epochs", "1", "--batch-size", "32", "-o", run,
+                  "--set", "freeze_epochs=0", "--set", "ema=true", "--set", "ema_decay=0.999",
+                  "--set", f"ema_warmup={str(warmup).lower()}")
+        best, last = flexsurgeon.load(run / "best"), flexsurgeon.load(run / "last")
+        distance[warmup] = (best.fc.weight - last.fc.weight).norm().item()
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["ema_warmup"] is warmup
+    assert distance[True] < 0.6 * distance[False], distance
 
 
 def test_finetune_takes_the_img_size_as_hxw_for_a_model_name(tmp_path):

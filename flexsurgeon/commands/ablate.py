@@ -50,6 +50,7 @@ from ..runs.layout import (
 )
 from ..runs.log import read_log, read_scores
 from ..training.recipe import Recipe
+from ..training.recipe import from_dict as recipe_from_dict
 from ..utils import is_hub_name, write_text_replacing
 from .stats import MAX_DF, holm, t_quantile, t_two_sided_p
 
@@ -264,6 +265,9 @@ def _check_same_request(output: Path, request: dict) -> None:
             previous = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise AblationError(f"{path} is not readable JSON ({exc}); remove it or choose another -o") from exc
+        with contextlib.suppress(FlexSurgeonError, AttributeError, TypeError):  # unreadable: it differs
+            # a recipe recorded by an earlier version lacks the fields added since: they read as their defaults
+            previous["recipe"] = recipe_from_dict(previous["recipe"]).to_dict()
         changed = sorted(k for k in request if previous.get(k) != request[k])
         if changed:
             raise AblationError(f"{output} holds an ablation with other settings ({', '.join(changed)} differ); "

@@ -124,7 +124,7 @@ class FinetuneRun:
         self.backbone = [p for n, p in model.named_parameters() if n not in head_params]
         self.optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=recipe.lr,
                                              weight_decay=recipe.weight_decay, momentum=recipe.momentum)
-        self.ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema else None
+        self.ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup) if recipe.ema else None
         self.train_loader, self.val_loader = self._loader(data.train), self._loader(data.val)
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:

@@ -51,9 +51,10 @@ class Recipe:
     pool: str = "softmax"
     dropout: float = 0.0
     img_size: int | list[int] | None = None
-    # EMA of the weights (timm ModelEmaV3)
+    # EMA of the weights (timm ModelEmaV3); scores and best/ are the EMA's when it is on
     ema: bool = False
     ema_decay: float = 0.9998
+    ema_warmup: bool = False  # timm's --model-ema-warmup: the decay rises from 0 towards ema_decay
     # data
     val_split: float = 0.1  # for data without a val part of its own (or with val_from_train)
     val_from_train: bool = False  # carve val from train even where the data has val/test: to pick settings
@@ -98,6 +99,7 @@ class Recipe:
         _check(self.img_size is None or min(as_size(self.img_size)) >= 8, "img_size", self.img_size,
                "must be at least 8")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
+        _check(self.ema or not self.ema_warmup, "ema_warmup", self.ema_warmup, "applies only with ema: true")
         _check(0 <= self.val_split < 1, "val_split", self.val_split, "must be in [0, 1)")
         _check(self.train_subset is None or self.train_subset >= 1, "train_subset", self.train_subset,
                "must be at least 1")
