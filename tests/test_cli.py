@@ -8,6 +8,8 @@ from click.testing import CliRunner
 
 import flexsurgeon
 from flexsurgeon.cli.main import main
+from flexsurgeon.cli.report import pool_site
+from flexsurgeon.surgery.plan import PoolEdit
 
 
 def _run(*args):
@@ -216,3 +218,15 @@ def test_a_path_where_a_model_name_goes_says_what_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, output = _run("inspect", "resnet10t", "--img-size", "64")
     assert code == 0 and "FlexPool" in output, output
+
+
+def test_a_rewritten_pool_is_named_by_its_method_and_by_its_node_only_beside_another():
+    def edit(node):
+        return PoolEdit(node, "x", 8, (1, 5), layout="tokens", replacement="graph_rewrite", forward="forward_head")
+
+    one = edit("getitem")
+    assert pool_site(one, [one]) == "forward_head (graph rewrite)"
+    two = [edit("getitem"), edit("getitem_1")]  # one class token per stream (CrossViT)
+    assert [pool_site(e, two) for e in two] == ["forward_head, node getitem (graph rewrite)",
+                                                "forward_head, node getitem_1 (graph rewrite)"]
+    assert pool_site(PoolEdit("pool", "x", 8, (2, 2), module="global_pool")) == "global_pool (in place)"
