@@ -267,7 +267,7 @@ def _check_same_request(output: Path, request: dict) -> None:
             raise AblationError(f"{path} is not readable JSON ({exc}); remove it or choose another -o") from exc
         with contextlib.suppress(FlexSurgeonError, AttributeError, TypeError):  # unreadable: it differs
             # a recipe recorded by an earlier version lacks the fields added since: they read as their defaults
-            previous["recipe"] = recipe_from_dict(previous["recipe"]).to_dict()
+            previous["recipe"] = recipe_from_dict(previous.get("recipe")).to_dict()
         changed = sorted(k for k in request if previous.get(k) != request[k])
         if changed:
             raise AblationError(f"{output} holds an ablation with other settings ({', '.join(changed)} differ); "
